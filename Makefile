@@ -1,0 +1,29 @@
+# Quick start: `make demo` and `make test` each create .venv, install requirements.txt, then run.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test app bench clean-venv
+
+$(STAMP): requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=python3.x)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) inference.py --folder samples --csv runs/demo_predictions.csv
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+app: $(STAMP)
+	$(VENV)/bin/streamlit run streamlit/app.py --server.headless=true --browser.gatherUsageStats=false
+
+bench: $(STAMP)
+	$(PY) scripts/benchmark_inference.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,25 @@
+"""Batched prediction of P(malignant) (or class probabilities) from uint8 images, with optional flip TTA."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from data.transforms import Preprocess
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: np.ndarray, preprocess: Preprocess, device: torch.device,
+                  batch_size: int = 64, tta: bool = False, autocast: bool = False) -> np.ndarray:
+    """images: N x H x W x 3 uint8 at the checkpoint's size -> N x classes softmax probabilities (fp32)."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = preprocess.tensor(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+                              .permute(0, 3, 1, 2).to(device))
+        views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if tta else [x]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            probs = torch.stack([model(v.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+                                 for v in views]).mean(0)
+        out.append(probs.cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)

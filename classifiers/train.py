@@ -1,0 +1,234 @@
+"""Train one classifier on one dataset configuration; select the epoch and the threshold on `val`.
+
+    # CPU (2 cores, about 2 minutes an epoch for DenseNet-121 at 128 px):
+    python classifiers/train.py --arch densenet121 --config original --epochs 12
+    # one GPU (bf16 autocast; bigger inputs are affordable there):
+    python classifiers/train.py --arch densenet121 --img-size 224 --batch-size 64 --device cuda
+    # several GPUs or nodes (DDP through accelerate; the script is unchanged):
+    accelerate launch --multi_gpu --num_processes 4 classifiers/train.py --arch swin --img-size 224
+
+Each epoch: train on `fit` with batched augmentation from the preprocessing cache, evaluate the EMA weights on
+`val`, append a row to `metrics.csv`, write `state.pt` atomically. The best epoch by val AUC is saved as
+`best.safetensors` + `best.json` (the checkpoint contract); training stops early after `--patience` epochs without
+improvement. A killed run continues from its last finished epoch with `--resume` and ends with the same numbers as
+an uninterrupted one (every epoch's randomness is seeded from --seed and the epoch number).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from classifiers.models import create_model, list_models  # noqa: E402
+from classifiers.predict import predict_proba  # noqa: E402
+from data.cache import CachedImages  # noqa: E402
+from data.checkpoint import save_checkpoint  # noqa: E402
+from data.manifest import LABELS, file_sha256, read_manifest  # noqa: E402
+from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
+from data.training import EMA, load_state, save_state, warmup_cosine  # noqa: E402
+from data.transforms import Preprocess, augment, preprocess_meta  # noqa: E402
+from evaluation.metrics import THRESHOLD_RULES, auc, choose_threshold, decision_metrics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="densenet121", choices=list_models(), help="architecture from the registry")
+    p.add_argument("--config", default="original",
+                   help="dataset configuration (original, dcgan_aug, dcgan_up, ddpm_aug, ddpm_up); picks "
+                        "data/manifests/<config>.csv unless --manifest is given")
+    p.add_argument("--manifest", default=None, help="manifest CSV (columns path,label,split,source,...)")
+    p.add_argument("--img-size", type=int, default=128, help="square input size in pixels")
+    p.add_argument("--resize", default="squash", choices=("squash", "center_crop"), help="resize rule")
+    p.add_argument("--epochs", type=int, default=12, help="maximum epochs (early stopping may end sooner)")
+    p.add_argument("--patience", type=int, default=4, help="stop after this many epochs without a better val AUC")
+    p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step (per process)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (after warm-up)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up length, then cosine decay to 0")
+    p.add_argument("--loss", default="ce", choices=("ce", "focal"), help="cross-entropy or focal loss (gamma 2)")
+    p.add_argument("--class-weights", default="sqrt", choices=("none", "sqrt", "balanced"),
+                   help="per-class loss weights from fit-split frequencies: none, inverse square root, inverse")
+    p.add_argument("--pretrained", default=None,
+                   help="'imagenet' (local cache only) or a weights file; default: random initialisation")
+    p.add_argument("--ema-decay", type=float, default=0.998, help="EMA decay of the weights used for eval")
+    p.add_argument("--threshold-rule", default="youden", choices=THRESHOLD_RULES,
+                   help="rule that picks malignant_threshold on val")
+    p.add_argument("--threshold-target", type=float, default=None,
+                   help="target for target_sensitivity / target_specificity rules (e.g. 0.9)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use at most this many fit images and a quarter as many val images (quick runs, tests)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling, augmentation")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
+    p.add_argument("--out", default=None, help="run folder (default runs/classifiers/<arch>_<config>_s<seed>)")
+    p.add_argument("--kill-after-steps", type=int, default=None,
+                   help="testing aid: exit abruptly after this many optimizer steps, as a killed run would")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p.parse_args(argv)
+
+
+def subsample(df, n: int, seed: int):
+    """A seeded, class-stratified subset of at most n rows."""
+    if len(df) <= n:
+        return df
+    return df.groupby("label").sample(frac=n / len(df), random_state=seed)
+
+
+def class_weights(targets: torch.Tensor, rule: str, n_classes: int) -> torch.Tensor | None:
+    if rule == "none":
+        return None
+    counts = torch.bincount(targets, minlength=n_classes).float().clamp(min=1)
+    w = (counts.sum() / counts) ** (0.5 if rule == "sqrt" else 1.0)
+    return w / w.mean()
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.Tensor:
+    if kind == "ce":
+        return F.cross_entropy(logits, y, weight=weight)
+    logp = F.log_softmax(logits.float(), 1).gather(1, y[:, None]).squeeze(1)
+    focal = -((1 - logp.exp()) ** 2) * logp
+    return (focal * weight[y]).sum() / weight[y].sum() if weight is not None else focal.mean()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+
+    if args.device != "auto":
+        pick_device(args.device)  # fails clearly when e.g. CUDA is asked for and absent
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    device = accelerator.device
+    if device.type == "cpu":
+        setup_cpu(args.threads)
+    out = Path(args.out or ROOT / "runs" / "classifiers" / f"{args.arch}_{args.config}_s{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = Path(args.manifest or ROOT / "data" / "manifests" / f"{args.config}.csv")
+    df = read_manifest(manifest_path)
+    fit_df, val_df = df[df["split"] == "fit"], df[df["split"] == "val"]
+    if args.limit:
+        fit_df, val_df = subsample(fit_df, args.limit, args.seed), subsample(val_df, max(8, args.limit // 4), args.seed)
+    fit = CachedImages(fit_df, args.img_size, args.resize)
+    val = CachedImages(val_df, args.img_size, args.resize)
+    prep_meta = preprocess_meta(args.img_size, args.resize, "imagenet")
+    preprocess = Preprocess.from_meta(prep_meta)
+
+    seed_everything(args.seed)
+    pretrained: bool | str = False if not args.pretrained else (True if args.pretrained == "imagenet" else args.pretrained)
+    model = create_model(args.arch, num_classes=len(LABELS), img_size=args.img_size, pretrained=pretrained)
+    accelerator.print(f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+                      f"{model.init_note}; fit {len(fit)} images, val {len(val)}; device {device}")
+    model = model.to(device).to(memory_format=torch.channels_last)
+    ema = EMA(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    world = accelerator.num_processes
+    steps_per_epoch = len(fit) // (args.batch_size * world)
+    scheduler = warmup_cosine(optimizer, steps_per_epoch * args.epochs, max(1, int(args.warmup_epochs * steps_per_epoch)))
+    weight = class_weights(fit.targets, args.class_weights, len(LABELS))
+    weight = weight.to(device) if weight is not None else None
+
+    state_path, history, best, start_epoch = out / "state.pt", [], {"auc": -1.0, "epoch": -1}, 0
+    if args.resume and state_path.exists():
+        state = load_state(state_path)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+        accelerator.print(f"resumed from {state_path} after epoch {state['epoch']} (best val AUC {best['auc']:.4f})")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type in ("cpu", "cuda"))
+    steps_done = 0
+
+    for epoch in range(start_epoch, args.epochs):
+        if epoch - best["epoch"] > args.patience and best["epoch"] >= 0:
+            accelerator.print(f"early stop: no val AUC gain for {args.patience} epochs")
+            break
+        torch.manual_seed(args.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        order = torch.randperm(len(fit), generator=gen)[: steps_per_epoch * args.batch_size * world]
+        loader = accelerator.prepare(torch.utils.data.DataLoader(torch.utils.data.Subset(fit, order.tolist()),
+                                                                 batch_size=args.batch_size, shuffle=False))
+        model.train()
+        t0, seen, total_loss = time.perf_counter(), 0, 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress or not accelerator.is_main_process)
+        for x, y in bar:
+            x = preprocess.tensor(augment(x, gen)).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(**autocast):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y, weight, args.loss)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            ema.update(accelerator.unwrap_model(model))
+            seen += len(x) * world
+            total_loss += loss.item()
+            steps_done += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if args.kill_after_steps is not None and steps_done >= args.kill_after_steps:
+                os._exit(137)
+        train_seconds = time.perf_counter() - t0
+        probs = predict_proba(ema.module, val.images, preprocess, device, autocast=autocast["enabled"])[:, 1]
+        y_val = val.targets.numpy()
+        row = {"epoch": epoch + 1, "train_loss": total_loss / max(1, len(loader)), "val_auc": auc(y_val, probs),
+               "lr": scheduler.get_last_lr()[0], "images_per_s": seen / train_seconds,
+               "epoch_seconds": time.perf_counter() - t0}
+        history.append(row)
+        improved = row["val_auc"] > best["auc"]
+        if improved:
+            best = {"auc": row["val_auc"], "epoch": epoch}
+        if accelerator.is_main_process:
+            accelerator.print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}  "
+                              f"{row['images_per_s']:.1f} img/s{'  (best)' if improved else ''}")
+            if improved:
+                save_best(out, ema.module, args, prep_meta, manifest_path, y_val, probs, row)
+            write_history(out / "metrics.csv", history)
+            save_state(state_path, {"model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "epoch": epoch, "history": history, "best": best, "args": vars(args)})
+    result = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else {}
+    if accelerator.is_main_process and result:
+        accelerator.print(f"best epoch {result['epoch']}: val AUC {result['metrics']['val']['auc']:.4f}, "
+                          f"threshold {result['malignant_threshold']:.4f} ({args.threshold_rule} on val) -> {out}")
+    return result
+
+
+def save_best(out: Path, ema_model: torch.nn.Module, args: argparse.Namespace, prep_meta: dict[str, Any],
+              manifest_path: Path, y_val: np.ndarray, probs: np.ndarray, row: dict[str, Any]) -> None:
+    threshold = choose_threshold(y_val, probs, args.threshold_rule, "val", args.threshold_target)
+    meta = {"kind": "classifier", "arch": args.arch, "arch_kwargs": {}, **prep_meta, "class_names": list(LABELS),
+            "malignant_threshold": threshold, "threshold_rule": args.threshold_rule,
+            "threshold_target": args.threshold_target, "threshold_split": "val", "epoch": row["epoch"],
+            "config": args.config, "manifest": str(manifest_path.name), "manifest_sha256": file_sha256(manifest_path),
+            "init": ema_model.init_note,
+            "train_args": {k: v for k, v in vars(args).items() if k != "kill_after_steps"},
+            "metrics": {"val": {"auc": row["val_auc"], **decision_metrics(y_val, probs >= threshold)}}}
+    save_checkpoint(out / "best", ema_model, meta)
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Device choice, CPU threads and seeding: the same few lines every CLI needs."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit unavailable device is an error, not a silent fallback."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} requested but CUDA is not available (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def setup_cpu(threads: int | None = None) -> None:
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,1 @@
+"""One metrics module (metrics.py) and one plotting module (plots.py) used by every evaluator in the project."""

@@ -1,0 +1,152 @@
+"""Binary metrics, bootstrap confidence intervals, threshold rules and the all-malignant baseline.
+
+Conventions used everywhere in the project:
+- label 1 = malignant; `score >= threshold` means malignant (or anomalous, for VAE scores).
+- A threshold rule is always told which split it is chosen on, and refuses `test`: thresholds, epochs and fusion
+  parameters are chosen on `val`/`calib` and `test` is only reported.
+- AUCs come with a seeded percentile bootstrap 95% CI (1000 resamples by default).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+THRESHOLD_RULES = ("youden", "target_sensitivity", "target_specificity", "max_f1", "benign_percentile")
+FORBIDDEN_SPLITS = ("test",)
+
+
+def _arrays(y_true, score) -> tuple[np.ndarray, np.ndarray]:
+    y, s = np.asarray(y_true).astype(int).ravel(), np.asarray(score, dtype=float).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.shape}) and scores ({s.shape}) differ in length")
+    return y, s
+
+
+def auc(y_true, score) -> float:
+    y, s = _arrays(y_true, score)
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def bootstrap_indices(y_true, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """n_boot x N resample indices, stratified by class so every resample holds both classes."""
+    y = np.asarray(y_true).astype(int)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    return np.concatenate([rng.choice(pos, (n_boot, len(pos))), rng.choice(neg, (n_boot, len(neg)))], axis=1)
+
+
+def auc_ci(y_true, score, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """AUC and its percentile bootstrap (1 - alpha) CI."""
+    y, s = _arrays(y_true, score)
+    point = auc(y, s)
+    if np.isnan(point):
+        return point, float("nan"), float("nan")
+    boots = np.array([roc_auc_score(y[i], s[i]) for i in bootstrap_indices(y, n_boot, seed)])
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return point, float(lo), float(hi)
+
+
+def paired_auc_difference(y_true, score_a, score_b, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """AUC(a) - AUC(b) on the same images, with a paired bootstrap 95% CI."""
+    y, a = _arrays(y_true, score_a)
+    _, b = _arrays(y_true, score_b)
+    diffs = np.array([roc_auc_score(y[i], a[i]) - roc_auc_score(y[i], b[i]) for i in bootstrap_indices(y, n_boot, seed)])
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return auc(y, a) - auc(y, b), float(lo), float(hi)
+
+
+def confusion(y_true, pred) -> dict[str, int]:
+    y, p = np.asarray(y_true).astype(int), np.asarray(pred).astype(int)
+    return {"TP": int(((p == 1) & (y == 1)).sum()), "TN": int(((p == 0) & (y == 0)).sum()),
+            "FP": int(((p == 1) & (y == 0)).sum()), "FN": int(((p == 0) & (y == 1)).sum())}
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def decision_metrics(y_true, pred) -> dict[str, float]:
+    """Sensitivity, specificity, PPV, NPV, F1, accuracy, balanced accuracy and the confusion counts."""
+    c = confusion(y_true, pred)
+    tp, tn, fp, fn = c["TP"], c["TN"], c["FP"], c["FN"]
+    sens, spec = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    ppv = _ratio(tp, tp + fp)
+    return {"sensitivity": sens, "specificity": spec, "ppv": ppv, "npv": _ratio(tn, tn + fn),
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn), "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
+            "balanced_accuracy": (sens + spec) / 2, **c}
+
+
+def expected_calibration_error(y_true, prob, n_bins: int = 15) -> float:
+    """ECE of P(malignant) with equal-width bins."""
+    y, p = _arrays(y_true, prob)
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            total += mask.mean() * abs(y[mask].mean() - p[mask].mean())
+    return float(total)
+
+
+def choose_threshold(y_true, score, rule: str, split: str, target: float | None = None) -> float:
+    """Pick a decision threshold on `split` (never `test`) with one of THRESHOLD_RULES.
+
+    youden: max sensitivity + specificity - 1; target_sensitivity: the highest threshold whose sensitivity is at
+    least `target`; target_specificity: the lowest threshold whose specificity is at least `target`; max_f1;
+    benign_percentile: the `target` quantile (e.g. 0.95) of the benign scores.
+    """
+    if split in FORBIDDEN_SPLITS:
+        raise ValueError(f"refusing to choose a threshold on the {split!r} split: use val or calib")
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose from {THRESHOLD_RULES}")
+    y, s = _arrays(y_true, score)
+    if rule == "benign_percentile":
+        return float(np.quantile(s[y == 0], 0.95 if target is None else target))
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    thresholds = np.minimum(thresholds, np.nextafter(s.max(), np.inf))  # sklearn's first threshold is +inf
+    if rule == "youden":
+        return float(thresholds[np.argmax(tpr - fpr)])
+    if rule == "target_sensitivity":
+        return float(thresholds[np.argmax(tpr >= (0.9 if target is None else target))])
+    if rule == "target_specificity":
+        ok = np.flatnonzero(1 - fpr >= (0.9 if target is None else target))
+        return float(thresholds[ok[-1]])
+    precision_tp = tpr * y.sum()
+    f1 = 2 * precision_tp / (precision_tp + fpr * (len(y) - y.sum()) + y.sum())
+    return float(thresholds[np.nanargmax(f1)])
+
+
+def threshold_for_specificity(y_true, score, specificity: float) -> float:
+    """Lowest threshold whose specificity on these scores is at least `specificity` (used to build the
+    equal-specificity competitor of a rescue rule on the split being reported)."""
+    y, s = _arrays(y_true, score)
+    candidates = np.unique(s)
+    spec = np.array([((s[y == 0] < t).mean()) for t in candidates])
+    ok = np.flatnonzero(spec >= specificity - 1e-12)
+    return float(candidates[ok[0]]) if len(ok) else float(np.nextafter(s.max(), np.inf))
+
+
+def metrics_row(y_true, score, threshold: float, *, model: str, config: str, dataset: str, split: str,
+                threshold_split: str, threshold_rule: str = "", n_boot: int = 1000, seed: int = 0,
+                prob=None) -> dict[str, Any]:
+    """One row of a metrics CSV (see DESIGN.md): AUC with CI, decision metrics at `threshold`, provenance."""
+    y, s = _arrays(y_true, score)
+    a, lo, hi = auc_ci(y, s, n_boot, seed)
+    row = {"model": model, "config": config, "dataset": dataset, "split": split, "n": len(y),
+           "n_malignant": int(y.sum()), "auc": a, "auc_ci_low": lo, "auc_ci_high": hi,
+           **decision_metrics(y, s >= threshold), "threshold": threshold, "threshold_rule": threshold_rule,
+           "threshold_split": threshold_split}
+    row["ece"] = expected_calibration_error(y, prob) if prob is not None else float("nan")
+    return row
+
+
+def baseline_row(y_true, *, config: str, dataset: str, split: str) -> dict[str, Any]:
+    """The trivial all-malignant classifier: sensitivity 1, specificity 0, AUC 0.5. Shown beside every model."""
+    y = np.asarray(y_true).astype(int)
+    row = {"model": "all_malignant_baseline", "config": config, "dataset": dataset, "split": split, "n": len(y),
+           "n_malignant": int(y.sum()), "auc": 0.5, "auc_ci_low": 0.5, "auc_ci_high": 0.5,
+           **decision_metrics(y, np.ones_like(y)), "threshold": float("nan"), "threshold_rule": "constant",
+           "threshold_split": "none", "ece": float("nan")}
+    return row

@@ -1,0 +1,92 @@
+"""Evaluation figures (PNG): confusion matrices, ROC and PR curves, score histograms, operating points."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import auc as area, precision_recall_curve, roc_curve  # noqa: E402
+
+from evaluation.metrics import confusion  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _draw_confusion(ax, y_true, pred, title: str) -> None:
+    c = confusion(y_true, pred)
+    m = np.array([[c["TN"], c["FP"]], [c["FN"], c["TP"]]])
+    ax.imshow(m, cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, f"{v}", ha="center", va="center", color="white" if v > m.max() / 2 else "black", fontsize=12)
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["benign", "malignant"], yticklabels=["benign", "malignant"],
+           xlabel="predicted", ylabel="true", title=title)
+
+
+def confusion_matrices(panels: dict[str, tuple], path: str | os.PathLike) -> Path:
+    """panels: title -> (y_true, pred). One subplot per panel."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, (y, pred)) in zip(axes[0], panels.items()):
+        _draw_confusion(ax, y, pred, title)
+    return _save(fig, path)
+
+
+def roc_pr(curves: dict[str, tuple], path: str | os.PathLike, title: str = "") -> Path:
+    """curves: name -> (y_true, score). ROC and precision-recall side by side, the chance line for reference."""
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(10, 4.5))
+    prevalence = None
+    for name, (y, s) in curves.items():
+        fpr, tpr, _ = roc_curve(y, s)
+        roc_ax.plot(fpr, tpr, label=f"{name} (AUC {area(fpr, tpr):.3f})")
+        precision, recall, _ = precision_recall_curve(y, s)
+        pr_ax.plot(recall, precision, label=name)
+        prevalence = float(np.mean(y))
+    roc_ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+    roc_ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC {title}")
+    if prevalence is not None:
+        pr_ax.axhline(prevalence, color="k", ls="--", lw=0.8, label=f"all-malignant ({prevalence:.2f})")
+    pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall {title}")
+    roc_ax.legend(fontsize=8, loc="lower right")
+    pr_ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def score_histogram(y_true, score, path: str | os.PathLike, threshold: float | None = None,
+                    xlabel: str = "P(malignant)", title: str = "") -> Path:
+    y, s = np.asarray(y_true).astype(int), np.asarray(score, dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(s.min(), s.max(), 40)
+    ax.hist(s[y == 0], bins=bins, alpha=0.6, density=True, label=f"benign (n={int((y == 0).sum())})")
+    ax.hist(s[y == 1], bins=bins, alpha=0.6, density=True, label=f"malignant (n={int(y.sum())})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.4g}")
+    ax.set(xlabel=xlabel, ylabel="density", title=title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def operating_points(curves: dict[str, tuple], points: dict[str, tuple[float, float]], path: str | os.PathLike,
+                     title: str = "") -> Path:
+    """Sensitivity against specificity: a curve per score (name -> (y, score)) and marked operating points
+    (name -> (specificity, sensitivity))."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, (y, s) in curves.items():
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(1 - fpr, tpr, label=name)
+    markers = iter("o^sDvP*X")
+    for name, (spec, sens) in points.items():
+        ax.plot(spec, sens, next(markers, "o"), ms=9, label=f"{name} ({sens:.2f} sens, {spec:.2f} spec)")
+    ax.set(xlabel="specificity", ylabel="sensitivity", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=title)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
