@@ -16,7 +16,6 @@ an uninterrupted one (every epoch's randomness is seeded from --seed and the epo
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -35,9 +34,10 @@ from classifiers.models import create_model, list_models  # noqa: E402
 from classifiers.predict import predict_proba  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
-from data.manifest import LABELS, file_sha256, read_manifest  # noqa: E402
+from data.manifest import LABELS, file_sha256, read_manifest, stratified_subset  # noqa: E402
 from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
 from data.training import EMA, load_state, save_state, warmup_cosine  # noqa: E402
+from data.atomic import write_rows  # noqa: E402
 from data.transforms import Preprocess, augment, preprocess_meta  # noqa: E402
 from evaluation.metrics import THRESHOLD_RULES, auc, choose_threshold, decision_metrics  # noqa: E402
 
@@ -82,13 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def subsample(df, n: int, seed: int):
-    """A seeded, class-stratified subset of at most n rows."""
-    if len(df) <= n:
-        return df
-    return df.groupby("label").sample(frac=n / len(df), random_state=seed)
-
-
 def class_weights(targets: torch.Tensor, rule: str, n_classes: int) -> torch.Tensor | None:
     if rule == "none":
         return None
@@ -121,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     df = read_manifest(manifest_path)
     fit_df, val_df = df[df["split"] == "fit"], df[df["split"] == "val"]
     if args.limit:
-        fit_df, val_df = subsample(fit_df, args.limit, args.seed), subsample(val_df, max(8, args.limit // 4), args.seed)
+        fit_df, val_df = stratified_subset(fit_df, args.limit, args.seed), stratified_subset(val_df, max(8, args.limit // 4), args.seed)
     fit = CachedImages(fit_df, args.img_size, args.resize)
     val = CachedImages(val_df, args.img_size, args.resize)
     prep_meta = preprocess_meta(args.img_size, args.resize, "imagenet")
@@ -197,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               f"{row['images_per_s']:.1f} img/s{'  (best)' if improved else ''}")
             if improved:
                 save_best(out, ema.module, args, prep_meta, manifest_path, y_val, probs, row)
-            write_history(out / "metrics.csv", history)
+            write_rows(out / "metrics.csv", history)
             save_state(state_path, {"model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                     "epoch": epoch, "history": history, "best": best, "args": vars(args)})
@@ -219,15 +212,6 @@ def save_best(out: Path, ema_model: torch.nn.Module, args: argparse.Namespace, p
             "train_args": {k: v for k, v in vars(args).items() if k != "kill_after_steps"},
             "metrics": {"val": {"auc": row["val_auc"], **decision_metrics(y_val, probs >= threshold)}}}
     save_checkpoint(out / "best", ema_model, meta)
-
-
-def write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def build_cache(paths: list[str], size: int, rule: str = "squash", cache_dir: st
 
 class CachedImages(torch.utils.data.Dataset):
     """Rows of a manifest served from the cache as (uint8 CxHxW tensor, label index); augmentation is batched
-    on the training device (see data/augment.py). Rows that failed to decode are excluded and reported."""
+    on the training device (see data/transforms.py). Rows that failed to decode are excluded and reported."""
 
     def __init__(self, df: pd.DataFrame, size: int, rule: str = "squash", cache_dir: str | None = None,
                  in_memory: bool = True, target: str = "label"):
@@ -108,4 +108,4 @@ class CachedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img = self.images[i] if self._rows is None else self.images[self._rows[i]]
-        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), self.targets[i]
+        return torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1), self.targets[i]

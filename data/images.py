@@ -78,7 +78,7 @@ def load_rgb(source: str | os.PathLike | bytes) -> Image.Image:
 def resize(img: Image.Image, size: int, rule: str = "squash") -> Image.Image:
     """Resize to size x size. `squash` keeps the whole field of view; `center_crop` keeps the aspect ratio."""
     if rule == "center_crop":
-        return ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        return ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
     if rule == "squash":
         return img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
     raise ValueError(f"unknown resize rule {rule!r}; choose from {RESIZE_RULES}")

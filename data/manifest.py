@@ -86,6 +86,13 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike, info: dict | None 
     return digest
 
 
+def stratified_subset(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """A seeded, class-stratified subset of about n rows (all rows when there are fewer)."""
+    if len(df) <= n:
+        return df
+    return df.groupby("label").sample(frac=n / len(df), random_state=seed)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -64,3 +64,4 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which and why, do not start over silently
         raise SystemExit(f"error: cannot resume from {path}: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+

@@ -1,0 +1,229 @@
+"""The hybrid "rescue" rule and the predictor that serves it (torch or ONNX Runtime backend).
+
+Rule (DESIGN.md): `P(malignant) >= malignant_threshold` -> the classifier says malignant; `vae_score >=
+anomaly_threshold` -> anomalous; rescued = classifier benign AND anomalous; final = classifier malignant OR rescued.
+Both thresholds come from the checkpoints' sidecars (classifier: chosen on val; VAE: calibrated on calib) unless the
+caller overrides them. Each model gets its own preprocessing from its own sidecar: the classifier sees ImageNet-
+normalised pixels, the VAE [0,1] pixels, from one decode of the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anomaly_detection.vae import ConvVAE, VAEScorer
+from classifiers.models import load_classifier
+from data.cache import DEFAULT_CACHE_DIR
+from data.checkpoint import CheckpointError, load_checkpoint
+from data.images import ImageError, load_rgb
+from data.transforms import Preprocess
+
+
+def build_vae(meta: dict[str, Any]) -> ConvVAE:
+    kwargs = meta.get("arch_kwargs", {})
+    return ConvVAE(meta["input_size"], kwargs.get("latent_dim", 512), tuple(kwargs.get("channels", (32, 64, 128, 256))))
+
+
+def load_vae(path: str | os.PathLike) -> tuple[ConvVAE, dict[str, Any]]:
+    return load_checkpoint(path, build_vae, kind="vae")
+
+
+def rescue(prob: np.ndarray, score: np.ndarray, malignant_threshold: float, anomaly_threshold: float) -> dict[str, np.ndarray]:
+    """The rescue truth table, vectorised."""
+    classifier = np.asarray(prob) >= malignant_threshold
+    anomalous = np.asarray(score) >= anomaly_threshold
+    rescued = ~classifier & anomalous
+    return {"pred_classifier": classifier, "anomalous": anomalous, "rescued": rescued, "pred_hybrid": classifier | rescued}
+
+
+@dataclass
+class Prediction:
+    """One image's result; the keys of `inference.py --output` JSON."""
+    path: str
+    prob_malignant: float = float("nan")
+    malignant_threshold: float = float("nan")
+    classifier_malignant: bool = False
+    vae_score: float = float("nan")
+    anomaly_threshold: float = float("nan")
+    anomalous: bool = False
+    rescued: bool = False
+    final_malignant: bool = False
+    out_of_distribution: bool = False
+    error: str = ""
+    decision: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        self.decision = "error" if self.error else ("malignant" if self.final_malignant else "benign")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TorchBackend:
+    def __init__(self, classifier: torch.nn.Module, vae: ConvVAE, device: torch.device):
+        self.device = device
+        self.classifier = classifier.to(device).eval().to(memory_format=torch.channels_last)
+        self.scorer = VAEScorer(vae).to(device).eval()
+
+    @torch.no_grad()
+    def run(self, cls_x: np.ndarray, vae_x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        probs = self.classifier(torch.from_numpy(cls_x).to(self.device).contiguous(memory_format=torch.channels_last))
+        score, recon = self.scorer(torch.from_numpy(vae_x).to(self.device))
+        return probs.softmax(1)[:, 1].cpu().numpy(), score.cpu().numpy(), recon.cpu().numpy()
+
+
+class _Probabilities(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).softmax(1)
+
+
+def export_onnx(module: torch.nn.Module, size: int, path: Path, outputs: list[str]) -> Path:
+    """Export with a dynamic batch axis, atomically (TorchScript-based exporter: no extra dependency)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.rand(1, 3, size, size),), str(tmp), input_names=["x"],
+                          output_names=outputs, dynamic_axes={"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+                          opset_version=17, dynamo=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _weights_digest(checkpoint: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(Path(checkpoint).with_suffix(".safetensors"), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class OnnxBackend:
+    """ONNX Runtime sessions for both models, exported once per weights file into the cache folder."""
+
+    def __init__(self, classifier: torch.nn.Module, cls_meta: dict, cls_path: str, vae: ConvVAE, vae_meta: dict,
+                 vae_path: str, threads: int | None = None, cache_dir: str | os.PathLike | None = None):
+        import onnxruntime as ort
+        folder = Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx"
+        cls_file = folder / f"classifier_{_weights_digest(cls_path)}.onnx"
+        vae_file = folder / f"vae_{_weights_digest(vae_path)}.onnx"
+        if not cls_file.exists():
+            export_onnx(_Probabilities(classifier), cls_meta["input_size"], cls_file, ["probs"])
+        if not vae_file.exists():
+            export_onnx(VAEScorer(vae), vae_meta["input_size"], vae_file, ["score", "recon"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.cls = ort.InferenceSession(str(cls_file), options, providers=providers)
+        self.vae = ort.InferenceSession(str(vae_file), options, providers=providers)
+
+    def run(self, cls_x: np.ndarray, vae_x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        probs = self.cls.run(None, {"x": cls_x})[0]
+        score, recon = self.vae.run(None, {"x": vae_x})
+        return probs[:, 1], score, recon
+
+
+class HybridPredictor:
+    """Classifier + VAE + rescue. `predict_paths` decodes files (in parallel threads), `predict_arrays` takes
+    already-decoded uint8 images; both return per-image `Prediction`s."""
+
+    def __init__(self, classifier_path: str | os.PathLike, vae_path: str | os.PathLike, device: str | torch.device = "cpu",
+                 backend: str = "torch", malignant_threshold: float | None = None,
+                 anomaly_threshold: float | None = None, threads: int | None = None):
+        classifier, self.cls_meta = load_classifier(classifier_path)
+        vae, self.vae_meta = load_vae(vae_path)
+        if self.vae_meta.get("anomaly_threshold") is None and anomaly_threshold is None:
+            raise CheckpointError(f"{vae_path}: no anomaly_threshold in its sidecar; run anomaly_detection/calibrate.py")
+        self.malignant_threshold = float(malignant_threshold if malignant_threshold is not None
+                                         else self.cls_meta["malignant_threshold"])
+        self.anomaly_threshold = float(anomaly_threshold if anomaly_threshold is not None
+                                       else self.vae_meta["anomaly_threshold"])
+        self.cls_prep, self.vae_prep = Preprocess.from_meta(self.cls_meta), Preprocess.from_meta(self.vae_meta)
+        quantiles = self.vae_meta.get("calib_benign_score_quantiles", {})
+        self.ood_score = float(quantiles["1.0"]) if "1.0" in quantiles else float("inf")
+        self.paths = {"classifier": str(classifier_path), "vae": str(vae_path)}
+        self.backend_name = backend
+        if backend == "onnx":
+            self.backend = OnnxBackend(classifier, self.cls_meta, str(classifier_path), vae, self.vae_meta,
+                                       str(vae_path), threads)
+        elif backend == "torch":
+            self.backend = TorchBackend(classifier, vae, torch.device(device))
+        else:
+            raise ValueError(f"unknown backend {backend!r}; choose torch or onnx")
+        self.classifier, self.vae = classifier, vae
+
+    def versions(self) -> dict[str, Any]:
+        keys = ("arch", "epoch", "config", "manifest_sha256", "threshold_rule", "anomaly_threshold_rule")
+        return {"classifier": {"path": self.paths["classifier"], **{k: self.cls_meta.get(k) for k in keys if k in self.cls_meta}},
+                "vae": {"path": self.paths["vae"], **{k: self.vae_meta.get(k) for k in keys if k in self.vae_meta}},
+                "backend": self.backend_name}
+
+    def pixels(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """One decoded image -> (classifier uint8, VAE uint8), each by its own checkpoint's resize rule."""
+        cls_px = self.cls_prep.pixels(image)
+        same = (self.vae_prep.size, self.vae_prep.rule) == (self.cls_prep.size, self.cls_prep.rule)
+        return cls_px, cls_px if same else self.vae_prep.pixels(image)
+
+    def run_arrays(self, cls_px: np.ndarray, vae_px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 N x H x W x 3 batches -> (P(malignant), VAE score, reconstruction N x 3 x H x W in [0,1])."""
+        cls_x = self.cls_prep.tensor(torch.from_numpy(np.ascontiguousarray(cls_px)).permute(0, 3, 1, 2)).numpy()
+        vae_x = self.vae_prep.tensor(torch.from_numpy(np.ascontiguousarray(vae_px)).permute(0, 3, 1, 2)).numpy()
+        return self.backend.run(np.ascontiguousarray(cls_x), np.ascontiguousarray(vae_x))
+
+    def decide(self, names: list[str], probs: np.ndarray, scores: np.ndarray) -> list[Prediction]:
+        r = rescue(probs, scores, self.malignant_threshold, self.anomaly_threshold)
+        return [Prediction(name, float(p), self.malignant_threshold, bool(r["pred_classifier"][i]), float(s),
+                           self.anomaly_threshold, bool(r["anomalous"][i]), bool(r["rescued"][i]),
+                           bool(r["pred_hybrid"][i]), bool(s > self.ood_score))
+                for i, (name, p, s) in enumerate(zip(names, probs, scores))]
+
+    def predict_image(self, image: Image.Image, name: str = "<image>") -> tuple[Prediction, np.ndarray]:
+        """One PIL image -> (Prediction, VAE reconstruction H x W x 3 uint8)."""
+        cls_px, vae_px = self.pixels(image)
+        probs, scores, recon = self.run_arrays(cls_px[None], vae_px[None])
+        return self.decide([name], probs, scores)[0], (recon[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+    def predict_paths(self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 2,
+                      on_batch=None) -> list[Prediction]:
+        """Files -> Predictions, in input order. Unreadable files give a Prediction with `error` set; the run goes
+        on. Decoding runs in a thread pool ahead of the models (PIL releases the GIL while decoding)."""
+        paths = [str(p) for p in paths]
+        results: list[Prediction] = []
+
+        def prepare(path: str) -> tuple[str, np.ndarray | None, np.ndarray | None, str]:
+            try:
+                return (path, *self.pixels(load_rgb(path)), "")
+            except ImageError as exc:
+                return path, None, None, str(exc)
+
+        batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+        with ThreadPoolExecutor(workers) as pool:
+            pending = [pool.submit(prepare, p) for p in batches[0]] if batches else []
+            for k in range(len(batches)):
+                items = [f.result() for f in pending]
+                # Decode the next batch while the models run on this one.
+                pending = [pool.submit(prepare, p) for p in batches[k + 1]] if k + 1 < len(batches) else []
+                good = [it for it in items if not it[3]]
+                decided = {}
+                if good:
+                    probs, scores, _ = self.run_arrays(np.stack([g[1] for g in good]), np.stack([g[2] for g in good]))
+                    decided = dict(zip([g[0] for g in good], self.decide([g[0] for g in good], probs, scores)))
+                batch = [decided.get(path) or Prediction(path, error=err) for path, _, _, err in items]
+                results.extend(batch)
+                if on_batch:
+                    on_batch(len(batch))
+        return results

@@ -1,0 +1,85 @@
+"""A convolutional VAE for 128x128 RGB lesions in [0,1], trained on benign images only.
+
+Reconstruction error is the anomaly score: a lesion unlike the benign training distribution should reconstruct
+worse. Design choices, and why:
+- nearest-neighbour upsampling + 3x3 conv in the decoder (transposed convs leave checkerboard artefacts that would
+  add structured error to every image);
+- the score uses the latent mean, not a sample, so the same image always gets the same score;
+- log-variance is clamped: with a large learning rate the KL term can explode (seen on CPU under bf16);
+- one score definition, `anomaly_score`: mean absolute error per image in [0,1] pixel space. The input must be
+  preprocessed with the VAE's own sidecar (normalization `unit`), never the classifier's ImageNet normalization.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def down(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True))
+
+
+def up(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1),
+                         nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True))
+
+
+class ConvVAE(nn.Module):
+    def __init__(self, img_size: int = 128, latent_dim: int = 512, channels: tuple[int, ...] = (32, 64, 128, 256)):
+        super().__init__()
+        self.img_size, self.latent_dim = img_size, latent_dim
+        self.grid = img_size // 2 ** len(channels)
+        if self.grid * 2 ** len(channels) != img_size:
+            raise ValueError(f"img_size {img_size} must be divisible by {2 ** len(channels)}")
+        chans = (3, *channels)
+        self.encoder = nn.Sequential(*[down(a, b) for a, b in zip(chans[:-1], chans[1:])])
+        flat = channels[-1] * self.grid ** 2
+        self.fc_mu, self.fc_logvar = nn.Linear(flat, latent_dim), nn.Linear(flat, latent_dim)
+        self.fc_decode = nn.Linear(latent_dim, flat)
+        rev = channels[::-1]
+        self.decoder = nn.Sequential(*[up(a, b) for a, b in zip(rev[:-1], rev[1:])], up(rev[-1], rev[-1]),
+                                     nn.Conv2d(rev[-1], 3, 3, 1, 1))
+        self.channels = channels
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x).flatten(1)
+        return self.fc_mu(h), self.fc_logvar(h).clamp(-10, 10)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc_decode(z).view(-1, self.channels[-1], self.grid, self.grid)
+        return torch.sigmoid(self.decoder(h))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        return self.decode(z), mu, logvar
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction from the latent mean (whatever the module's mode)."""
+        return self.decode(self.encode(x)[0])
+
+
+def vae_loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+             beta: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L1 reconstruction (mean per pixel) + beta * KL (summed over the latent, mean over the batch)."""
+    rec = F.l1_loss(recon, x)
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
+    return rec + beta * kl, rec, kl
+
+
+def anomaly_score(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error per image in [0,1] space: the one VAE score of the project."""
+    return (x - recon).abs().flatten(1).mean(1)
+
+
+class VAEScorer(nn.Module):
+    """x in [0,1] -> (score, reconstruction): the deterministic scoring graph, also what gets exported to ONNX."""
+
+    def __init__(self, vae: ConvVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        recon = self.vae.reconstruct(x)
+        return anomaly_score(x, recon), recon

@@ -1,0 +1,123 @@
+"""Evaluate one checkpoint (or an ensemble) on manifest splits or a folder; write metrics, predictions and plots.
+
+    python classifiers/evaluate.py --checkpoint checkpoints/densenet121.safetensors --splits test external
+    python classifiers/evaluate.py --checkpoint a.safetensors b.safetensors --tta      # ensemble + flip TTA
+    python classifiers/evaluate.py --checkpoint X.safetensors --folder my_images/     # <benign|malignant>/ subfolders
+    # GPU: add --device cuda (the same outputs, faster). Several GPUs: run one process per checkpoint.
+
+The decision threshold is the one stored in the (first) checkpoint's sidecar, chosen on `val` at training time;
+nothing here looks at test labels to choose anything. Every metrics row (one per dataset and split) comes with the
+all-malignant baseline beside it and a bootstrap 95% CI on the AUC. Outputs in --out: metrics.csv,
+predictions.csv (path,label,prob_malignant,pred,...), and per dataset/split a confusion matrix and ROC/PR PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from classifiers.models import load_classifier  # noqa: E402
+from classifiers.predict import predict_proba  # noqa: E402
+from data.cache import CachedImages  # noqa: E402
+from data.checkpoint import CheckpointError  # noqa: E402
+from data.manifest import label_index, read_folder, read_manifest  # noqa: E402
+from data.runtime import pick_device, setup_cpu  # noqa: E402
+from data.transforms import Preprocess  # noqa: E402
+from evaluation import plots  # noqa: E402
+from evaluation.metrics import baseline_row, metrics_row  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def evaluation_groups(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Split rows into named evaluation sets: `<dataset>/<split>`, and ISIC's official splits kept apart."""
+    keys = [c for c in ("dataset", "split", "official_split") if c in df.columns]
+    groups = {}
+    for values, part in df.groupby(keys, dropna=False, sort=True):
+        values = values if isinstance(values, tuple) else (values,)
+        named = dict(zip(keys, values))
+        name = f"{named.get('dataset', 'data')}/{named['split']}"
+        if named.get("split") == "external" and isinstance(named.get("official_split"), str):
+            name += f"-{named['official_split']}"
+        groups[name] = part
+    return groups
+
+
+def predict_ensemble(checkpoints: list[str], df: pd.DataFrame, device, tta: bool) -> tuple[np.ndarray, dict, pd.DataFrame]:
+    """Mean P(malignant) over checkpoints; returns (probs, first sidecar, rows that decoded)."""
+    probs, first_meta, kept = [], None, None
+    for path in checkpoints:
+        model, meta = load_classifier(path)
+        model = model.to(device)
+        data = CachedImages(df, meta["input_size"], meta["resize"])
+        kept = data.df
+        probs.append(predict_proba(model, data.images, Preprocess.from_meta(meta), device, tta=tta)[:, 1])
+        first_meta = first_meta or meta
+    return np.mean(probs, axis=0), first_meta, kept
+
+
+def evaluate(checkpoints: list[str], df: pd.DataFrame, out: Path, device, tta: bool = False,
+             threshold: float | None = None, model_name: str | None = None, plot: bool = True) -> pd.DataFrame:
+    probs, meta, kept = predict_ensemble(checkpoints, df, device, tta)
+    threshold = meta["malignant_threshold"] if threshold is None else threshold
+    threshold_split = meta["threshold_split"] if len(checkpoints) == 1 else "val (first checkpoint)"
+    name = model_name or "+".join(Path(c).stem for c in checkpoints) + ("+tta" if tta else "")
+    kept = kept.assign(prob_malignant=probs, pred=(probs >= threshold).astype(int), y=label_index(kept["label"]))
+    rows = []
+    for group, part in evaluation_groups(kept).items():
+        dataset, split = group.split("/", 1)
+        common = {"config": meta.get("config", ""), "dataset": dataset, "split": split}
+        rows.append(metrics_row(part["y"], part["prob_malignant"], threshold, model=name, **common,
+                                threshold_split=threshold_split, threshold_rule=meta.get("threshold_rule", ""),
+                                prob=part["prob_malignant"]))
+        rows.append(baseline_row(part["y"], **common))
+        if plot:
+            slug = group.replace("/", "_")
+            plots.confusion_matrices({f"{name} {group}": (part["y"], part["pred"])}, out / f"confusion_{slug}.png")
+            plots.roc_pr({name: (part["y"], part["prob_malignant"])}, out / f"roc_pr_{slug}.png", group)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = pd.DataFrame(rows)
+    metrics.to_csv(out / "metrics.csv", index=False)
+    columns = [c for c in ("path", "label", "prob_malignant", "pred", "split", "dataset", "dx") if c in kept.columns]
+    kept[columns].to_csv(out / "predictions.csv", index=False)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", required=True, help="one checkpoint, or several for an ensemble")
+    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
+    p.add_argument("--splits", nargs="+", default=["test", "external"], help="manifest splits to evaluate")
+    p.add_argument("--folder", default=None, help="evaluate a folder <benign|malignant>/* instead of a manifest")
+    p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
+    p.add_argument("--threshold", type=float, default=None, help="override the sidecar's malignant_threshold")
+    p.add_argument("--name", default=None, help="model name in the metrics rows (default: checkpoint stems)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "evaluation"), help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    a = p.parse_args(argv)
+    device = pick_device(a.device)
+    if device.type == "cpu":
+        setup_cpu()
+    if a.folder:
+        df = read_folder(a.folder, split="test").assign(dataset=Path(a.folder).name)
+    else:
+        df = read_manifest(a.manifest)
+        df = df[df["split"].isin(a.splits)]
+    try:
+        metrics = evaluate(a.checkpoint, df, Path(a.out), device, a.tta, a.threshold, a.name)
+    except (CheckpointError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+    cols = ["model", "dataset", "split", "n", "auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity",
+            "balanced_accuracy"]
+    print(metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {a.out}/metrics.csv and predictions.csv")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

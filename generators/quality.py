@@ -1,0 +1,261 @@
+"""How real and how new are the synthetic images: FID, KID, precision/recall, and a memorisation check.
+
+    # CPU (a few minutes: feature extraction of a few thousand images)
+    python generators/quality.py --synthetic runs/generators/synthetic/dcgan/samples.csv \
+        runs/generators/synthetic/dcgan_up/samples.csv \
+        --classifier runs/classifiers/densenet121_original_s0/best.safetensors --out results/generators/quality.csv
+    # one GPU: add --device cuda; several GPUs: not needed (inference on a few thousand images)
+
+Features come from an extractor that works offline: by default the penultimate (pooled backbone) features of one
+of the project's own classifier checkpoints (`forward_features`); `--extractor inception` uses torchvision's
+Inception-v3 pool features when its ImageNet weights are already in the local torch cache (numbers from it are
+not the TF-Inception FID of the literature either). Synthetic images are compared per class with real images of a
+held-out split (`val` by default); the real images are first resized to the synthetic images' size, so a 64-px
+generator is not penalised for its resolution, and both then go to the extractor's input size the same way.
+
+- FID (Heusel et al., 2017): Frechet distance of Gaussians fitted to the features. Biased by sample size: compare
+  against the `real reference` row, two disjoint sets of real images (fit vs the held-out split) of the same size.
+- KID (Binkowski et al., 2018): unbiased MMD^2 with the cubic polynomial kernel, mean and std over subsets.
+- Precision / recall (Kynkaenniemi et al., 2019): the share of synthetic images inside the k-NN balls of real
+  features, and of real images inside the balls of synthetic features.
+- Memorisation: each synthetic image's nearest `fit` image, in feature space and in pixels (32x32). An image is
+  flagged as a near-copy when it is closer to a training image than `--near-copy-percentile` % of the held-out real
+  images are to their nearest training image. The closest pairs are listed in a CSV and shown in a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data.cache import build_cache  # noqa: E402
+from data.images import load_rgb, to_uint8  # noqa: E402
+from data.manifest import read_manifest  # noqa: E402
+from data.runtime import pick_device, setup_cpu  # noqa: E402
+from data.transforms import Preprocess, preprocess_meta  # noqa: E402
+from generators import save_grid  # noqa: E402
+from generators.upscaler import write_rows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+Extractor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (rows are samples)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
+    # tr sqrt(A B) = sum of sqrt eigenvalues of A^1/2 B A^1/2, which is symmetric PSD: stable without sqrtm
+    eig = np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum())
+
+
+def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3: mean and std over random subsets."""
+    rng = np.random.default_rng(seed)
+    m = min(subset_size, len(a), len(b))
+    d = a.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)].astype(np.float64)
+        y = b[rng.choice(len(b), m, replace=False)].astype(np.float64)
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        off = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        values.append(off - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+    return torch.cdist(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall of generative models with k-NN manifolds (Kynkaenniemi et al., 2019)."""
+    def radii(x: np.ndarray) -> torch.Tensor:  # distance to the k-th neighbour other than itself
+        return _distances(x, x).kthvalue(k + 1, dim=1).values
+
+    cross = _distances(fake, real)
+    precision = (cross <= radii(real)[None, :]).any(1).double().mean()
+    recall = (cross.T <= radii(fake)[None, :]).any(1).double().mean()
+    return float(precision), float(recall)
+
+
+def nearest(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of and distance to each query's nearest reference (Euclidean)."""
+    d = _distances(queries, references)
+    dist, idx = d.min(1)
+    return idx.numpy(), dist.numpy()
+
+
+def classifier_extractor(path: str | Path, device: torch.device) -> tuple[Extractor, int, str]:
+    """Penultimate features of a project classifier; preprocessing comes from its sidecar."""
+    from classifiers.models import load_classifier  # evaluation-time use of a downstream model, by design
+
+    model, meta = load_classifier(path)
+    model.to(device).eval()
+    prep = Preprocess.from_meta(meta)
+    return (lambda x: model.forward_features(prep.tensor(x.to(device))).float()), prep.size, f"{meta['arch']}:{Path(path).name}"
+
+
+def inception_extractor(device: torch.device) -> tuple[Extractor, int, str]:
+    """torchvision Inception-v3 pool features (2048), only from weights already in the local torch cache."""
+    import torchvision
+
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(torchvision.models.Inception_V3_Weights.DEFAULT.url).name
+    if not file.is_file():
+        raise SystemExit(f"error: Inception-v3 weights not found at {file} (nothing is downloaded here); "
+                         "use the default classifier extractor")
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    net.fc = torch.nn.Identity()
+    net.to(device).eval()
+    prep = Preprocess.from_meta(preprocess_meta(299, "squash", "imagenet"))
+    return (lambda x: net(prep.tensor(x.to(device)))), 299, "inception_v3 (torchvision)"
+
+
+@torch.no_grad()
+def extract(extractor: Extractor, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """N x H x W x 3 uint8 at the extractor's size -> N x D float64 features."""
+    out = [extractor(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2)).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).double().numpy()
+
+
+def load_pixels(paths: list[str], via_size: int, size: int) -> np.ndarray:
+    """Images through the preprocessing cache at `via_size`, then resized (bicubic) to `size`: N x size x size x 3."""
+    cache = build_cache(paths, via_size, progress=False)
+    if cache.errors:
+        first = next(iter(cache.errors.values()))
+        raise SystemExit(f"error: {len(cache.errors)} images could not be decoded, e.g. {first}")
+    if via_size == size:
+        return np.asarray(cache.images)
+    return np.stack([to_uint8(Image.fromarray(np.asarray(img)), size) for img in cache.images])
+
+
+def thumbnails(images: np.ndarray, size: int = 32) -> np.ndarray:
+    """Pixel-space vectors for the memorisation check: area-averaged size x size images in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return F.adaptive_avg_pool2d(x, size).flatten(1).double().numpy()
+
+
+def memorisation(syn: dict[str, np.ndarray], fit: dict[str, np.ndarray], held_out: dict[str, np.ndarray],
+                 percentile: float) -> pd.DataFrame:
+    """Per synthetic image: nearest fit image and distance in each space, its rank among held-out distances, flags.
+
+    Each dict maps a space ("feature", "pixel") to row vectors."""
+    columns: dict[str, Any] = {}
+    for space in syn:
+        idx, dist = nearest(syn[space], fit[space])
+        _, reference = nearest(held_out[space], fit[space])
+        threshold = np.percentile(reference, percentile)
+        columns |= {f"nearest_fit_{space}": idx, f"{space}_distance": dist,
+                    f"{space}_heldout_percentile": (reference[None, :] < dist[:, None]).mean(1) * 100,
+                    f"near_copy_{space}": dist < threshold}
+    return pd.DataFrame(columns)
+
+
+def scores(generated: np.ndarray, real: np.ndarray, k: int = 3, seed: int = 0) -> dict[str, float]:
+    """FID, KID (mean, std), precision and recall of one generated feature set against real features."""
+    precision, recall = precision_recall(real, generated, k)
+    kid_mean, kid_std = kid(generated, real, seed=seed)
+    return {"fid": fid(generated, real), "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall}
+
+
+def evaluate(syn_rows: pd.DataFrame, real_rows: pd.DataFrame, fit_rows: pd.DataFrame, extractor: Extractor,
+             size: int, k: int = 3, percentile: float = 1.0, seed: int = 0,
+             batch_size: int = 64) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """Quality rows per (source, label), a real reference row per (label, size), and the memorisation table."""
+    rows: list[dict[str, Any]] = []
+    tables, cache, references = [], {}, set()
+
+    def feats(df: pd.DataFrame, via: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (tuple(df["path"]), via)
+        if key not in cache:
+            pixels = load_pixels(list(df["path"]), via, size)
+            cache[key] = (extract(extractor, pixels, batch_size), thumbnails(pixels))
+        return cache[key]
+
+    for (source, label), syn in syn_rows.groupby(["source", "label"], sort=True):
+        via = load_rgb(syn["path"].iloc[0]).width
+        real, fit = real_rows[real_rows["label"] == label], fit_rows[fit_rows["label"] == label]
+        (f_syn, t_syn), (f_real, t_real), (f_fit, t_fit) = feats(syn, via), feats(real, via), feats(fit, via)
+        mem = memorisation({"feature": f_syn, "pixel": t_syn}, {"feature": f_fit, "pixel": t_fit},
+                           {"feature": f_real, "pixel": t_real}, percentile)
+        for space in ("feature", "pixel"):
+            mem[f"nearest_fit_{space}"] = fit["path"].to_numpy()[mem[f"nearest_fit_{space}"]]
+        tables.append(mem.assign(synthetic=list(syn["path"]), source=source, label=label))
+        rows.append({"source": source, "label": label, "n_synthetic": len(syn), "n_real": len(real), "via_size": via,
+                     **scores(f_syn, f_real, k, seed), "near_copies_feature": int(mem["near_copy_feature"].sum()),
+                     "near_copies_pixel": int(mem["near_copy_pixel"].sum())})
+        if (label, via, len(syn)) not in references:  # the floor: as many real fit images against the same set
+            references.add((label, via, len(syn)))
+            ref = fit.sample(n=min(len(fit), len(syn)), random_state=seed)
+            rows.append({"source": "real reference (fit)", "label": label, "n_synthetic": len(ref),
+                         "n_real": len(real), "via_size": via, **scores(feats(ref, via)[0], f_real, k, seed)})
+    return rows, pd.concat(tables, ignore_index=True)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic", nargs="+", required=True, help="samples.csv files written by generators/sample.py")
+    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"),
+                   help="manifest of the real images (fit: the generators' training set)")
+    p.add_argument("--real-split", default="val", help="held-out real split to compare with (never fit)")
+    p.add_argument("--extractor", default="classifier", choices=("classifier", "inception"),
+                   help="feature extractor: a project classifier's penultimate features, or local Inception-v3")
+    p.add_argument("--classifier", default=str(ROOT / "runs" / "classifiers" / "densenet121_original_s0" /
+                                               "best.safetensors"), help="classifier checkpoint for --extractor classifier")
+    p.add_argument("--max-per-class", type=int, default=1000, help="at most this many synthetic images per class")
+    p.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds (precision/recall)")
+    p.add_argument("--near-copy-percentile", type=float, default=1.0,
+                   help="flag synthetic images closer to a fit image than this percentile of held-out images are")
+    p.add_argument("--out", default=str(ROOT / "results" / "generators" / "quality.csv"), help="quality CSV")
+    p.add_argument("--nearest-out", default=None,
+                   help="memorisation table CSV (default: <out stem>_nearest.csv) and a PNG of the closest pairs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets (KID, reference rows, caps)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per extractor call")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    a = p.parse_args(argv)
+    if a.real_split == "fit":
+        sys.exit("error: the generators trained on fit; compare with a held-out split")
+    device = pick_device(a.device)
+    if device.type == "cpu":
+        setup_cpu(a.threads)
+    extractor, size, name = (classifier_extractor(a.classifier, device) if a.extractor == "classifier"
+                             else inception_extractor(device))
+    df = read_manifest(a.manifest)
+    real = df[(df["split"] == a.real_split) & (df["source"] == "real")]
+    fit = df[(df["split"] == "fit") & (df["source"] == "real")]
+    syn = pd.concat([read_manifest(s) for s in a.synthetic], ignore_index=True)
+    syn = syn.sample(frac=1.0, random_state=a.seed).groupby(["source", "label"]).head(a.max_per_class)
+    rows, table = evaluate(syn, real, fit, extractor, size, a.k, a.near_copy_percentile, a.seed, a.batch_size)
+    for row in rows:
+        row |= {"extractor": name, "real_split": a.real_split, "k": a.k, "near_copy_percentile": a.near_copy_percentile}
+    write_rows(rows, a.out)
+    nearest_out = Path(a.nearest_out or Path(a.out).with_name(Path(a.out).stem + "_nearest.csv"))
+    table = table.sort_values("feature_distance")
+    write_rows(table.to_dict("records"), nearest_out)
+    closest = table.head(8)
+    pairs = [to_uint8(load_rgb(path), size) for path in list(closest["synthetic"]) + list(closest["nearest_fit_feature"])]
+    save_grid(torch.from_numpy(np.stack(pairs)).permute(0, 3, 1, 2), nearest_out.with_suffix(".png"), nrow=len(closest))
+    print(pd.DataFrame(rows).drop(columns=["extractor", "real_split", "k", "near_copy_percentile"]).to_string(
+        index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"wrote {a.out} and {nearest_out} (+ .png: the 8 synthetic images closest to a fit image, above their match)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Sample N images per class from a generator checkpoint (DCGAN or DDPM), optionally through the learned upscaler.
+
+    # CPU: DCGAN, thousands of images a minute; with the upscaler (64 -> 128 px) a few hundred a minute
+    python generators/sample.py --checkpoint checkpoints/generators/dcgan.safetensors --n 500 \
+        --out runs/generators/synthetic/dcgan
+    python generators/sample.py --checkpoint checkpoints/generators/dcgan.safetensors --n 500 --classes malignant \
+        --upscale checkpoints/generators/upscaler.safetensors --out runs/generators/synthetic/dcgan_up
+    # DDPM: DDIM with 50 steps by default (about 0.25 images/s on one CPU thread), or the full 1000-step chain
+    python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 100 --steps 25
+    python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 8 --sampler ddpm
+    # one GPU: add --device cuda --batch-size 256; several GPUs: split the classes or --start ranges across them
+
+Images go to <out>/<label>/<source>_<label>_<index>.png and are listed in <out>/samples.csv, a manifest (rows with
+split=fit and source dcgan|ddpm|dcgan_up|ddpm_up) that scripts/03_build_configs.py reads. Every batch draws its
+noise from a seed derived from (--seed, class, index), so an image is the same however the run is split, and an
+interrupted run continues where it stopped: batches whose files all exist are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.checkpoint import CheckpointError, load_checkpoint, read_sidecar  # noqa: E402
+from data.images import load_rgb  # noqa: E402
+from data.manifest import LABELS, file_sha256, write_manifest  # noqa: E402
+from data.runtime import pick_device, setup_cpu  # noqa: E402
+from generators import dcgan, ddpm, from_signed, save_grid, save_png  # noqa: E402
+from generators.upscaler import Upscaler, load_upscaler, upscale  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILDERS = {"dcgan": dcgan.build_generator, "ddpm": ddpm.build_unet}
+
+
+def load_generator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A DCGAN generator or DDPM UNet, whichever the sidecar says, loaded strictly."""
+    kind = read_sidecar(path).get("kind")
+    if kind not in BUILDERS:
+        raise CheckpointError(f"{path}: is a {kind!r} checkpoint, expected one of {sorted(BUILDERS)}")
+    return load_checkpoint(path, BUILDERS[kind], kind=kind)
+
+
+def generate(model: torch.nn.Module, meta: dict[str, Any], labels: torch.Tensor, gen: torch.Generator,
+             sampler: str = "ddim", steps: int | None = None, autocast: bool = False) -> torch.Tensor:
+    """uint8 NxCxHxW images of the given classes from a loaded generator."""
+    if meta["kind"] == "dcgan":
+        return from_signed(dcgan.generate(model, labels, gen)).cpu()
+    return from_signed(ddpm.generate(model, labels, gen, sampler, steps, meta.get("noise_schedule"), autocast)).cpu()
+
+
+def batch_seed(seed: int, label: int, start: int) -> int:
+    return int(np.random.SeedSequence([seed, label, start]).generate_state(1)[0])
+
+
+def sample_to_folder(model: torch.nn.Module, meta: dict[str, Any], counts: dict[str, int], out: Path,
+                     upscaler: Upscaler | None = None, sampler: str = "ddim", steps: int | None = None,
+                     batch_size: int = 64, seed: int = 0, autocast: bool = False, progress: bool = True,
+                     info: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Write counts[label] images per class as PNGs and <out>/samples.csv; return the manifest rows."""
+    source = meta["kind"] + ("_up" if upscaler is not None else "")
+    rows = []
+    for label, n in counts.items():
+        c = list(meta["class_names"]).index(label)
+        for start in tqdm(range(0, n, batch_size), desc=f"{source} {label}", disable=not progress, leave=False):
+            paths = [out / label / f"{source}_{label}_{i:05d}.png" for i in range(start, min(n, start + batch_size))]
+            if not all(p.exists() for p in paths):
+                gen = torch.Generator().manual_seed(batch_seed(seed, c, start))
+                images = generate(model, meta, torch.full((len(paths),), c), gen, sampler, steps, autocast)
+                if upscaler is not None:
+                    images = upscale(upscaler, images)
+                for image, path in zip(images, paths):
+                    save_png(image, path)
+            rows += [{"path": str(p.resolve()), "label": label, "split": "fit", "source": source,
+                      "lesion_id": p.stem, "dataset": "synthetic"} for p in paths]
+    df = pd.DataFrame(rows)
+    write_manifest(df, out / "samples.csv", {"seed": seed, **(info or {})})
+    return df
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="DCGAN or DDPM .safetensors (with its .json sidecar)")
+    p.add_argument("--n", type=int, required=True, help="images per class")
+    p.add_argument("--classes", nargs="+", default=list(LABELS), choices=LABELS, help="classes to sample")
+    p.add_argument("--sampler", default="ddim", choices=ddpm.SAMPLERS, help="DDPM only: DDIM or the ancestral chain")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDPM only: denoising steps (default 50 for DDIM, all 1000 training steps for DDPM)")
+    p.add_argument("--upscale", default=None, help="upscaler checkpoint: save upscaled images (source *_up)")
+    p.add_argument("--out", default=None, help="folder (default runs/generators/synthetic/<source>)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per generator call")
+    p.add_argument("--bf16", action="store_true", help="DDPM only: bf16 autocast (faster on recent CPUs and GPUs)")
+    p.add_argument("--grid", default=None, help="also write a grid PNG of the first 8 images of each class here")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (recorded in samples.json)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    a = p.parse_args(argv)
+    device = pick_device(a.device)
+    if device.type == "cpu":
+        setup_cpu(a.threads)
+    model, meta = load_generator(a.checkpoint)
+    upscaler = None
+    info: dict[str, Any] = {"generator": Path(a.checkpoint).name, "generator_sha256": file_sha256(a.checkpoint)}
+    if meta["kind"] == "ddpm":
+        info |= {"sampler": a.sampler, "steps": a.steps or (50 if a.sampler == "ddim" else "all")}
+    if a.upscale:
+        upscaler, up_meta = load_upscaler(a.upscale)
+        if up_meta["input_size"] != meta["image_size"]:
+            sys.exit(f"error: {a.upscale} takes {up_meta['input_size']}-px images, the generator makes "
+                     f"{meta['image_size']}-px ones")
+        upscaler.to(device)
+        info |= {"upscaler": Path(a.upscale).name, "upscaler_sha256": file_sha256(a.upscale)}
+    source = meta["kind"] + ("_up" if upscaler is not None else "")
+    out = Path(a.out or ROOT / "runs" / "generators" / "synthetic" / source)
+    df = sample_to_folder(model.to(device), meta, {c: a.n for c in a.classes}, out, upscaler, a.sampler, a.steps,
+                          a.batch_size, a.seed, a.bf16, not a.no_progress, info)
+    if a.grid:
+        first = df.groupby("label", sort=False).head(8)
+        save_grid(torch.stack([torch.from_numpy(np.array(load_rgb(p))).permute(2, 0, 1) for p in first["path"]]),
+                  a.grid, nrow=8)
+    print(f"wrote {len(df)} images ({source}) and {out / 'samples.csv'}")
+    return df
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Train a generator (class-conditional DCGAN or DDPM) or the upscaler on the real `fit` images of a manifest.
+
+    # CPU (2 cores): DCGAN about 25 minutes, upscaler about 10, DDPM about 2 hours a few epochs; all resumable
+    python generators/train.py --model dcgan --preset cpu --ship checkpoints/generators/dcgan
+    python generators/train.py --model upscaler --preset cpu --ship checkpoints/generators/upscaler
+    python generators/train.py --model ddpm --preset cpu --resume        # continue after a kill
+    # one GPU: the paper-scale preset
+    python generators/train.py --model ddpm --preset full --device cuda
+    # several GPUs: one generator per GPU side by side (each run is single-device)
+    CUDA_VISIBLE_DEVICES=0 python generators/train.py --model ddpm --preset full --device cuda &
+    CUDA_VISIBLE_DEVICES=1 python generators/train.py --model dcgan --preset full --device cuda &
+
+Only rows with split=fit and source=real are read (through the preprocessing cache; 64 px for the generators,
+64 * scale px for the upscaler's targets). Each epoch's randomness comes from --seed and the epoch number, and the
+whole training state (weights, EMA, optimizers, schedules, step, loss history) is written atomically to
+`<out>/state.pt` after every epoch, so a killed run continues with --resume and ends as an uninterrupted one would.
+Outputs in <out> (default runs/generators/<model>_<preset>_s<seed>): losses.csv + losses.png (means over
+--log-every steps), epochs.csv, samples/epoch_NNN.png every --sample-every epochs, model.safetensors + model.json
+(the generator or, for DDPM, its EMA weights), and with --ship an fp16 copy for checkpoints/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.cache import CachedImages  # noqa: E402
+from data.checkpoint import save_checkpoint  # noqa: E402
+from data.manifest import LABELS, file_sha256, read_manifest  # noqa: E402
+from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
+from data.training import load_state, save_state  # noqa: E402
+from data.transforms import augment  # noqa: E402
+from generators import from_signed, from_unit, save_grid  # noqa: E402
+from generators.dcgan import DCGANTrainer  # noqa: E402
+from generators.ddpm import NOISE_SCHEDULE, DDPMTrainer  # noqa: E402
+from generators.upscaler import UpscalerTrainer, bicubic, compare_with_bicubic, upscale, write_rows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("dcgan", "ddpm", "upscaler")
+# Per model and preset: training length, batch, learning rate, architecture. Flags given explicitly win.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "dcgan": {
+        "smoke": {"epochs": 1, "batch_size": 4, "lr": 2e-4, "limit": 16, "sample_every": 1, "arch": {"width": 8}},
+        "cpu": {"epochs": 25, "batch_size": 64, "lr": 2e-4, "sample_every": 5, "bf16": True, "arch": {"width": 64}},
+        "full": {"epochs": 300, "batch_size": 128, "lr": 2e-4, "sample_every": 20, "bf16": True,
+                 "arch": {"width": 64}}},
+    "ddpm": {
+        "smoke": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "limit": 16, "sample_every": 1, "preview_steps": 2,
+                  "arch": {"channels": [8, 16], "attention": [False, True], "norm_groups": 4}},
+        "cpu": {"epochs": 12, "batch_size": 32, "lr": 5e-4, "sample_every": 2, "bf16": True,
+                "arch": {"channels": [32, 64, 128, 256], "attention": [False, False, True, False]}},
+        "full": {"epochs": 500, "batch_size": 128, "lr": 2e-4, "sample_every": 25, "bf16": True,
+                 "arch": {"channels": [64, 128, 256, 512], "attention": [False, False, True, True],
+                          "layers_per_block": 2, "norm_groups": 32}}},
+    "upscaler": {
+        "smoke": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "limit": 16, "sample_every": 1, "patch": 32,
+                  "arch": {"channels": 8, "blocks": 1}},
+        "cpu": {"epochs": 6, "batch_size": 32, "lr": 1e-3, "sample_every": 2, "patch": 64,
+                "arch": {"channels": 32, "blocks": 4}},
+        "full": {"epochs": 100, "batch_size": 64, "lr": 5e-4, "sample_every": 10, "patch": 96,
+                 "arch": {"channels": 64, "blocks": 16}}},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=MODELS, help="what to train")
+    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "full"),
+                   help="smoke: seconds (tests); cpu: a 2-core machine, minutes to hours; full: one GPU")
+    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"),
+                   help="manifest whose real fit rows are the training images")
+    p.add_argument("--img-size", type=int, default=64, help="generated image size; the upscaler's input size")
+    p.add_argument("--scale", type=int, default=2, help="upscaler factor (64 -> 128 px by default)")
+    p.add_argument("--resize", default="squash", choices=("squash", "center_crop"), help="resize rule of the cache")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="train on a seeded class-stratified subset of this many images (smoke preset: 16)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for the DCGAN and DDPM cpu/full presets, off for the upscaler)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="DDPM: decay of the EMA weights that are sampled")
+    p.add_argument("--sample-every", type=int, default=None, help="write a sample grid every N epochs")
+    p.add_argument("--log-every", type=int, default=25, help="average losses over this many steps per CSV row")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling, noise")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
+    p.add_argument("--out", default=None, help="run folder (default runs/generators/<model>_<preset>_s<seed>)")
+    p.add_argument("--ship", default=None,
+                   help="also write the final model as fp16 safetensors + sidecar here (e.g. checkpoints/generators/dcgan)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.model][args.preset]
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be at least 1")
+    for key in ("epochs", "batch_size", "lr", "limit", "sample_every", "bf16"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, False if key == "bf16" else None))
+    args.arch, args.patch, args.preview_steps = preset["arch"], preset.get("patch"), preset.get("preview_steps", 50)
+    return args
+
+
+def fit_images(args: argparse.Namespace) -> tuple[CachedImages, CachedImages | None, pd.DataFrame]:
+    """Real fit rows (and, for the upscaler, real val rows) at the size the model trains on."""
+    df = read_manifest(args.manifest)
+    fit = df[(df["split"] == "fit") & (df["source"] == "real")]
+    if args.limit and len(fit) > args.limit:
+        fit = fit.groupby("label").sample(frac=args.limit / len(fit), random_state=args.seed)
+    if fit.empty:
+        raise SystemExit(f"error: {args.manifest} has no real rows in the fit split")
+    size = args.img_size * args.scale if args.model == "upscaler" else args.img_size
+    val = None
+    if args.model == "upscaler":
+        val_df = df[(df["split"] == "val") & (df["source"] == "real")]
+        val = CachedImages(val_df.iloc[: max(8, args.limit // 4) if args.limit else 128], size, args.resize)
+    return CachedImages(fit, size, args.resize), val, fit
+
+
+def build_trainer(args: argparse.Namespace, device: torch.device, total_steps: int):
+    if args.model == "dcgan":
+        return DCGANTrainer({**args.arch, "image_size": args.img_size, "num_classes": len(LABELS)}, args.lr, device,
+                            autocast=args.bf16)
+    if args.model == "ddpm":
+        return DDPMTrainer({**args.arch, "image_size": args.img_size, "num_classes": len(LABELS)}, args.lr, device,
+                           total_steps, ema_decay=args.ema_decay, autocast=args.bf16)
+    return UpscalerTrainer({**args.arch, "scale": args.scale}, args.lr, device, total_steps, args.patch)
+
+
+def preview(trainer, args: argparse.Namespace, val: CachedImages | None, path: Path) -> None:
+    """Generators: the same 8 latents per class every time. Upscaler: bicubic | learned | real, for 8 val images."""
+    if args.model == "upscaler":
+        hr = torch.from_numpy(val.images[:8]).permute(0, 3, 1, 2)
+        lr = from_unit(bicubic(hr.float() / 255.0, args.img_size))
+        plain = from_unit(bicubic(lr.float() / 255.0, hr.shape[-1]))
+        save_grid(torch.cat([plain, upscale(trainer.model, lr), hr]), path, nrow=8)
+        return
+    labels = torch.arange(len(LABELS)).repeat_interleave(8)
+    gen = torch.Generator().manual_seed(12345)
+    kwargs = {"steps": args.preview_steps} if args.model == "ddpm" else {}
+    save_grid(from_signed(trainer.generate(labels, gen, **kwargs)), path, nrow=8)
+
+
+def mean_row(window: list[dict[str, float]], step: int, epoch: int) -> dict[str, Any]:
+    return {"step": step, "epoch": epoch + 1, **{k: sum(w[k] for w in window) / len(window) for k in window[0]}}
+
+
+def checkpoint_meta(args: argparse.Namespace, trainer, fit_df: pd.DataFrame,
+                    epochs: list[dict[str, Any]]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"kind": args.model, "arch": type(trainer.export()).__name__, "arch_kwargs": trainer.arch,
+                            "resize": args.resize, "class_names": list(LABELS)}
+    if args.model == "upscaler":
+        meta |= {"input_size": args.img_size, "output_size": args.img_size * args.scale, "normalization": "unit"}
+    else:
+        meta |= {"image_size": args.img_size, "normalization": "[-1, 1]"}
+    if args.model == "ddpm":
+        meta["noise_schedule"] = NOISE_SCHEDULE
+    fit_hash = hashlib.sha256("\n".join(sorted(fit_df["path"])).encode()).hexdigest()
+    return meta | {"preset": args.preset, "epochs": len(epochs), "steps": trainer.steps, "seed": args.seed,
+                   "manifest": Path(args.manifest).name, "manifest_sha256": file_sha256(args.manifest),
+                   "fit_paths_sha256": fit_hash, "n_train_images": len(fit_df), "trained_on": "split=fit, source=real",
+                   "train_args": {k: v for k, v in vars(args).items() if k != "no_progress"},
+                   "last_epoch": epochs[-1]}
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in rows[0] if k.startswith("loss")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
+    ax.set(xlabel="step", ylabel="loss", title=path.parent.name)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if device.type == "cpu":
+        setup_cpu(args.threads)
+    out = Path(args.out or ROOT / "runs" / "generators" / f"{args.model}_{args.preset}_s{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    fit, val, fit_df = fit_images(args)
+    steps_per_epoch = len(fit) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(fit)} training images are fewer than one batch of {args.batch_size}")
+    seed_everything(args.seed)
+    trainer = build_trainer(args, device, steps_per_epoch * args.epochs)
+    n_params = sum(p.numel() for p in trainer.export().parameters())
+    print(f"{args.model} ({args.preset}): {n_params / 1e6:.2f}M parameters in the shipped model; "
+          f"{len(fit)} fit images, {steps_per_epoch} steps/epoch, device {device}")
+
+    state_path, losses, epochs, start = out / "state.pt", [], [], 0
+    if args.resume and state_path.exists():
+        state = load_state(state_path)
+        trainer.load_state_dict(state["trainer"])
+        losses, epochs, start = state["losses"], state["epochs"], state["epoch"] + 1
+        print(f"resumed from {state_path} after epoch {state['epoch'] + 1} (step {trainer.steps})")
+    images = torch.from_numpy(fit.images).permute(0, 3, 1, 2)
+
+    for epoch in range(start, args.epochs):
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        order = torch.randperm(len(fit), generator=gen)[: steps_per_epoch * args.batch_size].view(steps_per_epoch, -1)
+        t0, window = time.perf_counter(), []
+        for idx in tqdm(order, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress, leave=False):
+            x = images[idx]
+            if args.model != "upscaler":  # the upscaler augments its own crops
+                x = augment(x, gen, crop_scale=(1.0, 1.0), jitter=0.0)  # flips and 90-degree rotations only
+            window.append(trainer.train_step(x, fit.targets[idx], gen))
+            if len(window) == args.log_every:
+                losses.append(mean_row(window, trainer.steps, epoch))
+                window = []
+        if window:
+            losses.append(mean_row(window, trainer.steps, epoch))
+        seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {"epoch": epoch + 1, "steps": trainer.steps, "seconds": round(seconds, 1),
+                               "images_per_s": steps_per_epoch * args.batch_size / seconds}
+        if val is not None:
+            scores = compare_with_bicubic(trainer.model, torch.from_numpy(val.images).permute(0, 3, 1, 2))
+            row |= {f"val_{k}": v.mean().item() for k, v in scores.items()}
+        epochs.append(row)
+        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs:
+            preview(trainer, args, val, out / "samples" / f"epoch_{epoch + 1:03d}.png")
+        write_rows(losses, out / "losses.csv")
+        write_rows(epochs, out / "epochs.csv")
+        plot_losses(losses, out / "losses.png")
+        save_checkpoint(out / "model", trainer.export(), checkpoint_meta(args, trainer, fit_df, epochs))
+        save_state(state_path, {"trainer": trainer.state_dict(), "epoch": epoch, "losses": losses, "epochs": epochs,
+                                "args": vars(args)})
+    meta = checkpoint_meta(args, trainer, fit_df, epochs)
+    if args.ship:
+        print(f"shipped {save_checkpoint(args.ship, trainer.export(), meta, dtype=torch.float16)}")
+    print(f"-> {out}")
+    return {"out": out, "epochs": epochs, "meta": meta}
+
+
+if __name__ == "__main__":
+    main()

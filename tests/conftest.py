@@ -1,0 +1,64 @@
+"""Shared test set-up: the repository on sys.path, the real datasets in ../shared/data, and a tiny real manifest.
+
+Tests marked `@pytest.mark.real_data` (or using the `real_data` fixture) are skipped with a reason when the
+datasets are absent, so unit tests still run on a machine without them.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data.manifest import read_manifest, write_manifest  # noqa: E402
+
+DATA_ROOT = ROOT.parent / "shared" / "data"
+ORIGINAL_MANIFEST = ROOT / "data" / "manifests" / "original.csv"
+HAVE_DATA = (DATA_ROOT / "ham10000" / "labels.csv").is_file() and (DATA_ROOT / "isic2017" / "labels.csv").is_file()
+NO_DATA_REASON = f"real datasets not found at {DATA_ROOT} (see README.md, Data)"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("real_data") and not HAVE_DATA:
+        pytest.skip(NO_DATA_REASON)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The folder holding ham10000/ and isic2017/; skips the test when it is absent."""
+    if not HAVE_DATA:
+        pytest.skip(NO_DATA_REASON)
+    return DATA_ROOT
+
+
+@pytest.fixture(scope="session")
+def original(real_data: Path) -> pd.DataFrame:
+    """The committed original manifest (read once; do not modify it in a test)."""
+    return read_manifest(ORIGINAL_MANIFEST)
+
+
+@pytest.fixture
+def tiny_manifest(original: pd.DataFrame, tmp_path: Path) -> Path:
+    """A manifest of 24 real HAM10000 images (3 benign + 3 malignant from each of fit, val, calib and test), copied
+    into tmp_path/images/<split>/<label>/ so a test may damage them; returns the manifest's path."""
+    ham = original[(original["dataset"] == "ham10000") & original["split"].isin(["fit", "val", "calib", "test"])]
+    rows = ham.groupby(["split", "label"]).sample(3, random_state=0).reset_index(drop=True)
+    copies = []
+    for row in rows.itertuples():
+        target = tmp_path / "images" / row.split / row.label / Path(row.path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(row.path, target)
+        copies.append(str(target))
+    path = tmp_path / "tiny.csv"
+    write_manifest(rows.assign(path=copies), path)
+    return path
+
+
+@pytest.fixture
+def tiny_df(tiny_manifest: Path) -> pd.DataFrame:
+    return read_manifest(tiny_manifest)

@@ -1,0 +1,316 @@
+"""Generators, the upscaler, sampling, quality metrics and the dataset configurations, on tiny generated inputs."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import data.cache
+from data.checkpoint import load_checkpoint, save_checkpoint
+from data.manifest import read_manifest, write_manifest
+from data.training import load_state, save_state
+from data.transforms import preprocess_meta
+from generators import configs, ddpm, quality, sample, train
+from generators.dcgan import DCGANTrainer, build_generator
+from generators.ddpm import DDPMTrainer
+from generators.upscaler import Upscaler, UpscalerTrainer, bicubic, build_upscaler, psnr, ssim
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY_DDPM = {"channels": [8, 16], "attention": [False, True], "norm_groups": 4}
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.cache, "DEFAULT_CACHE_DIR", tmp_path / "cache")
+    torch.manual_seed(0)
+
+
+def blob_image(rng: np.random.Generator, size: tuple[int, int] = (80, 60), dark: bool = False) -> Image.Image:
+    """A skin-coloured background with a brown ellipse: enough structure for shapes and metrics."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    cx, cy, r = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h, rng.uniform(0.15, 0.35) * h
+    inside = ((xx - cx) / (1.3 * r)) ** 2 + ((yy - cy) / r) ** 2 < 1
+    img = np.empty((h, w, 3))
+    img[:] = (220, 170, 150)
+    img[inside] = (60, 35, 25) if dark else (140, 90, 60)
+    img += rng.normal(0, 8, img.shape)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Path:
+    """A real-only manifest: fit 12 benign + 4 malignant; val, calib, test, external 4 each (2 + 2)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    plan = [("fit", "benign", 12), ("fit", "malignant", 4)] + \
+           [(s, lab, 2) for s in ("val", "calib", "test", "external") for lab in ("benign", "malignant")]
+    for split, label, n in plan:
+        for i in range(n):
+            path = tmp_path / "images" / split / label / f"{split}_{label}_{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            blob_image(rng, dark=label == "malignant").save(path)
+            rows.append({"path": str(path), "label": label, "split": split, "source": "real",
+                         "lesion_id": f"L_{split}_{label}_{i}"})
+    out = tmp_path / "manifests" / "original.csv"
+    write_manifest(pd.DataFrame(rows), out, {"seed": 0})
+    return out
+
+
+def uint8_batch(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.arange(n) % 2
+
+
+def trained_changes(before: dict, module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_dcgan_trains_and_samples_in_range():
+    trainer = DCGANTrainer({"width": 8}, 2e-4, torch.device("cpu"))
+    before = {k: v.clone() for k, v in trainer.g.state_dict().items()}
+    x, y = uint8_batch(4, 64)
+    gen = torch.Generator().manual_seed(0)
+    losses = [trainer.train_step(x, y, gen) for _ in range(2)]
+    assert all(math.isfinite(v) for step in losses for v in step.values())
+    assert trainer.steps == 2 and trained_changes(before, trainer.g)
+    images = trainer.generate(torch.tensor([0, 1, 1]), gen)
+    assert images.shape == (3, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+
+
+def test_ddpm_trains_and_samples_with_ddim_and_ddpm():
+    trainer = DDPMTrainer(TINY_DDPM, 1e-3, torch.device("cpu"), total_steps=10)
+    x, y = uint8_batch(4, 64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        assert math.isfinite(trainer.train_step(x, y, gen)["loss"])
+    assert trainer.steps == 2 and trainer.ema.steps == 2
+    assert not torch.equal(trainer.ema.module.conv_in.weight, trainer.unet.conv_in.weight)  # EMA lags the model
+    labels = torch.tensor([0, 1])
+    outs = {s: ddpm.generate(trainer.export(), labels, torch.Generator().manual_seed(1), s, steps=3)
+            for s in ddpm.SAMPLERS}
+    for images in outs.values():
+        assert images.shape == (2, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    assert not torch.allclose(outs["ddim"], outs["ddpm"])
+    again = ddpm.generate(trainer.export(), labels, torch.Generator().manual_seed(1), "ddim", steps=3)
+    assert torch.equal(again, outs["ddim"])  # DDIM (eta 0) is deterministic given the initial noise
+    with pytest.raises(ValueError, match="unknown sampler"):
+        ddpm.scheduler("euler")
+
+
+def test_ddim_default_is_50_steps_and_ddpm_the_full_chain():
+    assert len(ddpm.scheduler("ddpm").timesteps) == 1000
+    ddim = ddpm.scheduler("ddim")
+    ddim.set_timesteps(50)
+    assert len(ddim.timesteps) == 50 and int(ddim.timesteps[0]) == 999
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_upscaler_starts_as_bicubic_and_trains(scale):
+    model = Upscaler(scale=scale, channels=8, blocks=1)
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(model(x), bicubic(x, 16 * scale))  # zero-initialised tail: exactly bicubic before training
+    trainer = UpscalerTrainer({"scale": scale, "channels": 8, "blocks": 1}, 1e-3, torch.device("cpu"), 10, patch=32)
+    hr, y = uint8_batch(4, 64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        trainer.train_step(hr, y, gen)
+    assert trainer.model(x).shape == (2, 3, 16 * scale, 16 * scale)
+    assert not torch.equal(trainer.model(x), bicubic(x, 16 * scale))
+
+
+def test_psnr_and_ssim():
+    a, _ = uint8_batch(3, 32)
+    assert torch.isinf(psnr(a, a)).all() and torch.allclose(ssim(a, a), torch.ones(3))
+    noisy = [(a.float() + torch.randn(a.shape) * s).clamp(0, 255).round().to(torch.uint8) for s in (5, 30)]
+    assert (ssim(a, noisy[0]) > ssim(a, noisy[1])).all() and (psnr(a, noisy[0]) > psnr(a, noisy[1])).all()
+    # Constant images: SSIM reduces to its luminance term (2ab + c1) / (a^2 + b^2 + c1)
+    p, q = torch.full((1, 3, 16, 16), 100, dtype=torch.uint8), torch.full((1, 3, 16, 16), 180, dtype=torch.uint8)
+    u, v, c1 = 100 / 255, 180 / 255, 0.01 ** 2
+    assert ssim(p, q).item() == pytest.approx((2 * u * v + c1) / (u * u + v * v + c1), rel=1e-5)
+    mse = ((100 - 180) / 255) ** 2
+    assert psnr(p, q).item() == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+
+
+def run(model: str, manifest: Path, out: Path, *extra: str) -> dict:
+    return train.main(["--model", model, "--preset", "smoke", "--manifest", str(manifest), "--out", str(out),
+                       "--limit", "8", "--threads", "1", "--no-progress", *extra])
+
+
+def assert_same_state(a, b, where: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("model", train.MODELS)
+def test_train_cli_resume_restores_everything_exactly(model, manifest, tmp_path, monkeypatch):
+    straight = run(model, manifest, tmp_path / "straight", "--epochs", "2")
+
+    def save_then_die(path, state):  # the process is killed right after the first epoch's state is written
+        save_state(path, state)
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_state", save_then_die)
+        with pytest.raises(Killed):
+            run(model, manifest, tmp_path / "resumed", "--epochs", "2")
+    assert load_state(tmp_path / "resumed" / "state.pt")["epoch"] == 0
+    resumed = run(model, manifest, tmp_path / "resumed", "--epochs", "2", "--resume")
+    a, b = load_state(tmp_path / "straight" / "state.pt"), load_state(tmp_path / "resumed" / "state.pt")
+    assert a["epoch"] == b["epoch"] == 1 and a["trainer"]["steps"] == b["trainer"]["steps"] == 4
+    assert_same_state(a["trainer"], b["trainer"])  # weights, EMA, optimizers, schedules, step
+    assert [r["loss" if model != "dcgan" else "loss_g"] for r in a["losses"]] == \
+           [r["loss" if model != "dcgan" else "loss_g"] for r in b["losses"]]
+    out = tmp_path / "resumed"
+    for name in ("losses.csv", "losses.png", "epochs.csv", "samples/epoch_002.png", "model.json"):
+        assert (out / name).is_file(), name
+    assert resumed["meta"]["kind"] == model and resumed["meta"]["steps"] == 4 == straight["meta"]["steps"]
+    assert resumed["meta"]["n_train_images"] == 8 and resumed["meta"]["trained_on"] == "split=fit, source=real"
+    build = {"dcgan": build_generator, "ddpm": ddpm.build_unet, "upscaler": build_upscaler}[model]
+    load_checkpoint(out / "model.safetensors", build, kind=model)
+
+
+def test_generators_never_read_other_splits(manifest, tmp_path):
+    result = run("dcgan", manifest, tmp_path / "run", "--limit", "100", "--batch-size", "4")
+    assert result["meta"]["n_train_images"] == 16  # the 16 fit rows, none of the 16 others
+
+
+@pytest.fixture
+def smoke_checkpoints(manifest, tmp_path) -> dict[str, Path]:
+    paths = {}
+    for model in train.MODELS:
+        run(model, manifest, tmp_path / model, "--ship", str(tmp_path / "ship" / model))
+        paths[model] = tmp_path / "ship" / f"{model}.safetensors"
+    return paths
+
+
+def test_sample_cli_writes_pngs_and_a_manifest(smoke_checkpoints, tmp_path):
+    up = str(smoke_checkpoints["upscaler"])
+    cases = [("dcgan", [], 64), ("dcgan_up", ["--upscale", up], 128), ("ddpm_up", ["--steps", "2", "--upscale", up], 128)]
+    for source, extra, size in cases:
+        kind = source.removesuffix("_up")
+        out = tmp_path / "syn" / source
+        sample.main(["--checkpoint", str(smoke_checkpoints[kind]), "--n", "3", "--batch-size", "2", "--out", str(out),
+                     "--threads", "1", "--no-progress", "--grid", str(out / "grid.png"), *extra])
+        df = read_manifest(out / "samples.csv")
+        assert len(df) == 6 and set(df["source"]) == {source} and set(df["split"]) == {"fit"}
+        assert df.groupby("label").size().to_dict() == {"benign": 3, "malignant": 3}
+        assert all(Image.open(p).size == (size, size) for p in df["path"])
+    first = tmp_path / "syn" / "dcgan" / "malignant" / "dcgan_malignant_00000.png"
+    stamp = first.stat().st_mtime_ns
+    sample.main(["--checkpoint", str(smoke_checkpoints["dcgan"]), "--n", "3", "--batch-size", "2", "--out",
+                 str(tmp_path / "syn" / "dcgan"), "--threads", "1", "--no-progress"])
+    assert first.stat().st_mtime_ns == stamp  # existing batches are skipped on a re-run
+
+
+def fake_synthetic(tmp_path: Path, source: str, n: int, size: int = 64) -> Path:
+    rng = np.random.default_rng(1)
+    rows = []
+    for label in ("benign", "malignant"):
+        for i in range(n):
+            path = tmp_path / "syn" / source / label / f"{source}_{label}_{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            blob_image(rng, (size, size), dark=label == "malignant").save(path)
+            rows.append({"path": str(path), "label": label, "split": "fit", "source": source, "lesion_id": path.stem})
+    out = tmp_path / "syn" / source / "samples.csv"
+    write_manifest(pd.DataFrame(rows), out)
+    return out
+
+
+def test_configs_are_valid_balanced_and_synthetic_only_in_fit(manifest, tmp_path):
+    lists = [fake_synthetic(tmp_path, "dcgan", 10), fake_synthetic(tmp_path, "dcgan_up", 10, 128)]
+    written = configs.build_configs(manifest, lists, tmp_path / "configs")
+    assert set(written) == {"original", "dcgan_aug", "dcgan_up"}  # no DDPM samples listed: those are skipped
+    original = read_manifest(manifest)
+    for name, path in written.items():
+        df = read_manifest(path)
+        assert (df.loc[df["source"] != "real", "split"] == "fit").all()
+        fit = df[df["split"] == "fit"]
+        balanced = {"benign": 12, "malignant": 4 if name == "original" else 12}  # 4 real + 8 synthetic
+        assert fit["label"].value_counts().to_dict() == balanced
+        assert set(df["source"]) == ({"real"} if name == "original" else {"real", configs.CONFIGS[name]})
+        for split in ("val", "calib", "test", "external"):
+            pd.testing.assert_frame_equal(df[df["split"] == split].reset_index(drop=True)[original.columns],
+                                          original[original["split"] == split].reset_index(drop=True))
+    half = configs.build_configs(manifest, lists, tmp_path / "half", ratio=0.5)
+    fit = read_manifest(half["dcgan_aug"]).query("split == 'fit'")
+    assert fit["label"].value_counts().to_dict() == {"benign": 12, "malignant": 6}
+    with pytest.raises(ValueError, match="8 synthetic malignant images are needed and only 3"):
+        configs.build_configs(manifest, [fake_synthetic(tmp_path / "few", "ddpm", 3)], tmp_path / "few")
+    with pytest.raises(ValueError, match="ratio"):
+        configs.needed(original, 1.5)
+
+
+def test_fid_kid_precision_recall():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    shift = np.full(8, 0.5)
+    assert quality.fid(a, a) == pytest.approx(0, abs=1e-6)
+    assert quality.fid(a, a + shift) == pytest.approx((shift ** 2).sum(), rel=1e-6)  # equal covariances
+    assert quality.fid(a, 2 * a) > quality.fid(a, b) > 0
+    same, _ = quality.kid(a, b, subsets=20, subset_size=200)
+    shifted, _ = quality.kid(a, b + 1.0, subsets=20, subset_size=200)
+    assert abs(same) < 0.05 < shifted
+    assert quality.precision_recall(a, a) == (1.0, 1.0)
+    assert quality.precision_recall(a, a + 100) == (0.0, 0.0)
+    precision, recall = quality.precision_recall(a, a[:, :] * 0.2)  # collapsed samples: precise, low recall
+    assert precision > 0.9 and recall < 0.5
+
+
+def test_memorisation_flags_copies_of_training_images():
+    rng = np.random.default_rng(0)
+    fit, held_out = rng.normal(size=(200, 8)), rng.normal(size=(100, 8))
+    syn = np.concatenate([fit[:3] + 1e-6, rng.normal(size=(20, 8))])
+    table = quality.memorisation({"feature": syn}, {"feature": fit}, {"feature": held_out}, percentile=1.0)
+    assert table["near_copy_feature"].tolist()[:3] == [True] * 3 and table["nearest_fit_feature"].tolist()[:3] == [0, 1, 2]
+    assert table["near_copy_feature"].sum() <= 4
+
+
+@pytest.mark.slow
+def test_quality_cli_with_a_classifier_extractor(manifest, tmp_path):
+    from classifiers.models import create_model
+
+    model = create_model("densenet121", img_size=32)
+    meta = {"kind": "classifier", "arch": "densenet121", "arch_kwargs": {}, **preprocess_meta(32),
+            "class_names": ["benign", "malignant"]}
+    save_checkpoint(tmp_path / "clf", model, meta)
+    lists = [str(fake_synthetic(tmp_path, "dcgan", 4)), str(fake_synthetic(tmp_path, "dcgan_up", 4, 128))]
+    out = tmp_path / "quality.csv"
+    quality.main(["--synthetic", *lists, "--manifest", str(manifest), "--classifier", str(tmp_path / "clf.safetensors"),
+                  "--out", str(out), "--threads", "1", "--k", "1"])
+    df = pd.read_csv(out)
+    assert set(df["source"]) == {"dcgan", "dcgan_up", "real reference (fit)"}
+    assert df["fid"].notna().all() and df["precision"].between(0, 1).all()
+    nearest = pd.read_csv(tmp_path / "quality_nearest.csv")
+    assert len(nearest) == 16 and nearest["nearest_fit_feature"].str.contains("fit_").all()
+    assert (tmp_path / "quality_nearest.png").is_file()
+
+
+@pytest.mark.real_data
+def test_smoke_training_on_real_fit_images(tmp_path):
+    original = Path(__file__).resolve().parents[1] / "data" / "manifests" / "original.csv"
+    if not (DATA / "ham10000").is_dir() or not original.is_file():
+        pytest.skip(f"real data not found at {DATA} (see README.md, Data)")
+    result = train.main(["--model", "upscaler", "--preset", "smoke", "--out", str(tmp_path / "up"), "--threads", "1",
+                         "--no-progress"])
+    assert result["meta"]["output_size"] == 128 and result["meta"]["n_train_images"] == 16
+    assert result["epochs"][0]["val_psnr_bicubic"] > 20  # real lesions are smooth: bicubic is already good
