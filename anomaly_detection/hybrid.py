@@ -180,8 +180,8 @@ class HybridPredictor:
 
     def run_arrays(self, cls_px: np.ndarray, vae_px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uint8 N x H x W x 3 batches -> (P(malignant), VAE score, reconstruction N x 3 x H x W in [0,1])."""
-        cls_x = self.cls_prep.tensor(torch.from_numpy(np.ascontiguousarray(cls_px)).permute(0, 3, 1, 2)).numpy()
-        vae_x = self.vae_prep.tensor(torch.from_numpy(np.ascontiguousarray(vae_px)).permute(0, 3, 1, 2)).numpy()
+        cls_x = self.cls_prep.tensor(torch.from_numpy(np.require(cls_px, requirements=["C", "W"])).permute(0, 3, 1, 2)).numpy()
+        vae_x = self.vae_prep.tensor(torch.from_numpy(np.require(vae_px, requirements=["C", "W"])).permute(0, 3, 1, 2)).numpy()
         return self.backend.run(np.ascontiguousarray(cls_x), np.ascontiguousarray(vae_x))
 
     def decide(self, names: list[str], probs: np.ndarray, scores: np.ndarray) -> list[Prediction]:

@@ -56,7 +56,7 @@ class ConvVAE(nn.Module):
         return self.decode(z), mu, logvar
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction from the latent mean (whatever the module's mode)."""
+        """Reconstruction from the latent mean (BatchNorm follows the module's mode; VAEScorer forces eval)."""
         return self.decode(self.encode(x)[0])
 
 
@@ -74,12 +74,17 @@ def anomaly_score(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 
 class VAEScorer(nn.Module):
-    """x in [0,1] -> (score, reconstruction): the deterministic scoring graph, also what gets exported to ONNX."""
+    """x in [0,1] -> (score, reconstruction): the deterministic scoring graph, also what gets exported to ONNX.
+    It always scores with BatchNorm's running statistics (eval mode), whatever mode the caller left the VAE in, so
+    an image's score never depends on the batch it arrives in."""
 
     def __init__(self, vae: ConvVAE):
         super().__init__()
         self.vae = vae
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        was_training = self.vae.training
+        self.vae.eval()
         recon = self.vae.reconstruct(x)
+        self.vae.train(was_training)
         return anomaly_score(x, recon), recon

@@ -54,7 +54,7 @@ def build_configs(original_path: str | os.PathLike, synthetic_csvs: list[str | o
     """Write each configuration whose synthetic source is listed in one of `synthetic_csvs` (and `original`)."""
     original_path, out_dir = Path(original_path).resolve(), Path(out_dir).resolve()
     original = read_manifest(original_path)
-    synthetic = pd.concat([read_manifest(p).assign(listed_in=Path(p).name) for p in synthetic_csvs],
+    synthetic = pd.concat([read_manifest(p).assign(listed_in=os.path.relpath(p, out_dir)) for p in synthetic_csvs],
                           ignore_index=True) if synthetic_csvs else pd.DataFrame(columns=["source", "label", "path"])
     written: dict[str, Path] = {}
     for name, source in CONFIGS.items():

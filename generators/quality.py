@@ -25,6 +25,7 @@ generator is not penalised for its resolution, and both then go to the extractor
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -37,28 +38,37 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from data.atomic import atomic_write_csv  # noqa: E402
 from data.cache import build_cache  # noqa: E402
 from data.images import load_rgb, to_uint8  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
 from data.runtime import pick_device, setup_cpu  # noqa: E402
 from data.transforms import Preprocess, preprocess_meta  # noqa: E402
 from generators import save_grid  # noqa: E402
-from generators.upscaler import write_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _cov_factor(x: np.ndarray) -> np.ndarray:
+    """R with R^T R = cov(x): the centred samples when they are fewer than the dimensions, else from eigh."""
+    centred = x - x.mean(0)
+    if len(x) <= x.shape[1]:
+        return centred / np.sqrt(len(x) - 1)
+    w, v = np.linalg.eigh(np.cov(x, rowvar=False))
+    return (v * np.sqrt(w.clip(min=0))).T
+
+
 def fid(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (rows are samples)."""
+    """Frechet distance between Gaussians fitted to two feature sets (rows are samples).
+
+    With covariances A = Ra^T Ra and B = Rb^T Rb, tr sqrt(A B) is the nuclear norm of Ra Rb^T (its singular values
+    are the square roots of the eigenvalues of A B): exact, stable, and cheap when there are fewer samples than
+    feature dimensions (a 1024-d classifier feature and a few hundred images)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(cov_a)
-    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
-    # tr sqrt(A B) = sum of sqrt eigenvalues of A^1/2 B A^1/2, which is symmetric PSD: stable without sqrtm
-    eig = np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum())
+    ra, rb = _cov_factor(a), _cov_factor(b)
+    tr_sqrt = np.linalg.svd(ra @ rb.T, compute_uv=False).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + (ra ** 2).sum() + (rb ** 2).sum() - 2 * tr_sqrt)
 
 
 def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
@@ -244,11 +254,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows, table = evaluate(syn, real, fit, extractor, size, a.k, a.near_copy_percentile, a.seed, a.batch_size)
     for row in rows:
         row |= {"extractor": name, "real_split": a.real_split, "k": a.k, "near_copy_percentile": a.near_copy_percentile}
-    write_rows(rows, a.out)
+    atomic_write_csv(a.out, pd.DataFrame(rows))
     nearest_out = Path(a.nearest_out or Path(a.out).with_name(Path(a.out).stem + "_nearest.csv"))
     table = table.sort_values("feature_distance")
-    write_rows(table.to_dict("records"), nearest_out)
     closest = table.head(8)
+    for column in ("synthetic", "nearest_fit_feature", "nearest_fit_pixel"):  # portable: relative to the repo
+        table[column] = [os.path.relpath(p, ROOT) for p in table[column]]
+    atomic_write_csv(nearest_out, table)
     pairs = [to_uint8(load_rgb(path), size) for path in list(closest["synthetic"]) + list(closest["nearest_fit_feature"])]
     save_grid(torch.from_numpy(np.stack(pairs)).permute(0, 3, 1, 2), nearest_out.with_suffix(".png"), nrow=len(closest))
     print(pd.DataFrame(rows).drop(columns=["extractor", "real_split", "k", "near_copy_percentile"]).to_string(

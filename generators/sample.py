@@ -56,6 +56,18 @@ def generate(model: torch.nn.Module, meta: dict[str, Any], labels: torch.Tensor,
     return from_signed(ddpm.generate(model, labels, gen, sampler, steps, meta.get("noise_schedule"), autocast)).cpu()
 
 
+def provenance(checkpoint: str | Path, meta: dict[str, Any], sampler: str, steps: int | None,
+               upscaler: str | Path | None) -> dict[str, Any]:
+    """What made a sample set, for the JSON beside its samples.csv."""
+    info: dict[str, Any] = {"generator": Path(checkpoint).name, "generator_sha256": file_sha256(checkpoint)}
+    if meta["kind"] == "ddpm":
+        info |= {"sampler": sampler, "steps": steps or (50 if sampler == "ddim" else meta["noise_schedule"]
+                                                        ["num_train_timesteps"])}
+    if upscaler:
+        info |= {"upscaler": Path(upscaler).name, "upscaler_sha256": file_sha256(upscaler)}
+    return info
+
+
 def batch_seed(seed: int, label: int, start: int) -> int:
     return int(np.random.SeedSequence([seed, label, start]).generate_state(1)[0])
 
@@ -108,16 +120,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         setup_cpu(a.threads)
     model, meta = load_generator(a.checkpoint)
     upscaler = None
-    info: dict[str, Any] = {"generator": Path(a.checkpoint).name, "generator_sha256": file_sha256(a.checkpoint)}
-    if meta["kind"] == "ddpm":
-        info |= {"sampler": a.sampler, "steps": a.steps or (50 if a.sampler == "ddim" else "all")}
     if a.upscale:
         upscaler, up_meta = load_upscaler(a.upscale)
         if up_meta["input_size"] != meta["image_size"]:
             sys.exit(f"error: {a.upscale} takes {up_meta['input_size']}-px images, the generator makes "
                      f"{meta['image_size']}-px ones")
         upscaler.to(device)
-        info |= {"upscaler": Path(a.upscale).name, "upscaler_sha256": file_sha256(a.upscale)}
+    info = provenance(a.checkpoint, meta, a.sampler, a.steps, a.upscale)
     source = meta["kind"] + ("_up" if upscaler is not None else "")
     out = Path(a.out or ROOT / "runs" / "generators" / "synthetic" / source)
     df = sample_to_folder(model.to(device), meta, {c: a.n for c in a.classes}, out, upscaler, a.sampler, a.steps,

@@ -21,7 +21,6 @@ Outputs in <out> (default runs/generators/<model>_<preset>_s<seed>): losses.csv 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import os
 import sys
@@ -35,16 +34,17 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
-from data.manifest import LABELS, file_sha256, read_manifest  # noqa: E402
+from data.manifest import LABELS, file_sha256, read_manifest, stratified_subset  # noqa: E402
 from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
 from data.training import load_state, save_state  # noqa: E402
 from data.transforms import augment  # noqa: E402
 from generators import from_signed, from_unit, save_grid  # noqa: E402
 from generators.dcgan import DCGANTrainer  # noqa: E402
 from generators.ddpm import NOISE_SCHEDULE, DDPMTrainer  # noqa: E402
-from generators.upscaler import UpscalerTrainer, bicubic, compare_with_bicubic, upscale, write_rows  # noqa: E402
+from generators.upscaler import UpscalerTrainer, bicubic, compare_with_bicubic, upscale  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("dcgan", "ddpm", "upscaler")
@@ -112,12 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fit_images(args: argparse.Namespace) -> tuple[CachedImages, CachedImages | None, pd.DataFrame]:
+def fit_images(args: argparse.Namespace) -> tuple[CachedImages, CachedImages | None]:
     """Real fit rows (and, for the upscaler, real val rows) at the size the model trains on."""
     df = read_manifest(args.manifest)
     fit = df[(df["split"] == "fit") & (df["source"] == "real")]
-    if args.limit and len(fit) > args.limit:
-        fit = fit.groupby("label").sample(frac=args.limit / len(fit), random_state=args.seed)
+    if args.limit:
+        fit = stratified_subset(fit, args.limit, args.seed)
     if fit.empty:
         raise SystemExit(f"error: {args.manifest} has no real rows in the fit split")
     size = args.img_size * args.scale if args.model == "upscaler" else args.img_size
@@ -125,7 +125,7 @@ def fit_images(args: argparse.Namespace) -> tuple[CachedImages, CachedImages | N
     if args.model == "upscaler":
         val_df = df[(df["split"] == "val") & (df["source"] == "real")]
         val = CachedImages(val_df.iloc[: max(8, args.limit // 4) if args.limit else 128], size, args.resize)
-    return CachedImages(fit, size, args.resize), val, fit
+    return CachedImages(fit, size, args.resize), val
 
 
 def build_trainer(args: argparse.Namespace, device: torch.device, total_steps: int):
@@ -166,11 +166,14 @@ def checkpoint_meta(args: argparse.Namespace, trainer, fit_df: pd.DataFrame,
         meta |= {"image_size": args.img_size, "normalization": "[-1, 1]"}
     if args.model == "ddpm":
         meta["noise_schedule"] = NOISE_SCHEDULE
-    fit_hash = hashlib.sha256("\n".join(sorted(fit_df["path"])).encode()).hexdigest()
+    # Paths as the manifest stores them (relative to its folder), so the hash is the same on every machine.
+    rel = sorted(os.path.relpath(p, Path(args.manifest).resolve().parent) for p in fit_df["path"])
+    fit_hash = hashlib.sha256("\n".join(rel).encode()).hexdigest()
     return meta | {"preset": args.preset, "epochs": len(epochs), "steps": trainer.steps, "seed": args.seed,
                    "manifest": Path(args.manifest).name, "manifest_sha256": file_sha256(args.manifest),
                    "fit_paths_sha256": fit_hash, "n_train_images": len(fit_df), "trained_on": "split=fit, source=real",
-                   "train_args": {k: v for k, v in vars(args).items() if k != "no_progress"},
+                   "train_args": {k: v for k, v in vars(args).items()  # paths are machine-specific: left out
+                                  if k not in ("no_progress", "manifest", "out", "ship", "resume")},
                    "last_epoch": epochs[-1]}
 
 
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         setup_cpu(args.threads)
     out = Path(args.out or ROOT / "runs" / "generators" / f"{args.model}_{args.preset}_s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
-    fit, val, fit_df = fit_images(args)
+    fit, val = fit_images(args)
     steps_per_epoch = len(fit) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(fit)} training images are fewer than one batch of {args.batch_size}")
@@ -240,13 +243,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs:
             preview(trainer, args, val, out / "samples" / f"epoch_{epoch + 1:03d}.png")
-        write_rows(losses, out / "losses.csv")
-        write_rows(epochs, out / "epochs.csv")
+        write_rows(out / "losses.csv", losses)
+        write_rows(out / "epochs.csv", epochs)
         plot_losses(losses, out / "losses.png")
-        save_checkpoint(out / "model", trainer.export(), checkpoint_meta(args, trainer, fit_df, epochs))
+        save_checkpoint(out / "model", trainer.export(), checkpoint_meta(args, trainer, fit.df, epochs))
         save_state(state_path, {"trainer": trainer.state_dict(), "epoch": epoch, "losses": losses, "epochs": epochs,
                                 "args": vars(args)})
-    meta = checkpoint_meta(args, trainer, fit_df, epochs)
+    meta = checkpoint_meta(args, trainer, fit.df, epochs)
     if args.ship:
         print(f"shipped {save_checkpoint(args.ship, trainer.export(), meta, dtype=torch.float16)}")
     print(f"-> {out}")

@@ -62,3 +62,35 @@ def tiny_manifest(original: pd.DataFrame, tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_df(tiny_manifest: Path) -> pd.DataFrame:
     return read_manifest(tiny_manifest)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small untrained classifier (MedViT, 64 px) and VAE (64 px, latent 32) saved through the checkpoint
+    contract with thresholds set, so predictor and CLI tests do not depend on the shipped weights."""
+    import torch
+
+    from anomaly_detection.vae import ConvVAE
+    from classifiers.models import create_model
+    from data.checkpoint import save_checkpoint
+    from data.transforms import preprocess_meta
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    classifier = create_model("medvit", img_size=64)
+    save_checkpoint(folder / "classifier", classifier, {
+        "kind": "classifier", "arch": "medvit", "arch_kwargs": {}, **preprocess_meta(64),
+        "class_names": ["benign", "malignant"], "malignant_threshold": 0.5, "threshold_split": "val"})
+    vae = ConvVAE(64, latent_dim=32)
+    save_checkpoint(folder / "vae", vae, {
+        "kind": "vae", "arch": "convvae", "arch_kwargs": {"latent_dim": 32, "channels": [32, 64, 128, 256]},
+        **preprocess_meta(64, normalization="unit"), "anomaly_threshold": 0.2,
+        "calib_benign_score_quantiles": {"0.5": 0.1, "0.95": 0.2, "0.99": 0.25, "1.0": 0.3}})
+    return folder / "classifier.safetensors", folder / "vae.safetensors"
+
+
+@pytest.fixture(scope="session")
+def real_images(real_data: Path) -> list[Path]:
+    """Four real HAM10000 test images: two benign, two malignant."""
+    base = real_data / "ham10000" / "test"
+    return sorted((base / "benign").glob("*.jpg"))[:2] + sorted((base / "malignant").glob("*.jpg"))[:2]

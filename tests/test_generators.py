@@ -21,13 +21,18 @@ from generators.ddpm import DDPMTrainer
 from generators.upscaler import Upscaler, UpscalerTrainer, bicubic, build_upscaler, psnr, ssim
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TINY_DDPM = {"channels": [8, 16], "attention": [False, True], "norm_groups": 4}
+TINY_DDPM = {"channels": [8, 16], "attention": [False, True], "norm_groups": 4, "image_size": 32}
 
 
 @pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
+def isolated(tmp_path, monkeypatch):
+    """A private preprocessing cache, a seed, and one thread (the CLIs here set it; restored afterwards)."""
     monkeypatch.setattr(data.cache, "DEFAULT_CACHE_DIR", tmp_path / "cache")
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def blob_image(rng: np.random.Generator, size: tuple[int, int] = (80, 60), dark: bool = False) -> Image.Image:
@@ -85,7 +90,7 @@ def test_dcgan_trains_and_samples_in_range():
 
 def test_ddpm_trains_and_samples_with_ddim_and_ddpm():
     trainer = DDPMTrainer(TINY_DDPM, 1e-3, torch.device("cpu"), total_steps=10)
-    x, y = uint8_batch(4, 64)
+    x, y = uint8_batch(4, 32)
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
         assert math.isfinite(trainer.train_step(x, y, gen)["loss"])
@@ -95,7 +100,7 @@ def test_ddpm_trains_and_samples_with_ddim_and_ddpm():
     outs = {s: ddpm.generate(trainer.export(), labels, torch.Generator().manual_seed(1), s, steps=3)
             for s in ddpm.SAMPLERS}
     for images in outs.values():
-        assert images.shape == (2, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+        assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
     assert not torch.allclose(outs["ddim"], outs["ddpm"])
     again = ddpm.generate(trainer.export(), labels, torch.Generator().manual_seed(1), "ddim", steps=3)
     assert torch.equal(again, outs["ddim"])  # DDIM (eta 0) is deterministic given the initial noise
@@ -135,6 +140,25 @@ def test_psnr_and_ssim():
     assert ssim(p, q).item() == pytest.approx((2 * u * v + c1) / (u * u + v * v + c1), rel=1e-5)
     mse = ((100 - 180) / 255) ** 2
     assert psnr(p, q).item() == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+    # Structured images: the fast float32 version against the textbook float64 one (full 11x11 window)
+    rng = np.random.default_rng(0)
+    real = torch.from_numpy(np.stack([np.array(blob_image(rng, (48, 48))) for _ in range(3)])).permute(0, 3, 1, 2)
+    noisy = (real.float() + torch.randn(real.shape) * 10).clamp(0, 255).round().to(torch.uint8)
+    assert torch.allclose(ssim(real, noisy).double(), textbook_ssim(real, noisy), atol=1e-5)
+
+
+def textbook_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    x, y = a.double() / 255, b.double() / 255
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5 ** 2))
+    kernel = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, kernel, groups=3)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return (((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).flatten(1).mean(1)
 
 
 def run(model: str, manifest: Path, out: Path, *extra: str) -> dict:
@@ -260,13 +284,25 @@ def test_configs_are_valid_balanced_and_synthetic_only_in_fit(manifest, tmp_path
         configs.needed(original, 1.5)
 
 
+def reference_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """The textbook formula with scipy's sqrtm, to check the fast one against."""
+    from scipy.linalg import sqrtm
+
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * sqrtm(ca @ cb).real))
+
+
 def test_fid_kid_precision_recall():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
     shift = np.full(8, 0.5)
     assert quality.fid(a, a) == pytest.approx(0, abs=1e-6)
+    few = rng.normal(size=(6, 8))  # fewer samples than dimensions: the other path, same definition
+    assert quality.fid(few[:4], few[:4]) == pytest.approx(0, abs=1e-9)
+    assert quality.fid(few[:4], few[2:]) == pytest.approx(reference_fid(few[:4], few[2:]), rel=1e-6)
     assert quality.fid(a, a + shift) == pytest.approx((shift ** 2).sum(), rel=1e-6)  # equal covariances
     assert quality.fid(a, 2 * a) > quality.fid(a, b) > 0
+    assert quality.fid(a, 2 * b) == pytest.approx(reference_fid(a, 2 * b), rel=1e-6)
     same, _ = quality.kid(a, b, subsets=20, subset_size=200)
     shifted, _ = quality.kid(a, b + 1.0, subsets=20, subset_size=200)
     assert abs(same) < 0.05 < shifted
@@ -285,7 +321,6 @@ def test_memorisation_flags_copies_of_training_images():
     assert table["near_copy_feature"].sum() <= 4
 
 
-@pytest.mark.slow
 def test_quality_cli_with_a_classifier_extractor(manifest, tmp_path):
     from classifiers.models import create_model
 

@@ -1,0 +1,54 @@
+"""Step 2: train the generators and the upscaler on the real `fit` images, ship the small ones, compare the upscaler.
+
+    # CPU (2 cores): DCGAN and upscaler within about an hour together; DDPM about 2 hours more (resumable)
+    python scripts/02_train_generators.py --preset cpu
+    python scripts/02_train_generators.py --preset cpu --models dcgan upscaler --threads 1   # leave a core free
+    # one GPU: the paper-scale preset
+    python scripts/02_train_generators.py --preset full --device cuda
+    # several GPUs: run one model per GPU, e.g. CUDA_VISIBLE_DEVICES=1 ... --models ddpm
+
+Each model is trained by generators/train.py into runs/generators/<model>_<preset>_s<seed>/ (resumable with
+--resume). The DCGAN generator and the upscaler, small enough for git, are also written as fp16 safetensors +
+sidecar to --ship-dir; the DDPM UNet stays in its run folder. Afterwards the upscaler is compared with bicubic on
+the real `val` split (results/generators/upscaler_vs_bicubic.csv).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from generators import train, upscaler  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ("dcgan", "upscaler")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(train.MODELS), choices=train.MODELS, help="what to train")
+    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "full"), help="see generators/train.py")
+    p.add_argument("--ship-dir", default=str(ROOT / "checkpoints" / "generators"),
+                   help=f"where the fp16 weights of {', '.join(SHIPPED)} go")
+    p.add_argument("--results", default=str(ROOT / "results" / "generators" / "upscaler_vs_bicubic.csv"),
+                   help="upscaler vs bicubic table")
+    p.add_argument("--resume", action="store_true", help="continue each model's run from its state.pt")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    a = p.parse_args()
+    common = ["--preset", a.preset, "--seed", str(a.seed), "--device", a.device]
+    common += ["--threads", str(a.threads)] if a.threads else []
+    common += ["--resume"] if a.resume else []
+    for model in a.models:
+        ship = ["--ship", str(Path(a.ship_dir) / model)] if model in SHIPPED else []
+        train.main(["--model", model, *common, *ship])
+    if "upscaler" in a.models:
+        upscaler.main(["--checkpoint", str(Path(a.ship_dir) / "upscaler.safetensors"), "--out", a.results,
+                       "--device", a.device, *(["--threads", str(a.threads)] if a.threads else [])])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Step 3: sample the synthetic lesions the configurations need and write the five dataset manifests.
+
+    # CPU: DCGAN configurations in a few minutes; DDPM at DDIM-50 takes hours for ~3,900 images (fewer --steps help)
+    python scripts/03_build_configs.py
+    python scripts/03_build_configs.py --generators dcgan --ratio 0.5 --out-dir runs/generators/manifests
+    # one GPU (DDPM sampling becomes minutes)
+    python scripts/03_build_configs.py --device cuda --batch-size 256 --ddpm runs/generators/ddpm_full_s0/model.safetensors
+    # several GPUs: sample each generator on its own GPU with generators/sample.py, then run this (it reuses files)
+
+For each generator whose checkpoint exists, as many images per class as balancing the real `fit` split needs
+(configs.needed) are sampled into <synthetic-dir>/<source>/, once as they are (source dcgan|ddpm) and once through
+the learned upscaler (dcgan_up|ddpm_up). Both use the same seed, so an `_up` image is the upscaled version of the
+`_aug` image with the same name: the two configurations differ only by the upscaler. Files already there are
+reused. Then generators/configs.py writes original, dcgan_aug, dcgan_up, ddpm_aug and ddpm_up to --out-dir
+(those whose samples exist); synthetic rows are in `fit` only.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.manifest import read_manifest  # noqa: E402
+from data.runtime import pick_device, setup_cpu  # noqa: E402
+from generators import configs, ddpm, sample  # noqa: E402
+from generators.upscaler import load_upscaler  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--original", default=str(ROOT / "data" / "manifests" / "original.csv"), help="real manifest")
+    p.add_argument("--generators", nargs="+", default=["dcgan", "ddpm"], choices=("dcgan", "ddpm"),
+                   help="generators to sample (a missing checkpoint is skipped with a message)")
+    p.add_argument("--dcgan", default=str(ROOT / "checkpoints" / "generators" / "dcgan.safetensors"),
+                   help="DCGAN checkpoint")
+    p.add_argument("--ddpm", default=str(ROOT / "runs" / "generators" / "ddpm_cpu_s0" / "model.safetensors"),
+                   help="DDPM checkpoint (EMA weights)")
+    p.add_argument("--upscaler", default=str(ROOT / "checkpoints" / "generators" / "upscaler.safetensors"),
+                   help="upscaler checkpoint for the *_up configurations")
+    p.add_argument("--synthetic-dir", default=str(ROOT / "runs" / "generators" / "synthetic"),
+                   help="where the synthetic PNGs and their samples.csv go")
+    p.add_argument("--out-dir", default=str(ROOT / "data" / "manifests"), help="where the manifests go")
+    p.add_argument("--ratio", type=float, default=1.0, help="minority:majority ratio of fit after adding (1: 1:1)")
+    p.add_argument("--sampler", default="ddim", choices=ddpm.SAMPLERS, help="DDPM sampler")
+    p.add_argument("--steps", type=int, default=None, help="DDPM steps (default 50 for DDIM, 1000 for DDPM)")
+    p.add_argument("--bf16", action="store_true", help="DDPM: bf16 autocast while sampling")
+    p.add_argument("--batch-size", type=int, default=64, help="images per generator call")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the choice of synthetic rows")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    a = p.parse_args()
+    device = pick_device(a.device)
+    if device.type == "cpu":
+        setup_cpu(a.threads)
+    counts = {k: n for k, n in configs.needed(read_manifest(a.original), a.ratio).items() if n > 0}
+    print(f"synthetic images needed per class: {counts}")
+    up = load_upscaler(a.upscaler)[0].to(device) if Path(a.upscaler).is_file() else None
+    if up is None:
+        print(f"no upscaler at {a.upscaler}: skipping the *_up configurations")
+    lists = []
+    for kind in a.generators:
+        ckpt = Path(getattr(a, kind))
+        if not ckpt.is_file():
+            print(f"no {kind} checkpoint at {ckpt}: skipping {kind}_aug and {kind}_up")
+            continue
+        model, meta = sample.load_generator(ckpt)
+        model.to(device)
+        for upscaler in ([None, up] if up is not None else [None]):
+            source = kind + ("_up" if upscaler is not None else "")
+            out = Path(a.synthetic_dir) / source
+            info = sample.provenance(ckpt, meta, a.sampler, a.steps, a.upscaler if upscaler is not None else None)
+            sample.sample_to_folder(model, meta, counts, out, upscaler, a.sampler, a.steps, a.batch_size, a.seed,
+                                    a.bf16, info=info)
+            lists.append(out / "samples.csv")
+    for name, path in configs.build_configs(a.original, lists, a.out_dir, a.ratio, a.seed).items():
+        df = read_manifest(path)
+        fit = df[df["split"] == "fit"].groupby(["label", "source"]).size().to_dict()
+        print(f"{name:>10}: {path}  fit {fit}")
+
+
+if __name__ == "__main__":
+    main()

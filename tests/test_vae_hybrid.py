@@ -1,0 +1,123 @@
+"""The ConvVAE's score, threshold calibration, the rescue truth table, the hybrid predictor and ONNX parity."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly_detection.calibrate import candidate_thresholds
+from anomaly_detection.hybrid import HybridPredictor, load_vae, rescue
+from anomaly_detection.vae import ConvVAE, VAEScorer, anomaly_score, vae_loss
+from data.cache import build_cache
+from data.images import load_rgb
+from data.transforms import Preprocess, preprocess_meta
+
+
+def test_score_is_deterministic_whatever_the_mode_and_batch():
+    torch.manual_seed(0)
+    vae = ConvVAE(64, latent_dim=16)
+    x = torch.rand(3, 3, 64, 64)
+    scorer = VAEScorer(vae)
+    vae.train()  # a fresh module is in train mode: BatchNorm batch statistics would make scores batch-dependent
+    first = scorer(x)[0]
+    assert vae.training  # the caller's mode is left as it was
+    vae.eval()
+    assert torch.equal(first, scorer(x)[0])
+    assert torch.allclose(scorer(x[:1])[0], first[:1], atol=1e-6)  # alone or in a batch: the same score
+
+
+def test_anomaly_score_is_mean_absolute_error_per_image():
+    x, recon = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    recon[1] = 0.5
+    assert anomaly_score(x, recon).tolist() == [0.0, 0.5]
+
+
+def test_calibration_finds_the_known_best_thresholds():
+    rng = np.random.default_rng(0)
+    benign, malignant = rng.normal(0, 1, 20000), rng.normal(3, 1, 20000)
+    y = np.r_[np.zeros(20000), np.ones(20000)]
+    t = candidate_thresholds(y, np.r_[benign, malignant], "calib", target_sensitivity=0.5, benign_percentile=0.95)
+    assert t["youden"] == pytest.approx(1.5, abs=0.1)            # equal-variance Gaussians: the midpoint
+    assert t["target_sensitivity"] == pytest.approx(3.0, abs=0.05)  # median of the malignant scores
+    assert t["benign_percentile"] == pytest.approx(1.645, abs=0.05)
+    with pytest.raises(ValueError, match="test"):
+        candidate_thresholds(y, np.r_[benign, malignant], "test", 0.5, 0.95)
+
+
+def test_rescue_truth_table():
+    prob = np.array([0.9, 0.9, 0.1, 0.1])
+    score = np.array([0.5, 0.0, 0.5, 0.0])
+    r = rescue(prob, score, malignant_threshold=0.5, anomaly_threshold=0.3)
+    assert r["pred_classifier"].tolist() == [True, True, False, False]
+    assert r["anomalous"].tolist() == [True, False, True, False]
+    assert r["rescued"].tolist() == [False, False, True, False]
+    assert r["pred_hybrid"].tolist() == [True, True, True, False]
+    at_threshold = rescue(np.array([0.5]), np.array([0.3]), 0.5, 0.3)  # >= on both thresholds
+    assert at_threshold["pred_classifier"][0] and at_threshold["anomalous"][0]
+
+
+@pytest.mark.real_data
+def test_vae_learns_to_reconstruct_real_benign_images(original):
+    benign = original[(original["split"] == "fit") & (original["label"] == "benign")].iloc[:64]
+    cache = build_cache(list(benign["path"]), 64)
+    prep = Preprocess.from_meta(preprocess_meta(64, normalization="unit"))
+    x = prep.batch(list(cache.images))
+    torch.manual_seed(0)
+    vae = ConvVAE(64, latent_dim=32)
+    before = VAEScorer(vae.eval())(x)[0].mean().item()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    vae.train()
+    for step in range(30):
+        batch = x[(step * 16) % 64:(step * 16) % 64 + 16]
+        loss = vae_loss(batch, *vae(batch))[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = VAEScorer(vae.eval())(x)[0].mean().item()
+    assert after < 0.7 * before
+
+
+@pytest.mark.real_data
+def test_predictor_on_paths_keeps_going_past_a_corrupt_file(tiny_checkpoints, real_images, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(real_images[0].read_bytes()[:300])
+    predictor = HybridPredictor(*tiny_checkpoints)
+    results = predictor.predict_paths([real_images[0], bad, real_images[2]], batch_size=2)
+    assert [r.path for r in results] == [str(real_images[0]), str(bad), str(real_images[2])]
+    assert "broken.jpg" in results[1].error and results[1].decision == "error"
+    assert all(0 <= r.prob_malignant <= 1 and r.vae_score > 0 for r in (results[0], results[2]))
+    single, recon = predictor.predict_image(load_rgb(real_images[0]))
+    assert single.prob_malignant == pytest.approx(results[0].prob_malignant, abs=1e-5)
+    assert recon.shape == (64, 64, 3) and recon.dtype == np.uint8
+
+
+@pytest.mark.real_data
+def test_threshold_overrides_change_the_decision(tiny_checkpoints, real_images):
+    always = HybridPredictor(*tiny_checkpoints, malignant_threshold=0.0, anomaly_threshold=1e9)
+    never = HybridPredictor(*tiny_checkpoints, malignant_threshold=1.01, anomaly_threshold=0.0)
+    a, b = always.predict_paths(real_images), never.predict_paths(real_images)
+    assert all(r.classifier_malignant and not r.rescued for r in a)
+    assert all(not r.classifier_malignant and r.rescued and r.final_malignant for r in b)
+
+
+@pytest.mark.real_data
+def test_onnx_backend_matches_torch_on_real_images(tiny_checkpoints, real_images, tmp_path, monkeypatch):
+    import anomaly_detection.hybrid as hybrid
+
+    monkeypatch.setattr(hybrid, "DEFAULT_CACHE_DIR", tmp_path)
+    torch_results = HybridPredictor(*tiny_checkpoints, backend="torch").predict_paths(real_images)
+    onnx_results = HybridPredictor(*tiny_checkpoints, backend="onnx").predict_paths(real_images)
+    assert max(abs(a.prob_malignant - b.prob_malignant) for a, b in zip(torch_results, onnx_results)) < 1e-3
+    assert max(abs(a.vae_score - b.vae_score) for a, b in zip(torch_results, onnx_results)) < 1e-3
+    assert list(tmp_path.glob("onnx/*.onnx"))
+
+
+def test_predictor_refuses_an_uncalibrated_vae(tiny_checkpoints, tmp_path):
+    from data.checkpoint import CheckpointError, read_sidecar, save_checkpoint
+
+    vae, meta = load_vae(tiny_checkpoints[1])
+    save_checkpoint(tmp_path / "raw_vae", vae, {**read_sidecar(tiny_checkpoints[1]), "anomaly_threshold": None})
+    with pytest.raises(CheckpointError, match="calibrate"):
+        HybridPredictor(tiny_checkpoints[0], tmp_path / "raw_vae.safetensors")
+    with pytest.raises(CheckpointError, match="expected 'vae'"):
+        HybridPredictor(tiny_checkpoints[0], tiny_checkpoints[0])
