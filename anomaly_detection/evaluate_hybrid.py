@@ -11,7 +11,8 @@ Rules compared on each evaluation set (HAM10000 `test`, ISIC 2017 `external` sub
    hybrid's `calib` specificity (the honest competitor: the rescue trades specificity for sensitivity, so does this);
 4. learned fusion: logistic regression on (classifier logit, VAE score) fit on `calib`, threshold by Youden's J on
    `calib`;
-5. the all-malignant baseline.
+5. the all-malignant baseline;
+and the VAE score alone as a detector (anomalous = malignant), for reference.
 Everything is fitted or chosen on `calib`/`val`; the evaluation sets are only scored. Rules 2 and 5 are decisions
 without a score, so their AUC is left empty. Outputs in --out: comparison_metrics.csv, detailed_predictions.csv,
 comparison_confusion_matrices_<set>.png and operating_points_<set>.png (the classifier's and the fusion's full
@@ -89,6 +90,7 @@ class Rules:
             "classifier_equal_specificity": (prob >= self.equal_spec_threshold, prob, self.equal_spec_threshold,
                                              "calib (matches hybrid specificity)"),
             "learned_fusion": (fused >= self.fusion_threshold, fused, self.fusion_threshold, "calib"),
+            "vae_score_alone": (r["anomalous"], df["vae_score"].to_numpy(), self.at, "calib"),
             "all_malignant_baseline": (np.ones(len(df), dtype=bool), None, float("nan"), "none")}
 
 

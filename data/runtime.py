@@ -22,7 +22,9 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def setup_cpu(threads: int | None = None) -> None:
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    """Use `threads` intra-op threads, else $OMP_NUM_THREADS, else every core. On a small machine shared with
+    another busy process, 1 thread each is much faster than oversubscribing (threads spin-wait on each other)."""
+    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0)))
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,410 @@
+"""Streamlit demo of the hybrid melanoma screen: DenseNet classifier + benign-only VAE "rescue", with Grad-CAM,
+a batch mode and the committed results. Research software, not a diagnosis.
+
+    streamlit run streamlit/app.py          # or `make app`; CPU is enough (a GPU is used when present)
+    MELANOMA_CLASSIFIER=runs/classifiers/densenet121_original_s0/best.safetensors \
+        MELANOMA_VAE=checkpoints/convvae.safetensors streamlit run streamlit/app.py
+    OMP_NUM_THREADS=2 streamlit run streamlit/app.py   # CPU threads (default: all cores)
+
+Environment: MELANOMA_CLASSIFIER and MELANOMA_VAE put a checkpoint first in the model lists (default: the shipped
+checkpoints/densenet121 and checkpoints/convvae, then any trained runs found); MELANOMA_RESULTS and
+MELANOMA_SAMPLES move the results/ and samples/ folders (the tests point them at temporary folders).
+
+Models load once per process (st.cache_resource); each image's model outputs and Grad-CAM are cached by content
+(st.cache_data), so moving a threshold re-decides without re-running the networks. The decision itself is
+HybridPredictor.decide with the thresholds of the sidebar.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import altair as alt  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import streamlit as st  # noqa: E402
+from anomaly_detection.hybrid import HybridPredictor, Prediction  # noqa: E402
+from classifiers.gradcam import gradcam_map, overlay  # noqa: E402
+from data.checkpoint import CheckpointError, read_sidecar  # noqa: E402
+from data.images import ImageError, list_images, load_rgb  # noqa: E402
+from data.runtime import pick_device, setup_cpu  # noqa: E402
+from inference import DEFAULT_CLASSIFIER, DEFAULT_VAE, DISCLAIMER  # noqa: E402
+
+RESULTS = Path(os.environ.get("MELANOMA_RESULTS", ROOT / "results"))
+SAMPLES = Path(os.environ.get("MELANOMA_SAMPLES", ROOT / "samples"))
+CLASSIFIER_GLOBS = (str(DEFAULT_CLASSIFIER.relative_to(ROOT)), "runs/classifiers/*/best.safetensors",
+                    "checkpoints/grid/*.safetensors")
+VAE_GLOBS = (str(DEFAULT_VAE.relative_to(ROOT)), "runs/vae/best.safetensors", "runs/vae/*/best.safetensors")
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp"]
+MAX_UPLOAD_MB = 20
+RED, GREEN, ORANGE = "#c0392b", "#2e8b57", "#e67e22"
+LIMITS = """
+- **Not a diagnosis.** A research prototype; it has not been validated clinically and must not guide care.
+- **Trained on dermoscopy.** The classifier and the VAE learned from HAM10000 dermoscopic images. Phone photos,
+  clinical (non-dermoscopic) pictures, other devices and other hospitals are outside what they saw: accuracy there
+  is lower and can be much lower (see the external evaluations in the Results tab).
+- **Thresholds are operating points.** The classifier threshold was chosen on the validation split and the anomaly
+  threshold calibrated on benign images of the calibration split. Moving them trades missed melanomas against
+  false alarms; the Results tab shows that trade-off.
+- **The rescue is a screen, not a finding.** A high VAE score says the image is unlike the benign training
+  images, which is also true of blurred, hairy, badly lit or non-dermoscopic images.
+- **Grad-CAM is an explanation aid, not evidence.** It shows where the classifier's gradient was largest; it can
+  highlight artefacts and does not localise a lesion.
+- **Bundled samples are synthetic** (made by the project's DCGAN), not photographs of real patients.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and cached computations
+
+def discover(env_var: str, globs: tuple[str, ...], threshold_key: str) -> tuple[list[str], list[str]]:
+    """(offered checkpoints, notes on the ones left out). The env var's checkpoint is always offered first, so a
+    wrong path gets its own error message when loaded instead of silently falling back to another model."""
+    offered = [os.environ[env_var]] if os.environ.get(env_var) else []
+    notes = []
+    for pattern in globs:
+        for weights in sorted(ROOT.glob(pattern)):
+            if str(weights) in offered or any(Path(o).resolve() == weights.resolve() for o in offered):
+                continue
+            try:
+                meta = read_sidecar(weights)
+            except CheckpointError as exc:
+                notes.append(str(exc))
+                continue
+            if meta.get(threshold_key) is None:
+                notes.append(f"{weights.relative_to(ROOT)}: no {threshold_key} in its sidecar (not calibrated yet)")
+            else:
+                offered.append(str(weights))
+    return offered, notes
+
+
+def describe(path: str) -> str:
+    try:
+        meta = read_sidecar(path)
+    except CheckpointError:
+        return path
+    details = [str(meta[k]) for k in ("arch", "config") if meta.get(k)]
+    shown = Path(path).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    return f"{' · '.join(details)} ({shown})" if details else str(shown)
+
+
+@st.cache_resource(show_spinner="Loading the models...")
+def load_predictor(classifier: str, vae: str) -> HybridPredictor:
+    if read_sidecar(classifier).get("malignant_threshold") is None:
+        raise CheckpointError(f"{classifier}: no malignant_threshold in its sidecar (evaluate it on val first)")
+    device = pick_device("auto")
+    if device.type == "cpu":
+        setup_cpu(int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
+    return HybridPredictor(classifier, vae, device)
+
+
+@st.cache_resource
+def model_lock() -> threading.Lock:
+    """Sessions share the cached models; Grad-CAM hooks into them, so one image at a time goes through."""
+    return threading.Lock()
+
+
+def decode(name: str, data: bytes):
+    """Uploaded bytes -> RGB image, or ImageError naming the uploaded file."""
+    if len(data) > MAX_UPLOAD_MB * 2**20:
+        raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_MB} MB limit")
+    try:
+        return load_rgb(data)
+    except ImageError as exc:
+        raise ImageError(str(exc).replace("<bytes>", name, 1)) from None
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def model_outputs(classifier: str, vae: str, name: str, data: bytes) -> dict[str, Any]:
+    """One image through both networks: P(malignant), VAE score, and the pixels to show."""
+    predictor = load_predictor(classifier, vae)
+    image = decode(name, data)
+    with model_lock():
+        prediction, recon = predictor.predict_image(image, name)
+    _, vae_px = predictor.pixels(image)
+    return {"prob": prediction.prob_malignant, "score": prediction.vae_score, "vae_px": vae_px, "recon": recon}
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def gradcam_overlay(classifier: str, vae: str, name: str, data: bytes) -> np.ndarray:
+    predictor = load_predictor(classifier, vae)
+    pixels = predictor.cls_prep.pixels(decode(name, data))
+    with model_lock():
+        return overlay(pixels, gradcam_map(predictor.classifier, predictor.cls_meta, pixels))
+
+
+def decide(predictor: HybridPredictor, thresholds: tuple[float, float], names: list[str], probs: list[float],
+           scores: list[float]) -> list[Prediction]:
+    """The predictor's own rule at the sidebar's thresholds (a shallow copy: the cached predictor is shared)."""
+    view = copy.copy(predictor)
+    view.malignant_threshold, view.anomaly_threshold = thresholds
+    return view.decide(names, np.asarray(probs), np.asarray(scores))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures
+
+def gauge(value: float, threshold: float, upper: float, color: str, marks: dict[str, float]) -> alt.LayerChart:
+    """A horizontal bar for `value` on [0, upper] with a labelled vertical rule at each mark (the threshold first)."""
+    scale = alt.Scale(domain=[0, upper], clamp=True)
+    track = alt.Chart(pd.DataFrame({"v": [upper]})).mark_bar(color="#e8e8e8", height=24).encode(
+        x=alt.X("v:Q", scale=scale, title=None))
+    bar = alt.Chart(pd.DataFrame({"v": [value]})).mark_bar(color=color, height=24).encode(x=alt.X("v:Q", scale=scale))
+    rules = pd.DataFrame({"x": list(marks.values()), "label": list(marks)})
+    rule = alt.Chart(rules).mark_rule(color="black", strokeWidth=2.5).encode(x=alt.X("x:Q", scale=scale))
+    text = alt.Chart(rules).mark_text(dy=-24, fontSize=12).encode(x=alt.X("x:Q", scale=scale), text="label:N")
+    return alt.layer(track, bar, rule, text).properties(height=64).configure_view(strokeWidth=0)
+
+
+def error_heatmap(vae_px: np.ndarray, recon: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-pixel |input - reconstruction| (mean over RGB, [0,1] units) as an inferno image scaled to its maximum."""
+    error = np.abs(vae_px.astype(np.float32) - recon.astype(np.float32)).mean(-1) / 255.0
+    peak = float(error.max()) or 1.0
+    return (matplotlib.colormaps["inferno"](error / peak)[..., :3] * 255).astype(np.uint8), peak
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sidebar
+
+def reset_thresholds(predictor: HybridPredictor) -> None:
+    st.session_state["malignant_threshold"] = predictor.malignant_threshold
+    st.session_state["anomaly_threshold"] = predictor.anomaly_threshold
+
+
+def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
+    """Model choice and thresholds -> (predictor or None, thresholds, error message when there is no predictor)."""
+    st.sidebar.header("Models")
+    classifiers, cls_notes = discover("MELANOMA_CLASSIFIER", CLASSIFIER_GLOBS, "malignant_threshold")
+    vaes, vae_notes = discover("MELANOMA_VAE", VAE_GLOBS, "anomaly_threshold")
+    if cls_notes + vae_notes:
+        with st.sidebar.expander(f"{len(cls_notes + vae_notes)} checkpoint(s) not offered"):
+            st.markdown("\n".join(f"- {n}" for n in cls_notes + vae_notes))
+    if not classifiers or not vaes:
+        missing = " and ".join(k for k, v in (("classifier", classifiers), ("VAE", vaes)) if not v)
+        message = (f"No usable {missing} checkpoint found. The demo expects {DEFAULT_CLASSIFIER.relative_to(ROOT)} and "
+                   f"{DEFAULT_VAE.relative_to(ROOT)} (with their .json sidecars); set MELANOMA_CLASSIFIER / "
+                   "MELANOMA_VAE to use other checkpoints.")
+        st.sidebar.error(message)
+        return None, (float("nan"), float("nan")), message
+    classifier = st.sidebar.selectbox("Classifier", classifiers, format_func=describe, key="classifier")
+    vae = st.sidebar.selectbox("Anomaly detector (VAE)", vaes, format_func=describe, key="vae")
+    try:
+        predictor = load_predictor(classifier, vae)
+    except (CheckpointError, OSError) as exc:
+        message = f"Cannot load the models: {exc}"
+        st.sidebar.error(message)
+        return None, (float("nan"), float("nan")), message
+
+    state = st.session_state
+    if state.get("thresholds_for") != (classifier, vae):  # a new model pair starts at its calibrated thresholds
+        reset_thresholds(predictor)
+        state["thresholds_for"] = (classifier, vae)
+    st.sidebar.header("Thresholds")
+    st.sidebar.slider("Malignant threshold on P(malignant)", 0.0, 1.0, step=0.001, format="%.3f",
+                      key="malignant_threshold")
+    finite_ood = predictor.ood_score if np.isfinite(predictor.ood_score) else 0.0
+    upper = float(np.ceil(max(2 * predictor.anomaly_threshold, 1.5 * finite_ood) * 1000) / 1000)
+    st.sidebar.slider("Anomaly threshold on the VAE score", 0.0, upper, step=0.0001, format="%.4f",
+                      key="anomaly_threshold")
+    st.sidebar.button("Reset to calibrated thresholds", on_click=reset_thresholds, args=(predictor,))
+    st.sidebar.caption(
+        f"Calibrated: {predictor.malignant_threshold:.3f} ({predictor.cls_meta.get('threshold_rule', 'rule n/a')} on "
+        f"{predictor.cls_meta.get('threshold_split', 'val')}) and {predictor.anomaly_threshold:.4f} "
+        f"({predictor.vae_meta.get('anomaly_threshold_rule', 'calibrated on benign calib images')}).")
+    st.sidebar.divider()
+    st.sidebar.caption(DISCLAIMER)
+    return predictor, (float(state["malignant_threshold"]), float(state["anomaly_threshold"])), ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tabs
+
+def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], name: str, data: bytes) -> None:
+    """The whole single-image report; an unreadable file gets one readable error and nothing else."""
+    paths = predictor.paths["classifier"], predictor.paths["vae"]
+    try:
+        with st.spinner("Running the classifier and the VAE..."):
+            out = model_outputs(*paths, name, data)
+    except ImageError as exc:
+        st.error(f"Could not analyse this file. {exc}. Please upload a JPEG, PNG or BMP image.")
+        return
+    p = decide(predictor, thresholds, [name], [out["prob"]], [out["score"]])[0]
+    how = (" (rescued: the classifier said benign, the VAE found the image anomalous)" if p.rescued else
+           " (the classifier says malignant)" if p.classifier_malignant else " (classifier benign, VAE not anomalous)")
+    verdict = f"Final decision: **{p.decision.upper()}**{how}. {DISCLAIMER}"
+    (st.error if p.final_malignant else st.success)(verdict)
+    if p.out_of_distribution:
+        st.warning(f"This image looks out of distribution: its VAE score {p.vae_score:.4f} is above every benign "
+                   f"calibration image (max {predictor.ood_score:.4f}). It may be of poor quality or not a dermoscopic "
+                   "image; the decision above is unreliable.")
+
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Classifier")
+        st.altair_chart(gauge(p.prob_malignant, p.malignant_threshold, 1.0, RED if p.classifier_malignant else GREEN,
+                              {f"threshold {p.malignant_threshold:.3f}": p.malignant_threshold}), width="stretch")
+        st.markdown(f"P(malignant) = **{p.prob_malignant:.3f}** {'≥' if p.classifier_malignant else '<'} threshold "
+                    f"{p.malignant_threshold:.3f}: the classifier says "
+                    f"**{'malignant' if p.classifier_malignant else 'benign'}**.")
+    with right:
+        st.subheader("VAE anomaly score")
+        marks = {f"threshold {p.anomaly_threshold:.4f}": p.anomaly_threshold}
+        if np.isfinite(predictor.ood_score):
+            marks["max benign (calib)"] = predictor.ood_score
+        upper = max(p.vae_score, *marks.values()) * 1.15
+        st.altair_chart(gauge(p.vae_score, p.anomaly_threshold, upper, ORANGE if p.anomalous else GREEN, marks),
+                        width="stretch")
+        st.markdown(f"Score = **{p.vae_score:.4f}** {'≥' if p.anomalous else '<'} threshold {p.anomaly_threshold:.4f}: "
+                    f"**{'anomalous' if p.anomalous else 'typical of the benign training images'}**.")
+    st.markdown(f"**Rescue fired:** {'yes' if p.rescued else 'no'}. The rescue turns a benign classifier verdict into "
+                "malignant when the VAE finds the image anomalous.")
+
+    heat, peak = error_heatmap(out["vae_px"], out["recon"])
+    size = out["vae_px"].shape[0]
+    cols = st.columns(4)
+    cols[0].image(out["vae_px"], caption=f"Input as the VAE sees it ({size} px)", width="stretch")
+    cols[1].image(out["recon"], caption="VAE reconstruction", width="stretch")
+    cols[2].image(heat, caption=f"Reconstruction error (brightest = {peak:.3f})", width="stretch")
+    with cols[3], st.spinner("Grad-CAM..."):
+        cols[3].image(gradcam_overlay(*paths, name, data), width="stretch",
+                      caption="Grad-CAM for 'malignant': an explanation aid, not evidence")
+
+
+def image_tab(predictor: HybridPredictor, thresholds: tuple[float, float]) -> None:
+    samples = list_images(SAMPLES) if SAMPLES.is_dir() else []
+    source = "Upload an image"
+    if samples:
+        source = st.radio("Image", ["Upload an image", "Bundled sample"], horizontal=True, key="source")
+    if source == "Upload an image":
+        upload = st.file_uploader(f"Dermoscopic image (JPEG, PNG or BMP, up to {MAX_UPLOAD_MB} MB)", type=UPLOAD_TYPES,
+                                  max_upload_size=MAX_UPLOAD_MB, key="single_upload")
+        if upload is None:
+            st.info("Upload a dermoscopic image to see the classifier, the VAE and the final decision."
+                    + ("" if samples else f" (No bundled samples found in {SAMPLES}.)"))
+            return
+        name, data = upload.name, upload.getvalue()
+    else:
+        path = st.selectbox("Sample", samples, format_func=lambda p: p.name, key="sample")
+        st.caption("Bundled samples are synthetic images generated by the project's DCGAN, not real patients.")
+        name, data = path.name, path.read_bytes()
+    show_result(predictor, thresholds, name, data)
+
+
+def batch_tab(predictor: HybridPredictor, thresholds: tuple[float, float]) -> None:
+    uploads = st.file_uploader(f"Several images (JPEG, PNG or BMP, up to {MAX_UPLOAD_MB} MB each)", type=UPLOAD_TYPES,
+                               accept_multiple_files=True, max_upload_size=MAX_UPLOAD_MB, key="batch_upload")
+    if not uploads:
+        st.info("Upload several images to get one row per image and a CSV.")
+        return
+    paths = predictor.paths["classifier"], predictor.paths["vae"]
+    outputs: dict[int, dict[str, Any]] = {}
+    errors: dict[int, str] = {}
+    progress = st.progress(0.0, text="Analysing...")
+    for i, upload in enumerate(uploads):
+        try:
+            outputs[i] = model_outputs(*paths, upload.name, upload.getvalue())
+        except ImageError as exc:
+            errors[i] = str(exc)
+        progress.progress((i + 1) / len(uploads), text=f"{i + 1}/{len(uploads)} images")
+    progress.empty()
+    good = sorted(outputs)
+    decided = dict(zip(good, decide(predictor, thresholds, [uploads[i].name for i in good],
+                                    [outputs[i]["prob"] for i in good], [outputs[i]["score"] for i in good])))
+    table = pd.DataFrame([(decided.get(i) or Prediction(u.name, error=errors[i])).to_dict()
+                          for i, u in enumerate(uploads)]).rename(columns={"path": "file"})
+    counts = table["decision"].value_counts()
+    st.markdown(f"{len(table)} images: **{counts.get('malignant', 0)} malignant** ({int(table['rescued'].sum())} by "
+                f"rescue), {counts.get('benign', 0)} benign, {len(errors)} unreadable.")
+    for message in errors.values():
+        st.warning(f"Skipped: {message}")
+    st.dataframe(table, hide_index=True)
+    st.download_button("Download CSV", table.to_csv(index=False).encode(), file_name="melanoma_predictions.csv",
+                       mime="text/csv")
+
+
+def show_folder(folder: Path) -> None:
+    """A results folder's notes (*.md), tables (*.csv) and figures (*.png), in that order."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for path in files:
+        if path.suffix == ".md":
+            st.markdown(path.read_text())
+    for path in files:
+        if path.suffix == ".csv":
+            st.caption(str(path.relative_to(RESULTS)))
+            try:
+                st.dataframe(pd.read_csv(path), hide_index=True)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+                st.warning(f"{path.name}: could not be read ({exc})")
+    for path in files:
+        if path.suffix == ".png":
+            st.image(str(path), caption=str(path.relative_to(RESULTS)), width="stretch")
+
+
+def results_tab() -> None:
+    st.caption(f"Everything here is read from {RESULTS} as committed; each folder says which command made it.")
+    sections = {"hybrid": ("Hybrid rescue against the classifier alone", "comparison_metrics.csv"),
+                "models_evaluation": ("Classifier grid: architectures x training configurations", None)}
+    for sub, (title, key_file) in sections.items():
+        st.subheader(title)
+        folder = RESULTS / sub
+        if not folder.is_dir() or not any(folder.iterdir()):
+            st.info(f"Not available yet: {folder} is absent (the evaluation has not been run or committed).")
+            continue
+        if key_file and not (folder / key_file).is_file():
+            st.info(f"Not available yet: {folder / key_file} is absent.")
+        show_folder(folder)
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
+        if subfolders:
+            pick = st.selectbox("More", subfolders, format_func=lambda p: p.name, key=f"more_{sub}")
+            show_folder(pick)
+    others = sorted(p for p in RESULTS.iterdir() if p.is_dir() and p.name not in sections) if RESULTS.is_dir() else []
+    if others:
+        st.subheader("Other results")
+        show_folder(st.selectbox("Folder", others, format_func=lambda p: p.name, key="more_results"))
+
+
+def model_card_tab(predictor: HybridPredictor | None) -> None:
+    card = ROOT / "checkpoints" / "MODEL_CARD.md"
+    if card.is_file():
+        st.markdown(card.read_text())
+    else:
+        st.info(f"Model card not available: {card.relative_to(ROOT)} is absent.")
+    st.subheader("Limits")
+    st.markdown(LIMITS)
+    if predictor is not None:
+        st.subheader("Loaded checkpoints")
+        st.json(predictor.versions())
+        for kind, meta in (("Classifier", predictor.cls_meta), ("VAE", predictor.vae_meta)):
+            with st.expander(f"{kind} sidecar"):
+                st.json(meta, expanded=False)
+
+
+def main() -> None:
+    st.set_page_config(page_title="Melanoma screening demo (research)", layout="wide")
+    st.title("Melanoma screening: classifier + VAE rescue")
+    st.warning(f"**{DISCLAIMER}** This demo shows what the research models output; it is not a medical device.")
+    predictor, thresholds, problem = sidebar()
+    tabs = st.tabs(["Single image", "Batch", "Results", "Model card and limits"])
+    for tab, run in zip(tabs[:2], (image_tab, batch_tab)):
+        with tab:
+            if predictor is None:
+                st.error(problem)
+            else:
+                run(predictor, thresholds)
+    with tabs[2]:
+        results_tab()
+    with tabs[3]:
+        model_card_tab(predictor)
+
+
+main()
