@@ -138,11 +138,9 @@ def main(argv: list[str] | None = None) -> None:
                  "scripts/download_weights.py)", 3)
     from anomaly_detection.hybrid import HybridPredictor
     from data.checkpoint import CheckpointError
-    from data.runtime import pick_device, setup_cpu
+    from data.runtime import init_device
 
-    device = pick_device(args.device)
-    if device.type == "cpu":
-        setup_cpu()
+    device = init_device(args.device)
     try:
         predictor = HybridPredictor(args.classifier, args.vae, device, args.backend, args.malignant_threshold,
                                     args.anomaly_threshold)

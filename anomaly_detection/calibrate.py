@@ -26,7 +26,7 @@ from anomaly_detection.train_vae import score_images  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import CheckpointError, read_sidecar, write_sidecar  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
-from data.runtime import pick_device, setup_cpu  # noqa: E402
+from data.runtime import init_device  # noqa: E402
 from data.atomic import atomic_write_csv  # noqa: E402
 from data.transforms import Preprocess  # noqa: E402
 from evaluation import plots  # noqa: E402
@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(ROOT / "results" / "vae_calibration"), help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a = p.parse_args(argv)
-    device = pick_device(a.device)
-    if device.type == "cpu":
-        setup_cpu()
+    device = init_device(a.device)
     try:
         vae, meta = load_vae(a.vae)
     except CheckpointError as exc:

@@ -27,8 +27,8 @@ from tqdm import tqdm  # noqa: E402
 from anomaly_detection.vae import ConvVAE, VAEScorer, vae_loss  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
-from data.manifest import file_sha256, read_manifest, stratified_subset  # noqa: E402
-from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
+from data.manifest import ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
+from data.runtime import init_device, seed_everything  # noqa: E402
 from data.training import load_state, save_state  # noqa: E402
 from data.atomic import write_rows  # noqa: E402
 from data.transforms import Preprocess, preprocess_meta  # noqa: E402
@@ -91,12 +91,13 @@ def save_grid(vae: ConvVAE, images: np.ndarray, preprocess: Preprocess, path: Pa
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = pick_device(args.device)
-    if device.type == "cpu":
-        setup_cpu(args.threads)
+    device = init_device(args.device, args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df = read_manifest(args.manifest)
+    try:
+        df = read_manifest(args.manifest)
+    except (FileNotFoundError, ManifestError) as exc:
+        sys.exit(f"error: {exc}")
     fit_df = df[(df["split"] == "fit") & (df["label"] == "benign") & (df["source"] == "real")]
     val_df = df[df["split"] == "val"]
     if args.limit:

@@ -26,7 +26,7 @@ from classifiers.predict import predict_proba  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import CheckpointError  # noqa: E402
 from data.manifest import label_index, read_folder, read_manifest  # noqa: E402
-from data.runtime import pick_device, setup_cpu  # noqa: E402
+from data.runtime import init_device  # noqa: E402
 from data.transforms import Preprocess  # noqa: E402
 from evaluation import plots  # noqa: E402
 from evaluation.metrics import baseline_row, metrics_row  # noqa: E402
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--out", default=str(ROOT / "runs" / "evaluation"), help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a = p.parse_args(argv)
-    device = pick_device(a.device)
-    if device.type == "cpu":
-        setup_cpu()
+    device = init_device(a.device)
     if a.folder:
         df = read_folder(a.folder, split="test").assign(dataset=Path(a.folder).name)
     else:

@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 from classifiers.models import Classifier, load_classifier  # noqa: E402
 from data.images import ImageError, load_rgb  # noqa: E402
 from data.manifest import LABELS  # noqa: E402
-from data.runtime import pick_device, setup_cpu  # noqa: E402
+from data.runtime import init_device  # noqa: E402
 from data.transforms import Preprocess  # noqa: E402
 
 MALIGNANT = LABELS.index("malignant")
@@ -208,9 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
-    device = pick_device(args.device)
-    if device.type == "cpu":
-        setup_cpu(args.threads)
+    device = init_device(args.device, args.threads)
     model, meta = load_classifier(args.checkpoint)
     model.to(device)
     try:

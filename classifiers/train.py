@@ -34,7 +34,7 @@ from classifiers.models import create_model, list_models  # noqa: E402
 from classifiers.predict import predict_proba  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
-from data.manifest import LABELS, file_sha256, read_manifest, stratified_subset  # noqa: E402
+from data.manifest import LABELS, ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
 from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
 from data.training import EMA, load_state, save_state, warmup_cosine  # noqa: E402
 from data.atomic import write_rows  # noqa: E402
@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out or ROOT / "runs" / "classifiers" / f"{args.arch}_{args.config}_s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = Path(args.manifest or ROOT / "data" / "manifests" / f"{args.config}.csv")
-    df = read_manifest(manifest_path)
+    try:
+        df = read_manifest(manifest_path)
+    except (FileNotFoundError, ManifestError) as exc:
+        sys.exit(f"error: {exc}")
     fit_df, val_df = df[df["split"] == "fit"], df[df["split"] == "val"]
     if args.limit:
         fit_df, val_df = stratified_subset(fit_df, args.limit, args.seed), stratified_subset(val_df, max(8, args.limit // 4), args.seed)

@@ -27,6 +27,14 @@ def setup_cpu(threads: int | None = None) -> None:
     torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0)))
 
 
+def init_device(name: str = "auto", threads: int | None = None) -> torch.device:
+    """pick_device, and on CPU set the thread count (setup_cpu): what every CLI does first."""
+    device = pick_device(name)
+    if device.type == "cpu":
+        setup_cpu(threads)
+    return device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -150,7 +150,7 @@ def load_pixels(paths: list[str], via_size: int, size: int) -> np.ndarray:
         first = next(iter(cache.errors.values()))
         raise SystemExit(f"error: {len(cache.errors)} images could not be decoded, e.g. {first}")
     if via_size == size:
-        return np.asarray(cache.images)
+        return np.array(cache.images)  # in memory and writable
     return np.stack([to_uint8(Image.fromarray(np.asarray(img)), size) for img in cache.images])
 
 

@@ -34,7 +34,7 @@ from classifiers.models import MODELS, create_model, list_models  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import atomic_write_text  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
-from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
+from data.runtime import init_device, seed_everything  # noqa: E402
 from data.transforms import Preprocess, preprocess_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,9 +116,7 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
-    device = pick_device(args.device)
-    if device.type == "cpu":
-        setup_cpu(args.threads)
+    device = init_device(args.device, args.threads)
     rows, data = [], {}
     for arch in args.archs:
         size = args.img_size or default_size(arch)

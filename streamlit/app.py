@@ -26,10 +26,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import altair as alt  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import streamlit as st  # noqa: E402
 from anomaly_detection.hybrid import HybridPredictor, Prediction  # noqa: E402
@@ -49,7 +49,7 @@ MAX_UPLOAD_MB = 20
 RED, GREEN, ORANGE = "#c0392b", "#2e8b57", "#e67e22"
 LIMITS = """
 - **Not a diagnosis.** A research prototype; it has not been validated clinically and must not guide care.
-- **Trained on dermoscopy.** The classifier and the VAE learned from HAM10000 dermoscopic images. Phone photos,
+- **Trained on dermoscopy.** The shipped classifier and VAE learned from HAM10000 dermoscopic images. Phone photos,
   clinical (non-dermoscopic) pictures, other devices and other hospitals are outside what they saw: accuracy there
   is lower and can be much lower (see the external evaluations in the Results tab).
 - **Thresholds are operating points.** The classifier threshold was chosen on the validation split and the anomaly
@@ -70,10 +70,11 @@ def discover(env_var: str, globs: tuple[str, ...], threshold_key: str) -> tuple[
     """(offered checkpoints, notes on the ones left out). The env var's checkpoint is always offered first, so a
     wrong path gets its own error message when loaded instead of silently falling back to another model."""
     offered = [os.environ[env_var]] if os.environ.get(env_var) else []
+    seen = {Path(p).resolve() for p in offered}
     notes = []
     for pattern in globs:
         for weights in sorted(ROOT.glob(pattern)):
-            if str(weights) in offered or any(Path(o).resolve() == weights.resolve() for o in offered):
+            if weights.resolve() in seen:
                 continue
             try:
                 meta = read_sidecar(weights)
@@ -114,7 +115,7 @@ def model_lock() -> threading.Lock:
     return threading.Lock()
 
 
-def decode(name: str, data: bytes):
+def decode(name: str, data: bytes) -> Image.Image:
     """Uploaded bytes -> RGB image, or ImageError naming the uploaded file."""
     if len(data) > MAX_UPLOAD_MB * 2**20:
         raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_MB} MB limit")
@@ -154,16 +155,19 @@ def decide(predictor: HybridPredictor, thresholds: tuple[float, float], names: l
 # ---------------------------------------------------------------------------------------------------------------
 # Pictures
 
-def gauge(value: float, threshold: float, upper: float, color: str, marks: dict[str, float]) -> alt.LayerChart:
-    """A horizontal bar for `value` on [0, upper] with a labelled vertical rule at each mark (the threshold first)."""
-    scale = alt.Scale(domain=[0, upper], clamp=True)
-    track = alt.Chart(pd.DataFrame({"v": [upper]})).mark_bar(color="#e8e8e8", height=24).encode(
-        x=alt.X("v:Q", scale=scale, title=None))
-    bar = alt.Chart(pd.DataFrame({"v": [value]})).mark_bar(color=color, height=24).encode(x=alt.X("v:Q", scale=scale))
-    rules = pd.DataFrame({"x": list(marks.values()), "label": list(marks)})
-    rule = alt.Chart(rules).mark_rule(color="black", strokeWidth=2.5).encode(x=alt.X("x:Q", scale=scale))
-    text = alt.Chart(rules).mark_text(dy=-24, fontSize=12).encode(x=alt.X("x:Q", scale=scale), text="label:N")
-    return alt.layer(track, bar, rule, text).properties(height=64).configure_view(strokeWidth=0)
+def gauge(value: float, threshold: float, upper: float, color: str, dashed: float | None = None) -> str:
+    """HTML for a horizontal bar of `value` on [0, upper] with a black tick at the threshold and, optionally, a
+    dashed grey tick (the out-of-distribution limit); the sentence under it gives the numbers."""
+    def left(v: float) -> str:
+        return f"{100 * min(max(v / upper, 0.0), 1.0):.2f}%"
+
+    tick = "position:absolute;top:-5px;bottom:-5px;margin-left:-1px;"
+    extra = (f'<div style="{tick}left:{left(dashed)};border-left:2px dashed #666"></div>' if dashed is not None else "")
+    return (f'<div style="position:relative;height:24px;background:#e8e8e8;border-radius:3px;margin:10px 0 4px">'
+            f'<div style="width:{left(value)};height:100%;background:{color};border-radius:3px"></div>'
+            f'<div style="{tick}left:{left(threshold)};border-left:3px solid #000"></div>{extra}</div>'
+            f'<div style="display:flex;justify-content:space-between;font-size:0.75rem;color:#777">'
+            f'<span>0</span><span>{upper:.3g}</span></div>')
 
 
 def error_heatmap(vae_px: np.ndarray, recon: np.ndarray) -> tuple[np.ndarray, float]:
@@ -179,6 +183,11 @@ def error_heatmap(vae_px: np.ndarray, recon: np.ndarray) -> tuple[np.ndarray, fl
 def reset_thresholds(predictor: HybridPredictor) -> None:
     st.session_state["malignant_threshold"] = predictor.malignant_threshold
     st.session_state["anomaly_threshold"] = predictor.anomaly_threshold
+
+
+def origin(meta: dict[str, Any], rule_key: str, split_key: str) -> str:
+    """How a sidecar's threshold was chosen, e.g. 'youden on val'."""
+    return " on ".join(str(meta[k]) for k in (rule_key, split_key) if meta.get(k)) or "from the sidecar"
 
 
 def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
@@ -206,7 +215,8 @@ def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
         return None, (float("nan"), float("nan")), message
 
     state = st.session_state
-    if state.get("thresholds_for") != (classifier, vae):  # a new model pair starts at its calibrated thresholds
+    # A new model pair starts at its calibrated thresholds (so does a session whose sliders were not drawn).
+    if state.get("thresholds_for") != (classifier, vae) or "malignant_threshold" not in state:
         reset_thresholds(predictor)
         state["thresholds_for"] = (classifier, vae)
     st.sidebar.header("Thresholds")
@@ -216,11 +226,12 @@ def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
     upper = float(np.ceil(max(2 * predictor.anomaly_threshold, 1.5 * finite_ood) * 1000) / 1000)
     st.sidebar.slider("Anomaly threshold on the VAE score", 0.0, upper, step=0.0001, format="%.4f",
                       key="anomaly_threshold")
-    st.sidebar.button("Reset to calibrated thresholds", on_click=reset_thresholds, args=(predictor,))
-    st.sidebar.caption(
-        f"Calibrated: {predictor.malignant_threshold:.3f} ({predictor.cls_meta.get('threshold_rule', 'rule n/a')} on "
-        f"{predictor.cls_meta.get('threshold_split', 'val')}) and {predictor.anomaly_threshold:.4f} "
-        f"({predictor.vae_meta.get('anomaly_threshold_rule', 'calibrated on benign calib images')}).")
+    st.sidebar.button("Reset to calibrated thresholds", on_click=reset_thresholds, args=(predictor,),
+                      key="reset_thresholds")
+    st.sidebar.caption(f"Calibrated: {predictor.malignant_threshold:.3f} "
+                       f"({origin(predictor.cls_meta, 'threshold_rule', 'threshold_split')}) and "
+                       f"{predictor.anomaly_threshold:.4f} "
+                       f"({origin(predictor.vae_meta, 'anomaly_threshold_rule', 'anomaly_threshold_split')}).")
     st.sidebar.divider()
     st.sidebar.caption(DISCLAIMER)
     return predictor, (float(state["malignant_threshold"]), float(state["anomaly_threshold"])), ""
@@ -251,21 +262,18 @@ def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], nam
     left, right = st.columns(2)
     with left:
         st.subheader("Classifier")
-        st.altair_chart(gauge(p.prob_malignant, p.malignant_threshold, 1.0, RED if p.classifier_malignant else GREEN,
-                              {f"threshold {p.malignant_threshold:.3f}": p.malignant_threshold}), width="stretch")
+        st.html(gauge(p.prob_malignant, p.malignant_threshold, 1.0, RED if p.classifier_malignant else GREEN))
         st.markdown(f"P(malignant) = **{p.prob_malignant:.3f}** {'≥' if p.classifier_malignant else '<'} threshold "
-                    f"{p.malignant_threshold:.3f}: the classifier says "
+                    f"{p.malignant_threshold:.3f} (black line): the classifier says "
                     f"**{'malignant' if p.classifier_malignant else 'benign'}**.")
     with right:
         st.subheader("VAE anomaly score")
-        marks = {f"threshold {p.anomaly_threshold:.4f}": p.anomaly_threshold}
-        if np.isfinite(predictor.ood_score):
-            marks["max benign (calib)"] = predictor.ood_score
-        upper = max(p.vae_score, *marks.values()) * 1.15
-        st.altair_chart(gauge(p.vae_score, p.anomaly_threshold, upper, ORANGE if p.anomalous else GREEN, marks),
-                        width="stretch")
-        st.markdown(f"Score = **{p.vae_score:.4f}** {'≥' if p.anomalous else '<'} threshold {p.anomaly_threshold:.4f}: "
-                    f"**{'anomalous' if p.anomalous else 'typical of the benign training images'}**.")
+        ood = predictor.ood_score if np.isfinite(predictor.ood_score) else None
+        upper = max(p.vae_score, p.anomaly_threshold, ood or 0.0) * 1.15
+        st.html(gauge(p.vae_score, p.anomaly_threshold, upper, ORANGE if p.anomalous else GREEN, ood))
+        st.markdown(f"Score = **{p.vae_score:.4f}** {'≥' if p.anomalous else '<'} threshold {p.anomaly_threshold:.4f} (black line): "
+                    f"**{'anomalous' if p.anomalous else 'typical of the benign training images'}**."
+                    + (f" Dashed line: the highest score of any benign calibration image ({ood:.4f})." if ood else ""))
     st.markdown(f"**Rescue fired:** {'yes' if p.rescued else 'no'}. The rescue turns a benign classifier verdict into "
                 "malignant when the VAE finds the image anomalous.")
 

@@ -129,6 +129,16 @@ def test_upscaler_starts_as_bicubic_and_trains(scale):
     assert not torch.equal(trainer.model(x), bicubic(x, 16 * scale))
 
 
+def test_bicubic_follows_pil():
+    """The upscaler's baseline and its training pairs use the resize the rest of the project uses (PIL bicubic)."""
+    hr = np.array(blob_image(np.random.default_rng(0), (128, 128)))
+    lr = np.array(Image.fromarray(hr).resize((64, 64), Image.Resampling.BICUBIC))
+    for src, size in ((hr, 64), (lr, 128)):
+        ours = bicubic(torch.from_numpy(src).permute(2, 0, 1)[None].float() / 255, size)[0].permute(1, 2, 0)
+        theirs = np.asarray(Image.fromarray(src).resize((size, size), Image.Resampling.BICUBIC))
+        assert np.abs((ours * 255).round().clamp(0, 255).numpy() - theirs).max() <= 3
+
+
 def test_psnr_and_ssim():
     a, _ = uint8_batch(3, 32)
     assert torch.isinf(psnr(a, a)).all() and torch.allclose(ssim(a, a), torch.ones(3))
