@@ -146,6 +146,8 @@ class HybridPredictor:
                  anomaly_threshold: float | None = None, threads: int | None = None):
         classifier, self.cls_meta = load_classifier(classifier_path)
         vae, self.vae_meta = load_vae(vae_path)
+        if self.cls_meta.get("malignant_threshold") is None and malignant_threshold is None:
+            raise CheckpointError(f"{classifier_path}: no malignant_threshold in its sidecar (train it with classifiers/train.py)")
         if self.vae_meta.get("anomaly_threshold") is None and anomaly_threshold is None:
             raise CheckpointError(f"{vae_path}: no anomaly_threshold in its sidecar; run anomaly_detection/calibrate.py")
         self.malignant_threshold = float(malignant_threshold if malignant_threshold is not None

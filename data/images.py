@@ -41,9 +41,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(source: str | os.PathLike | bytes) -> Image.Image:
-    """Decode a file path (or raw bytes) into an RGB PIL image, or raise ImageError naming the file."""
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+def load_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """Decode a file path (or raw bytes, e.g. an upload) into an RGB PIL image, or raise ImageError naming the
+    file (`name`, for bytes, is what the message calls it)."""
+    name = name or ("<bytes>" if isinstance(source, (bytes, bytearray)) else str(source))
     if not isinstance(source, (bytes, bytearray)):
         path = Path(source)
         if not path.exists():

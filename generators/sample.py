@@ -5,15 +5,15 @@
         --out runs/generators/synthetic/dcgan
     python generators/sample.py --checkpoint checkpoints/generators/dcgan.safetensors --n 500 --classes malignant \
         --upscale checkpoints/generators/upscaler.safetensors --out runs/generators/synthetic/dcgan_up
-    # DDPM: DDIM with 50 steps by default (about 0.25 images/s on one CPU thread), or the full 1000-step chain
+    # DDPM: DDIM with 50 steps by default (about 0.3 images/s on one CPU thread), or the full 1000-step chain
     python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 100 --steps 25
     python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 8 --sampler ddpm
-    # one GPU: add --device cuda --batch-size 256; several GPUs: split the classes or --start ranges across them
+    # one GPU: add --device cuda --batch-size 256; several GPUs: one generator or class per GPU, each its own --out
 
 Images go to <out>/<label>/<source>_<label>_<index>.png and are listed in <out>/samples.csv, a manifest (rows with
 split=fit and source dcgan|ddpm|dcgan_up|ddpm_up) that scripts/03_build_configs.py reads. Every batch draws its
-noise from a seed derived from (--seed, class, index), so an image is the same however the run is split, and an
-interrupted run continues where it stopped: batches whose files all exist are skipped.
+noise from a seed derived from (--seed, class, first index), so the same --seed and --batch-size give the same
+images, and an interrupted run continues where it stopped: batches whose files all exist are skipped.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from anomaly_detection.hybrid import HybridPredictor, Prediction  # noqa: E402
 from classifiers.gradcam import gradcam_map, overlay  # noqa: E402
 from data.checkpoint import CheckpointError, read_sidecar  # noqa: E402
 from data.images import ImageError, list_images, load_rgb  # noqa: E402
-from data.runtime import pick_device, setup_cpu  # noqa: E402
+from data.runtime import init_device  # noqa: E402
 from inference import DEFAULT_CLASSIFIER, DEFAULT_VAE, DISCLAIMER  # noqa: E402
 
 RESULTS = Path(os.environ.get("MELANOMA_RESULTS", ROOT / "results"))
@@ -101,12 +101,7 @@ def describe(path: str) -> str:
 
 @st.cache_resource(show_spinner="Loading the models...")
 def load_predictor(classifier: str, vae: str) -> HybridPredictor:
-    if read_sidecar(classifier).get("malignant_threshold") is None:
-        raise CheckpointError(f"{classifier}: no malignant_threshold in its sidecar (evaluate it on val first)")
-    device = pick_device("auto")
-    if device.type == "cpu":
-        setup_cpu(int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
-    return HybridPredictor(classifier, vae, device)
+    return HybridPredictor(classifier, vae, init_device("auto"))
 
 
 @st.cache_resource
@@ -119,10 +114,7 @@ def decode(name: str, data: bytes) -> Image.Image:
     """Uploaded bytes -> RGB image, or ImageError naming the uploaded file."""
     if len(data) > MAX_UPLOAD_MB * 2**20:
         raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_MB} MB limit")
-    try:
-        return load_rgb(data)
-    except ImageError as exc:
-        raise ImageError(str(exc).replace("<bytes>", name, 1)) from None
+    return load_rgb(data, name)
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -209,7 +201,7 @@ def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
     vae = st.sidebar.selectbox("Anomaly detector (VAE)", vaes, format_func=describe, key="vae")
     try:
         predictor = load_predictor(classifier, vae)
-    except (CheckpointError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError, as is an unknown architecture
         message = f"Cannot load the models: {exc}"
         st.sidebar.error(message)
         return None, (float("nan"), float("nan")), message
@@ -223,7 +215,7 @@ def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
     st.sidebar.slider("Malignant threshold on P(malignant)", 0.0, 1.0, step=0.001, format="%.3f",
                       key="malignant_threshold")
     finite_ood = predictor.ood_score if np.isfinite(predictor.ood_score) else 0.0
-    upper = float(np.ceil(max(2 * predictor.anomaly_threshold, 1.5 * finite_ood) * 1000) / 1000)
+    upper = float(np.ceil(max(2 * predictor.anomaly_threshold, 1.5 * finite_ood, 1e-3) * 1000) / 1000)
     st.sidebar.slider("Anomaly threshold on the VAE score", 0.0, upper, step=0.0001, format="%.4f",
                       key="anomaly_threshold")
     st.sidebar.button("Reset to calibrated thresholds", on_click=reset_thresholds, args=(predictor,),
@@ -271,9 +263,11 @@ def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], nam
         ood = predictor.ood_score if np.isfinite(predictor.ood_score) else None
         upper = max(p.vae_score, p.anomaly_threshold, ood or 0.0) * 1.15
         st.html(gauge(p.vae_score, p.anomaly_threshold, upper, ORANGE if p.anomalous else GREEN, ood))
-        st.markdown(f"Score = **{p.vae_score:.4f}** {'≥' if p.anomalous else '<'} threshold {p.anomaly_threshold:.4f} (black line): "
+        st.markdown(f"Score = **{p.vae_score:.4f}** {'≥' if p.anomalous else '<'} threshold "
+                    f"{p.anomaly_threshold:.4f} (black line): "
                     f"**{'anomalous' if p.anomalous else 'typical of the benign training images'}**."
-                    + (f" Dashed line: the highest score of any benign calibration image ({ood:.4f})." if ood else ""))
+                    + (f" Dashed line: the highest score of any benign calibration image ({ood:.4f})."
+                       if ood is not None else ""))
     st.markdown(f"**Rescue fired:** {'yes' if p.rescued else 'no'}. The rescue turns a benign classifier verdict into "
                 "malignant when the VAE finds the image anomalous.")
 

@@ -204,5 +204,6 @@ def test_missing_checkpoint_gives_a_message(monkeypatch: pytest.MonkeyPatch, tin
     monkeypatch.setenv("MELANOMA_VAE", str(tmp_path / "missing.safetensors"))
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
-    assert any("missing.safetensors" in e.value and "not found" in e.value for e in at.error), [e.value for e in at.error]
+    errors = [e.value for e in at.error]
+    assert any("missing.safetensors" in e and "not found" in e for e in errors), errors
     assert any("Limits" == h.value for h in at.subheader)
