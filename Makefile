@@ -14,6 +14,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) inference.py --image samples/synthetic_dcgan_malignant_0.png --output runs/demo_result.json
 	$(PY) inference.py --folder samples --csv runs/demo_predictions.csv
 
 test: $(STAMP)

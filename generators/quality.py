@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 from data.atomic import atomic_write_csv  # noqa: E402
 from data.cache import build_cache  # noqa: E402
 from data.images import load_rgb, to_uint8  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
+from data.manifest import file_sha256, read_manifest  # noqa: E402
 from data.runtime import pick_device, setup_cpu  # noqa: E402
 from data.transforms import Preprocess, preprocess_meta  # noqa: E402
 from generators import save_grid  # noqa: E402
@@ -116,7 +116,8 @@ def classifier_extractor(path: str | Path, device: torch.device) -> tuple[Extrac
     model, meta = load_classifier(path)
     model.to(device).eval()
     prep = Preprocess.from_meta(meta)
-    return (lambda x: model.forward_features(prep.tensor(x.to(device))).float()), prep.size, f"{meta['arch']}:{Path(path).name}"
+    name = f"{meta['arch']} {Path(path).name} (epoch {meta.get('epoch')}, sha256 {file_sha256(path)[:12]})"
+    return (lambda x: model.forward_features(prep.tensor(x.to(device))).float()), prep.size, name
 
 
 def inception_extractor(device: torch.device) -> tuple[Extractor, int, str]:
@@ -211,9 +212,9 @@ def evaluate(syn_rows: pd.DataFrame, real_rows: pd.DataFrame, fit_rows: pd.DataF
                      "near_copies_pixel": int(mem["near_copy_pixel"].sum())})
         if (label, via, len(syn)) not in references:  # the floor: as many real fit images against the same set
             references.add((label, via, len(syn)))
-            ref = fit.sample(n=min(len(fit), len(syn)), random_state=seed)
+            ref = np.random.default_rng(seed).choice(len(fit), size=min(len(fit), len(syn)), replace=False)
             rows.append({"source": "real reference (fit)", "label": label, "n_synthetic": len(ref),
-                         "n_real": len(real), "via_size": via, **scores(feats(ref, via)[0], f_real, k, seed)})
+                         "n_real": len(real), "via_size": via, **scores(f_fit[ref], f_real, k, seed)})
     return rows, pd.concat(tables, ignore_index=True)
 
 

@@ -1,0 +1,276 @@
+"""The architecture x configuration grid: resumable bookkeeping of its runs, and the report built from them.
+
+Training (scripts/04_train_classifiers.py): every model's run folder gets a `grid.json` holding the exact training
+arguments and, once the model is trained and evaluated, the sha256 of its `best.safetensors`. A model whose record
+says done (and whose weights still match) is skipped; any other is continued with `classifiers/train.py --resume`;
+a folder trained with other arguments is an error rather than silently mixed. After each model the grid's
+evaluation table is rebuilt from every finished run, so results appear as models finish.
+
+Report (scripts/08_report.py): one row per model with AUC (95% CI), sensitivity and specificity at the threshold
+chosen on `val`, on each evaluation set; a heatmap of AUC; the change in AUC of each augmentation against
+`original` for the same architecture, with a paired bootstrap 95% CI on the same images (and the mean over
+architectures with the same resamples); confusion matrices and Grad-CAM galleries per model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from classifiers.evaluate import evaluation_groups  # noqa: E402
+from data.atomic import atomic_write_csv, atomic_write_text  # noqa: E402
+from data.manifest import file_sha256  # noqa: E402
+from evaluation import plots  # noqa: E402
+from evaluation.metrics import auc, bootstrap_indices, paired_auc_difference  # noqa: E402
+from generators.configs import CONFIGS  # noqa: E402
+
+BASELINE = "all_malignant_baseline"
+# Column prefix in the report -> the evaluation set: its name in evaluation_groups(), and (dataset, split) as
+# predictions.csv records them.
+EVAL_SETS: dict[str, dict[str, str]] = {
+    "ham10000_test": {"group": "ham10000/test", "dataset": "ham10000", "split": "test"},
+    "isic2017_val": {"group": "isic2017/external-val", "dataset": "isic2017", "split": "external"}}
+REPORTED = ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity", "n", "n_malignant")
+
+
+class GridError(RuntimeError):
+    """A run folder that the grid cannot continue safely; the message names the folder."""
+
+
+def run_name(arch: str, config: str, seed: int) -> str:
+    return f"{arch}_{config}_s{seed}"
+
+
+def select_eval_sets(df: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """The manifest rows of the named evaluation groups (e.g. ham10000/test, isic2017/external-val)."""
+    groups = evaluation_groups(df)
+    missing = [n for n in names if n not in groups]
+    if missing:
+        raise GridError(f"evaluation sets {missing} are not in the manifest; it has {sorted(groups)}")
+    return pd.concat([groups[n] for n in names])
+
+
+def _record(run: Path) -> dict[str, Any] | None:
+    path = run / "grid.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_status(run: Path, train_args: list[str]) -> str:
+    """'done' (trained and evaluated, weights unchanged), 'resume' (started by the grid) or 'new'."""
+    record = _record(run)
+    if record is None:
+        if (run / "state.pt").exists() or (run / "best.json").exists():
+            raise GridError(f"{run}: holds a run that the grid did not start (no grid.json); move it away or use "
+                            f"another --runs-dir")
+        return "new"
+    if record["train_args"] != train_args:
+        raise GridError(f"{run}: was trained with other arguments ({' '.join(record['train_args'])}); remove the "
+                        f"folder to retrain it with the current ones ({' '.join(train_args)}), or use another "
+                        f"--runs-dir")
+    best = run / "best.safetensors"
+    done = record.get("best_sha256") and best.is_file() and file_sha256(best) == record["best_sha256"]
+    return "done" if done and (run / "evaluation" / "metrics.csv").is_file() else "resume"
+
+
+def mark(run: Path, train_args: list[str], arch: str, config: str, seed: int, done: bool = False) -> None:
+    record = {"arch": arch, "config": config, "seed": seed, "train_args": train_args,
+              "best_sha256": file_sha256(run / "best.safetensors") if done else None}
+    atomic_write_text(run / "grid.json", json.dumps(record, indent=2) + "\n")
+
+
+def collect(runs_dir: Path, out: Path) -> pd.DataFrame:
+    """Rebuild the grid's evaluation table (all rows of every finished run's evaluation/metrics.csv)."""
+    parts = []
+    for run in sorted(Path(runs_dir).iterdir()) if Path(runs_dir).is_dir() else []:
+        record = _record(run)
+        if record and record.get("best_sha256"):
+            parts.append(pd.read_csv(run / "evaluation" / "metrics.csv").assign(
+                run=run.name, arch=record["arch"], seed=record["seed"]))
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    atomic_write_csv(out, table)
+    return table
+
+
+def grid_table(evaluation: pd.DataFrame) -> pd.DataFrame:
+    """One row per model (and one for the all-malignant baseline): the REPORTED metrics on each EVAL_SET."""
+    rows: dict[str, dict[str, Any]] = {}
+    for prefix, s in EVAL_SETS.items():
+        dataset, split = s["group"].split("/")
+        part = evaluation[(evaluation["dataset"] == dataset) & (evaluation["split"] == split)]
+        for r in part.itertuples(index=False):
+            key = BASELINE if r.model == BASELINE else r.run
+            row = rows.setdefault(key, {"model": key, "arch": "" if key == BASELINE else r.arch,
+                                        "config": "" if key == BASELINE else r.config,
+                                        "threshold": r.threshold, "threshold_split": r.threshold_split})
+            row.update({f"{prefix}_{m}": getattr(r, m) for m in REPORTED})
+    table = pd.DataFrame(list(rows.values()))
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    models = table[table["model"] != BASELINE].sort_values(
+        ["config", "arch"], key=lambda col: col.map(order) if col.name == "config" else col)
+    return pd.concat([models, table[table["model"] == BASELINE]], ignore_index=True)
+
+
+def auc_heatmap(table: pd.DataFrame, path: Path) -> Path:
+    """AUC (with its 95% CI in each cell), architecture x configuration, one panel per evaluation set."""
+    models = table[table["model"] != BASELINE]
+    archs = list(dict.fromkeys(models["arch"]))
+    configs = [c for c in CONFIGS if c in set(models["config"])]
+    fig, axes = plt.subplots(1, len(EVAL_SETS), figsize=(2.2 + 1.7 * len(configs) * len(EVAL_SETS),
+                                                         1.2 + 0.75 * len(archs)), squeeze=False)
+    for ax, (prefix, s) in zip(axes[0], EVAL_SETS.items()):
+        cells = models.set_index(["arch", "config"])
+        grid = np.full((len(archs), len(configs)), np.nan)
+        for i, arch in enumerate(archs):
+            for j, config in enumerate(configs):
+                if (arch, config) not in cells.index:
+                    continue
+                r = cells.loc[(arch, config)]
+                grid[i, j] = r[f"{prefix}_auc"]
+                ax.text(j, i, f"{r[f'{prefix}_auc']:.3f}\n[{r[f'{prefix}_auc_ci_low']:.2f}, "
+                              f"{r[f'{prefix}_auc_ci_high']:.2f}]", ha="center", va="center", fontsize=8)
+        image = ax.imshow(grid, cmap="viridis", vmin=0.5, vmax=1.0, alpha=0.8)
+        ax.set(xticks=range(len(configs)), xticklabels=configs, yticks=range(len(archs)), yticklabels=archs,
+               title=f"AUC on {s['group']} (95% CI)")
+        ax.tick_params(axis="x", rotation=30)
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    return plots._save(fig, path)
+
+
+def read_predictions(runs_dir: Path, model: str, prefix: str) -> pd.DataFrame:
+    """One model's predictions on one evaluation set: path, y, prob_malignant, pred."""
+    s = EVAL_SETS[prefix]
+    path = Path(runs_dir) / model / "evaluation" / "predictions.csv"
+    df = pd.read_csv(path)
+    df = df[(df["dataset"] == s["dataset"]) & (df["split"] == s["split"])]
+    return df.assign(y=(df["label"] == "malignant").astype(int))[["path", "y", "prob_malignant", "pred"]]
+
+
+def mean_paired_auc_difference(y: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 1000,
+                               seed: int = 0) -> tuple[float, float, float]:
+    """Mean over pairs of AUC(a) - AUC(b), all on the same images and the same bootstrap resamples (for one pair
+    this is paired_auc_difference)."""
+    idx = bootstrap_indices(y, n_boot, seed)
+    diffs = np.mean([[roc_auc_score(y[i], a[i]) - roc_auc_score(y[i], b[i]) for i in idx] for a, b in pairs], axis=0)
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return float(np.mean([auc(y, a) - auc(y, b) for a, b in pairs])), float(lo), float(hi)
+
+
+def auc_changes(table: pd.DataFrame, runs_dir: Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """For each augmentation, evaluation set and architecture trained on both it and `original`: AUC(augmented) -
+    AUC(original) on the same images with a paired bootstrap 95% CI; plus the mean over those architectures."""
+    models = table[table["model"] != BASELINE].set_index(["arch", "config"])["model"]
+    rows = []
+    for prefix, s in EVAL_SETS.items():
+        for config in [c for c in CONFIGS if c != "original"]:
+            archs = [a for a in dict.fromkeys(models.index.get_level_values(0))
+                     if (a, config) in models.index and (a, "original") in models.index]
+            if not archs:
+                continue
+            wide = None
+            for arch in archs:
+                for c in ("original", config):
+                    p = read_predictions(runs_dir, models[(arch, c)], prefix)
+                    p = p[["path", "y", "prob_malignant"]].rename(columns={"prob_malignant": f"{arch}|{c}"})
+                    wide = p if wide is None else wide.merge(p, on=["path", "y"], how="outer", validate="1:1")
+            if wide.isna().any().any():
+                raise GridError(f"{s['group']}: the {config} and original models were not evaluated on the same "
+                                f"images")
+            y = wide["y"].to_numpy()
+            pairs = {a: (wide[f"{a}|{config}"].to_numpy(), wide[f"{a}|original"].to_numpy()) for a in archs}
+            common = {"config": config, "eval_set": s["group"], "n": len(y), "n_malignant": int(y.sum())}
+            for arch, (aug, orig) in pairs.items():
+                delta, lo, hi = paired_auc_difference(y, aug, orig, n_boot, seed)
+                rows.append({"arch": arch, **common, "auc_original": auc(y, orig), "auc_augmented": auc(y, aug),
+                             "auc_change": delta, "ci_low": lo, "ci_high": hi})
+            delta, lo, hi = mean_paired_auc_difference(y, list(pairs.values()), n_boot, seed)
+            rows.append({"arch": f"mean of {len(archs)}", **common,
+                         "auc_original": np.mean([auc(y, o) for _, o in pairs.values()]),
+                         "auc_augmented": np.mean([auc(y, a) for a, _ in pairs.values()]),
+                         "auc_change": delta, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows)
+
+
+def auc_change_plot(changes: pd.DataFrame, path: Path) -> Path:
+    """Forest plot: each augmentation's change in AUC against `original` with its 95% CI, per evaluation set."""
+    sets = list(dict.fromkeys(changes["eval_set"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 0.9 + 0.32 * len(changes) / len(sets)),
+                             squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], sets):
+        part = changes[changes["eval_set"] == name].reset_index(drop=True)
+        labels = [f"{r.config} / {r.arch}" for r in part.itertuples()]
+        ax.errorbar(part["auc_change"], range(len(part)), xerr=[part["auc_change"] - part["ci_low"],
+                                                                  part["ci_high"] - part["auc_change"]],
+                    fmt="o", capsize=3)
+        ax.axvline(0, color="k", lw=0.8, ls="--")
+        ax.set(yticks=range(len(part)), yticklabels=labels, xlabel="AUC(augmented) - AUC(original)",
+               title=f"{name} (paired bootstrap 95% CI)")
+        ax.invert_yaxis()
+    return plots._save(fig, path)
+
+
+def confusion_matrix_pngs(table: pd.DataFrame, runs_dir: Path, out_dir: Path) -> list[Path]:
+    """One PNG per model: its confusion matrix on each evaluation set at the val-chosen threshold."""
+    written = []
+    for model in table.loc[table["model"] != BASELINE, "model"]:
+        panels = {}
+        for prefix, s in EVAL_SETS.items():
+            p = read_predictions(runs_dir, model, prefix)
+            panels[f"{model}\n{s['group']}"] = (p["y"], p["pred"])
+        written.append(plots.confusion_matrices(panels, Path(out_dir) / f"{model}.png"))
+    return written
+
+
+def gradcam_galleries(table: pd.DataFrame, runs_dir: Path, out_dir: Path, per_group: int, device) -> list[Path]:
+    """One Grad-CAM gallery per model (true positives, false negatives, false positives on HAM10000 test)."""
+    from classifiers.gradcam import write_gallery
+    from classifiers.models import load_classifier
+
+    written = []
+    for model in table.loc[table["model"] != BASELINE, "model"]:
+        classifier, meta = load_classifier(Path(runs_dir) / model / "best.safetensors")
+        p = read_predictions(runs_dir, model, "ham10000_test").reset_index(drop=True)
+        written.append(write_gallery(classifier.to(device), meta, p, meta["malignant_threshold"], per_group,
+                                     Path(out_dir) / f"{model}_ham10000_test.png"))
+    return written
+
+
+def markdown(df: pd.DataFrame, digits: int = 3) -> str:
+    """A pipe table (no extra dependency)."""
+    def cell(v: Any) -> str:
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """The grid table in words: 'AUC [CI]', sensitivity and specificity per evaluation set."""
+    out = table[["model"]].copy()
+    for prefix in EVAL_SETS:
+        out[f"{prefix} AUC [95% CI]"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
+                                         zip(table[f"{prefix}_auc"], table[f"{prefix}_auc_ci_low"],
+                                             table[f"{prefix}_auc_ci_high"])]
+        out[f"{prefix} sens"] = table[f"{prefix}_sensitivity"]
+        out[f"{prefix} spec"] = table[f"{prefix}_specificity"]
+    return out
+
+
+def write_report(path: Path, command: str, table: pd.DataFrame, changes: pd.DataFrame) -> None:
+    text = [f"# Classifier grid\n\nCommand: `{command}`\n", markdown(summary(table)), "",
+            "## Change in AUC against `original` (paired bootstrap 95% CI, same images)\n"]
+    cols = ["config", "arch", "eval_set", "n", "auc_original", "auc_augmented", "auc_change", "ci_low", "ci_high"]
+    text.append(markdown(changes[cols]) if len(changes) else "No augmented configuration has an `original` twin.")
+    atomic_write_text(path, "\n".join(text) + "\n")
+
+
+def as_paths(paths: list[os.PathLike]) -> list[str]:
+    return [str(p) for p in paths]
