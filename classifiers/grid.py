@@ -14,7 +14,6 @@ architectures with the same resamples); confusion matrices and Grad-CAM gallerie
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +112,8 @@ def grid_table(evaluation: pd.DataFrame) -> pd.DataFrame:
                                         "threshold": r.threshold, "threshold_split": r.threshold_split})
             row.update({f"{prefix}_{m}": getattr(r, m) for m in REPORTED})
     table = pd.DataFrame(list(rows.values()))
-    order = {c: i for i, c in enumerate(CONFIGS)}
-    models = table[table["model"] != BASELINE].sort_values(
-        ["config", "arch"], key=lambda col: col.map(order) if col.name == "config" else col)
+    order = {c: i for i, c in enumerate([*CONFIGS, *dict.fromkeys(evaluation["arch"])])}
+    models = table[table["model"] != BASELINE].sort_values(["config", "arch"], key=lambda col: col.map(order))
     return pd.concat([models, table[table["model"] == BASELINE]], ignore_index=True)
 
 
@@ -270,7 +268,3 @@ def write_report(path: Path, command: str, table: pd.DataFrame, changes: pd.Data
     cols = ["config", "arch", "eval_set", "n", "auc_original", "auc_augmented", "auc_change", "ci_low", "ci_high"]
     text.append(markdown(changes[cols]) if len(changes) else "No augmented configuration has an `original` twin.")
     atomic_write_text(path, "\n".join(text) + "\n")
-
-
-def as_paths(paths: list[os.PathLike]) -> list[str]:
-    return [str(p) for p in paths]

@@ -42,9 +42,8 @@ from data.atomic import atomic_write_csv  # noqa: E402
 from data.cache import build_cache  # noqa: E402
 from data.images import load_rgb, to_uint8  # noqa: E402
 from data.manifest import file_sha256, read_manifest  # noqa: E402
-from data.runtime import pick_device, setup_cpu  # noqa: E402
 from data.transforms import Preprocess, preprocess_meta  # noqa: E402
-from generators import save_grid  # noqa: E402
+from generators import add_device_args, device_from_args, save_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 Extractor = Callable[[torch.Tensor], torch.Tensor]
@@ -226,8 +225,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--real-split", default="val", help="held-out real split to compare with (never fit)")
     p.add_argument("--extractor", default="classifier", choices=("classifier", "inception"),
                    help="feature extractor: a project classifier's penultimate features, or local Inception-v3")
-    p.add_argument("--classifier", default=str(ROOT / "runs" / "classifiers" / "densenet121_original_s0" /
-                                               "best.safetensors"), help="classifier checkpoint for --extractor classifier")
+    p.add_argument("--classifier", help="classifier checkpoint for --extractor classifier",
+                   default=str(ROOT / "runs" / "classifiers" / "densenet121_original_s0" / "best.safetensors"))
     p.add_argument("--max-per-class", type=int, default=1000, help="at most this many synthetic images per class")
     p.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds (precision/recall)")
     p.add_argument("--near-copy-percentile", type=float, default=1.0,
@@ -237,14 +236,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    help="memorisation table CSV (default: <out stem>_nearest.csv) and a PNG of the closest pairs")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets (KID, reference rows, caps)")
     p.add_argument("--batch-size", type=int, default=64, help="images per extractor call")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    add_device_args(p)
     a = p.parse_args(argv)
     if a.real_split == "fit":
         sys.exit("error: the generators trained on fit; compare with a held-out split")
-    device = pick_device(a.device)
-    if device.type == "cpu":
-        setup_cpu(a.threads)
+    device = device_from_args(a)
     extractor, size, name = (classifier_extractor(a.classifier, device) if a.extractor == "classifier"
                              else inception_extractor(device))
     df = read_manifest(a.manifest)
@@ -262,7 +258,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for column in ("synthetic", "nearest_fit_feature", "nearest_fit_pixel"):  # portable: relative to the repo
         table[column] = [os.path.relpath(p, ROOT) for p in table[column]]
     atomic_write_csv(nearest_out, table)
-    pairs = [to_uint8(load_rgb(path), size) for path in list(closest["synthetic"]) + list(closest["nearest_fit_feature"])]
+    paths = list(closest["synthetic"]) + list(closest["nearest_fit_feature"])
+    pairs = [to_uint8(load_rgb(path), size) for path in paths]
     save_grid(torch.from_numpy(np.stack(pairs)).permute(0, 3, 1, 2), nearest_out.with_suffix(".png"), nrow=len(closest))
     print(pd.DataFrame(rows).drop(columns=["extractor", "real_split", "k", "near_copy_percentile"]).to_string(
         index=False, float_format=lambda v: f"{v:.4g}"))

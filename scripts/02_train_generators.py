@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generators import train, upscaler  # noqa: E402
+from generators import add_device_args, train, upscaler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("dcgan", "upscaler")
@@ -30,24 +30,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(train.MODELS), choices=train.MODELS, help="what to train")
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "full"), help="see generators/train.py")
+    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"),
+                   help="manifest whose real fit rows train the models (its real val rows test the upscaler)")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "generators"),
+                   help="run folders go here as <model>_<preset>_s<seed>")
     p.add_argument("--ship-dir", default=str(ROOT / "checkpoints" / "generators"),
                    help=f"where the fp16 weights of {', '.join(SHIPPED)} go")
     p.add_argument("--results", default=str(ROOT / "results" / "generators" / "upscaler_vs_bicubic.csv"),
                    help="upscaler vs bicubic table")
     p.add_argument("--resume", action="store_true", help="continue each model's run from its state.pt")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    add_device_args(p)
     a = p.parse_args()
-    common = ["--preset", a.preset, "--seed", str(a.seed), "--device", a.device]
-    common += ["--threads", str(a.threads)] if a.threads else []
-    common += ["--resume"] if a.resume else []
+    device = ["--device", a.device, *(["--threads", str(a.threads)] if a.threads else [])]
+    common = ["--preset", a.preset, "--manifest", a.manifest, "--seed", str(a.seed), *device]
     for model in a.models:
         ship = ["--ship", str(Path(a.ship_dir) / model)] if model in SHIPPED else []
-        train.main(["--model", model, *common, *ship])
+        out = Path(a.runs_dir) / f"{model}_{a.preset}_s{a.seed}"
+        train.main(["--model", model, "--out", str(out), *common, *ship, *(["--resume"] if a.resume else [])])
     if "upscaler" in a.models:
-        upscaler.main(["--checkpoint", str(Path(a.ship_dir) / "upscaler.safetensors"), "--out", a.results,
-                       "--device", a.device, *(["--threads", str(a.threads)] if a.threads else [])])
+        upscaler.main(["--checkpoint", str(Path(a.ship_dir) / "upscaler.safetensors"), "--manifest", a.manifest,
+                       "--out", a.results, *device])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python scripts/03_build_configs.py
     python scripts/03_build_configs.py --generators dcgan --ratio 0.5 --out-dir runs/generators/manifests
     # one GPU (DDPM sampling becomes minutes)
-    python scripts/03_build_configs.py --device cuda --batch-size 256 --ddpm runs/generators/ddpm_full_s0/model.safetensors
+    python scripts/03_build_configs.py --device cuda --batch-size 256 \
+        --ddpm runs/generators/ddpm_full_s0/model.safetensors
     # several GPUs: sample each generator on its own GPU with generators/sample.py, then run this (it reuses files)
 
 For each generator whose checkpoint exists, as many images per class as balancing the real `fit` split needs
@@ -23,8 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.manifest import read_manifest  # noqa: E402
-from data.runtime import pick_device, setup_cpu  # noqa: E402
-from generators import configs, ddpm, sample  # noqa: E402
+from generators import add_device_args, configs, ddpm, device_from_args, sample  # noqa: E402
 from generators.upscaler import load_upscaler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,12 +50,9 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="DDPM: bf16 autocast while sampling")
     p.add_argument("--batch-size", type=int, default=64, help="images per generator call")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the choice of synthetic rows")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    add_device_args(p)
     a = p.parse_args()
-    device = pick_device(a.device)
-    if device.type == "cpu":
-        setup_cpu(a.threads)
+    device = device_from_args(a)
     counts = {k: n for k, n in configs.needed(read_manifest(a.original), a.ratio).items() if n > 0}
     print(f"synthetic images needed per class: {counts}")
     up = load_upscaler(a.upscaler)[0].to(device) if Path(a.upscaler).is_file() else None

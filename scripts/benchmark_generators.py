@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from data.runtime import pick_device, setup_cpu  # noqa: E402
-from generators import ddpm  # noqa: E402
+from generators import add_device_args, ddpm, device_from_args  # noqa: E402
 from generators.train import MODELS, build_trainer, parse_args as train_args  # noqa: E402
 from generators.upscaler import upscale  # noqa: E402
 
@@ -48,12 +47,9 @@ def main() -> None:
     p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--ddpm-steps", type=int, default=1000, help="ancestral DDPM steps (1000: the full chain)")
     p.add_argument("--skip-train", action="store_true", help="only time sampling")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    add_device_args(p)
     a = p.parse_args()
-    device = pick_device(a.device)
-    if device.type == "cpu":
-        setup_cpu(a.threads)
+    device = device_from_args(a)
     print(f"device {device}, {torch.get_num_threads()} threads, preset {a.preset}")
     gen = torch.Generator().manual_seed(0)
     trainers = {}
@@ -76,7 +72,8 @@ def main() -> None:
     ddpm.generate(unet, labels, gen, "ddim", 1, autocast=autocast)  # warm-up
     rates = {}
     for sampler, steps, repeat in (("ddim", a.ddim_steps, 3), ("ddpm", a.ddpm_steps, 1)):  # median of 3: DDIM is short
-        seconds = timed(lambda: ddpm.generate(unet, labels, gen, sampler, steps, autocast=autocast), repeat, warmup=False)
+        seconds = timed(lambda: ddpm.generate(unet, labels, gen, sampler, steps, autocast=autocast), repeat,
+                        warmup=False)
         rates[sampler] = a.sample_batch / seconds
     print(f"sample DDIM-{a.ddim_steps}: {rates['ddim']:.3f} images/s | DDPM-{a.ddpm_steps}: {rates['ddpm']:.4f} "
           f"images/s | DDIM is {rates['ddim'] / rates['ddpm']:.1f}x faster (batch {a.sample_batch}, bf16 {autocast})")

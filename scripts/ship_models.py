@@ -112,16 +112,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classifier", required=True, help="trained classifier checkpoint (a run's best.safetensors)")
     p.add_argument("--vae", required=True, help="trained VAE checkpoint (a run's best.safetensors)")
     p.add_argument("--out", default=str(ROOT / "checkpoints"), help="folder for the shipped files")
+    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"),
+                   help="manifest with the calib, test and external splits")
+    p.add_argument("--results-dir", default=str(ROOT / "results"), help="where the evaluation outputs go")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (evaluation)")
     a = p.parse_args(argv)
     out = Path(a.out)
     cls_path, vae_path = out / "densenet121.safetensors", out / "convvae.safetensors"
     ship(a.classifier, cls_path, load_classifier)
     ship(a.vae, vae_path, load_vae)
-    calibration = calibrate.main(["--vae", str(vae_path), "--device", a.device])
+    results, data = Path(a.results_dir), ["--manifest", a.manifest]
+    calibration = calibrate.main(["--vae", str(vae_path), "--device", a.device, "--out",
+                                  str(results / "vae_calibration"), *data])
     cls_metrics = evaluate.main(["--checkpoint", str(cls_path), "--name", "densenet121", "--device", a.device,
-                                 "--out", str(ROOT / "results" / "classifier")])
-    hybrid = evaluate_hybrid.main(["--classifier", str(cls_path), "--vae", str(vae_path)])
+                                 "--out", str(results / "classifier"), *data])
+    hybrid = evaluate_hybrid.main(["--classifier", str(cls_path), "--vae", str(vae_path), "--out",
+                                   str(results / "hybrid"), *data])
     command = "python scripts/ship_models.py " + " ".join(f"--{k} {v}" for k, v in (("classifier", a.classifier),
                                                                                      ("vae", a.vae)))
     card = model_card(load_classifier(cls_path)[1], load_vae(vae_path)[1], cls_metrics, hybrid, calibration, command)

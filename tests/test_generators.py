@@ -239,7 +239,8 @@ def smoke_checkpoints(manifest, tmp_path) -> dict[str, Path]:
 
 def test_sample_cli_writes_pngs_and_a_manifest(smoke_checkpoints, tmp_path):
     up = str(smoke_checkpoints["upscaler"])
-    cases = [("dcgan", [], 64), ("dcgan_up", ["--upscale", up], 128), ("ddpm_up", ["--steps", "2", "--upscale", up], 128)]
+    cases = [("dcgan", [], 64), ("dcgan_up", ["--upscale", up], 128),
+             ("ddpm_up", ["--steps", "2", "--upscale", up], 128)]
     for source, extra, size in cases:
         kind = source.removesuffix("_up")
         out = tmp_path / "syn" / source
@@ -327,7 +328,8 @@ def test_memorisation_flags_copies_of_training_images():
     fit, held_out = rng.normal(size=(200, 8)), rng.normal(size=(100, 8))
     syn = np.concatenate([fit[:3] + 1e-6, rng.normal(size=(20, 8))])
     table = quality.memorisation({"feature": syn}, {"feature": fit}, {"feature": held_out}, percentile=1.0)
-    assert table["near_copy_feature"].tolist()[:3] == [True] * 3 and table["nearest_fit_feature"].tolist()[:3] == [0, 1, 2]
+    assert table["near_copy_feature"].tolist()[:3] == [True] * 3
+    assert table["nearest_fit_feature"].tolist()[:3] == [0, 1, 2]
     assert table["near_copy_feature"].sum() <= 4
 
 

@@ -122,3 +122,12 @@ def test_cli_subprocess_prints_no_traceback(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode in (1, 3)  # 3 when the shipped checkpoints are absent: checked before the image is read
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+
+
+@pytest.mark.real_data
+def test_gradcam_overlay_is_written(capsys, models, real_images, tmp_path):
+    overlay = tmp_path / "cam.png"
+    code, out, _ = run(capsys, "--image", str(real_images[3]), "--gradcam", str(overlay), *models)
+    assert code == 0 and "explanation aid" in out
+    with Image.open(overlay) as img:
+        assert img.mode == "RGB" and min(img.size) > 0

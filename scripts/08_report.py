@@ -1,0 +1,79 @@
+"""Step 8: the grid report: metrics per model, AUC heatmap, change in AUC per augmentation, confusion matrices, Grad-CAM.
+
+    # CPU: a few minutes for 30 models (Grad-CAM is most of it; --gradcam-per-group 0 skips it)
+    python scripts/08_report.py
+    python scripts/08_report.py --results-dir /tmp/smoke/results --runs-dir /tmp/smoke/runs/classifiers
+    # one GPU: add --device cuda (only Grad-CAM uses it). Several GPUs: not worth it.
+
+Reads <results-dir>/models_evaluation/grid_evaluation.csv (written by step 4) and each model's
+<runs-dir>/<model>/evaluation/predictions.csv and best.safetensors. Writes to <results-dir>:
+- models_evaluation/grid_metrics.csv: one row per model (and the all-malignant baseline): AUC with its bootstrap
+  95% CI, sensitivity and specificity at the threshold chosen on `val`, on HAM10000 `test` and ISIC 2017 `val`;
+- models_evaluation/grid_auc_heatmap.png: AUC, architecture x configuration;
+- models_evaluation/auc_change_vs_original.csv and .png: for each augmentation, AUC(augmented) - AUC(original) on
+  the same images with a paired bootstrap 95% CI, per architecture and averaged over architectures;
+- models_evaluation/grid_report.md: the command and both tables;
+- confusion_matrices/<model>.png and gradcam_outputs/<model>_ham10000_test.png.
+Nothing is chosen here: thresholds come from each checkpoint's sidecar (chosen on `val` during training).
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd  # noqa: E402
+
+from classifiers import grid  # noqa: E402
+from data.atomic import atomic_write_csv  # noqa: E402
+from data.runtime import pick_device, setup_cpu  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", default=str(ROOT / "results"), help="reads models_evaluation/grid_evaluation.csv "
+                   "here and writes every output under it")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "classifiers"), help="the grid's run folders (step 4)")
+    p.add_argument("--gradcam-per-group", type=int, default=6,
+                   help="Grad-CAM images per outcome (TP, FN, FP) in each gallery; 0 skips the galleries")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the paired AUC differences")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N (Grad-CAM)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    a = p.parse_args(argv)
+    results, runs = Path(a.results_dir), Path(a.runs_dir)
+    source = results / "models_evaluation" / "grid_evaluation.csv"
+    if not source.is_file():
+        sys.exit(f"error: {source} not found: run step 4 (scripts/04_train_classifiers.py) first")
+    device = pick_device(a.device)
+    if device.type == "cpu":
+        setup_cpu(a.threads)
+    out = results / "models_evaluation"
+    try:
+        table = grid.grid_table(pd.read_csv(source))
+        atomic_write_csv(out / "grid_metrics.csv", table)
+        grid.auc_heatmap(table, out / "grid_auc_heatmap.png")
+        changes = grid.auc_changes(table, runs, a.n_boot, a.seed)
+        atomic_write_csv(out / "auc_change_vs_original.csv", changes)
+        if len(changes):
+            grid.auc_change_plot(changes, out / "auc_change_vs_original.png")
+        grid.confusion_matrix_pngs(table, runs, results / "confusion_matrices")
+        if a.gradcam_per_group:
+            grid.gradcam_galleries(table, runs, results / "gradcam_outputs", a.gradcam_per_group, device)
+    except (grid.GridError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+    command = "python scripts/08_report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    grid.write_report(out / "grid_report.md", command.strip(), table, changes)
+    print(grid.markdown(grid.summary(table)))
+    print(f"wrote {out}/grid_metrics.csv, grid_auc_heatmap.png, auc_change_vs_original.csv, grid_report.md; "
+          f"{results / 'confusion_matrices'}; {results / 'gradcam_outputs'}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
