@@ -29,7 +29,7 @@ from classifiers.evaluate import evaluation_groups  # noqa: E402
 from data.atomic import atomic_write_csv, atomic_write_text  # noqa: E402
 from data.manifest import file_sha256  # noqa: E402
 from evaluation import plots  # noqa: E402
-from evaluation.metrics import auc, bootstrap_indices, paired_auc_difference  # noqa: E402
+from evaluation.metrics import auc, bootstrap_indices  # noqa: E402
 from generators.configs import CONFIGS  # noqa: E402
 
 BASELINE = "all_malignant_baseline"
@@ -152,48 +152,54 @@ def read_predictions(runs_dir: Path, model: str, prefix: str) -> pd.DataFrame:
     return df.assign(y=(df["label"] == "malignant").astype(int))[["path", "y", "prob_malignant", "pred"]]
 
 
-def mean_paired_auc_difference(y: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 1000,
-                               seed: int = 0) -> tuple[float, float, float]:
-    """Mean over pairs of AUC(a) - AUC(b), all on the same images and the same bootstrap resamples (for one pair
-    this is paired_auc_difference)."""
-    idx = bootstrap_indices(y, n_boot, seed)
-    diffs = np.mean([[roc_auc_score(y[i], a[i]) - roc_auc_score(y[i], b[i]) for i in idx] for a, b in pairs], axis=0)
-    lo, hi = np.quantile(diffs, [0.025, 0.975])
-    return float(np.mean([auc(y, a) - auc(y, b) for a, b in pairs])), float(lo), float(hi)
+def bootstrap_aucs(y: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """The AUC on each seeded resample of evaluation.metrics.bootstrap_indices: the resamples depend on the labels
+    only, so two models scored on the same images get the same ones, and their difference is the paired bootstrap
+    of paired_auc_difference."""
+    return np.array([roc_auc_score(y[i], score[i]) for i in bootstrap_indices(y, n_boot, seed)])
+
+
+def _change(y: np.ndarray, augmented: list[np.ndarray], original: list[np.ndarray],
+            boot_aug: list[np.ndarray], boot_orig: list[np.ndarray]) -> dict[str, float]:
+    """Mean over architectures of AUC(augmented) - AUC(original), with the 95% CI of the same mean over resamples."""
+    a, o = np.mean([auc(y, s) for s in augmented]), np.mean([auc(y, s) for s in original])
+    lo, hi = np.quantile(np.mean(boot_aug, axis=0) - np.mean(boot_orig, axis=0), [0.025, 0.975])
+    return {"auc_original": o, "auc_augmented": a, "auc_change": a - o, "ci_low": float(lo), "ci_high": float(hi)}
 
 
 def auc_changes(table: pd.DataFrame, runs_dir: Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """For each augmentation, evaluation set and architecture trained on both it and `original`: AUC(augmented) -
-    AUC(original) on the same images with a paired bootstrap 95% CI; plus the mean over those architectures."""
+    AUC(original) on the same images with a paired bootstrap 95% CI; then the mean over those architectures, its CI
+    from the same resamples. Every model's bootstrap AUCs are computed once."""
     models = table[table["model"] != BASELINE].set_index(["arch", "config"])["model"]
     rows = []
     for prefix, s in EVAL_SETS.items():
+        wide = None
+        for model in models:
+            p = read_predictions(runs_dir, model, prefix)[["path", "y", "prob_malignant"]]
+            p = p.rename(columns={"prob_malignant": model})
+            wide = p if wide is None else wide.merge(p, on=["path", "y"], how="outer", validate="1:1")
+        if wide is None or wide.isna().any().any():
+            raise GridError(f"{s['group']}: the models were not all evaluated on the same images")
+        y = wide["y"].to_numpy()
+        boots: dict[str, np.ndarray] = {}
+
+        def scores(model: str) -> tuple[np.ndarray, np.ndarray]:
+            if model not in boots:
+                boots[model] = bootstrap_aucs(y, wide[model].to_numpy(), n_boot, seed)
+            return wide[model].to_numpy(), boots[model]
+
         for config in [c for c in CONFIGS if c != "original"]:
             archs = [a for a in dict.fromkeys(models.index.get_level_values(0))
                      if (a, config) in models.index and (a, "original") in models.index]
-            if not archs:
-                continue
-            wide = None
-            for arch in archs:
-                for c in ("original", config):
-                    p = read_predictions(runs_dir, models[(arch, c)], prefix)
-                    p = p[["path", "y", "prob_malignant"]].rename(columns={"prob_malignant": f"{arch}|{c}"})
-                    wide = p if wide is None else wide.merge(p, on=["path", "y"], how="outer", validate="1:1")
-            if wide.isna().any().any():
-                raise GridError(f"{s['group']}: the {config} and original models were not evaluated on the same "
-                                f"images")
-            y = wide["y"].to_numpy()
-            pairs = {a: (wide[f"{a}|{config}"].to_numpy(), wide[f"{a}|original"].to_numpy()) for a in archs}
+            pairs = {a: (*scores(models[(a, config)]), *scores(models[(a, "original")])) for a in archs}
             common = {"config": config, "eval_set": s["group"], "n": len(y), "n_malignant": int(y.sum())}
-            for arch, (aug, orig) in pairs.items():
-                delta, lo, hi = paired_auc_difference(y, aug, orig, n_boot, seed)
-                rows.append({"arch": arch, **common, "auc_original": auc(y, orig), "auc_augmented": auc(y, aug),
-                             "auc_change": delta, "ci_low": lo, "ci_high": hi})
-            delta, lo, hi = mean_paired_auc_difference(y, list(pairs.values()), n_boot, seed)
-            rows.append({"arch": f"mean of {len(archs)}", **common,
-                         "auc_original": np.mean([auc(y, o) for _, o in pairs.values()]),
-                         "auc_augmented": np.mean([auc(y, a) for a, _ in pairs.values()]),
-                         "auc_change": delta, "ci_low": lo, "ci_high": hi})
+            for arch, (aug, boot_aug, orig, boot_orig) in pairs.items():
+                rows.append({"arch": arch, **common, **_change(y, [aug], [orig], [boot_aug], [boot_orig])})
+            if len(archs) > 1:
+                aug, boot_aug, orig, boot_orig = (list(column) for column in zip(*pairs.values()))
+                rows.append({"arch": f"mean of {len(archs)}", **common,
+                             **_change(y, aug, orig, boot_aug, boot_orig)})
     return pd.DataFrame(rows)
 
 

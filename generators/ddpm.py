@@ -4,7 +4,7 @@ The default UNet (channels 32/64/128/256, one ResNet layer per block, self-atten
 has about 10M parameters: the diffusers default (114M) trains at about 2.5 images/s on a CPU, this one several times
 faster. The network predicts the noise (epsilon objective, MSE) under a cosine noise schedule of 1000 steps.
 Sampling runs either the full 1000-step ancestral DDPM chain or DDIM (Song et al., 2021) with far fewer steps
-(50 by default, deterministic with eta=0) from the same weights; the EMA weights are the ones shipped and sampled.
+(50 by default, deterministic with eta=0) from the same weights; the EMA weights are the ones exported and sampled.
 """
 from __future__ import annotations
 

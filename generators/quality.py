@@ -13,8 +13,10 @@ not the TF-Inception FID of the literature either). Synthetic images are compare
 held-out split (`val` by default); the real images are first resized to the synthetic images' size, so a 64-px
 generator is not penalised for its resolution, and both then go to the extractor's input size the same way.
 
-- FID (Heusel et al., 2017): Frechet distance of Gaussians fitted to the features. Biased by sample size: compare
-  against the `real reference` row, two disjoint sets of real images (fit vs the held-out split) of the same size.
+- FID (Heusel et al., 2017): Frechet distance of Gaussians fitted to the features. It depends on the sample size and
+  the feature scale: read it against the `real reference` row, real images of a second held-out split (`calib`)
+  against the same images, scored with as many images as the synthetic row. Not `fit`: a classifier extractor
+  trained on fit maps its own training images differently from unseen ones.
 - KID (Binkowski et al., 2018): unbiased MMD^2 with the cubic polynomial kernel, mean and std over subsets.
 - Precision / recall (Kynkaenniemi et al., 2019): the share of synthetic images inside the k-NN balls of real
   features, and of real images inside the balls of synthetic features.
@@ -183,12 +185,17 @@ def scores(generated: np.ndarray, real: np.ndarray, k: int = 3, seed: int = 0) -
     return {"fid": fid(generated, real), "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall}
 
 
-def evaluate(syn_rows: pd.DataFrame, real_rows: pd.DataFrame, fit_rows: pd.DataFrame, extractor: Extractor,
-             size: int, k: int = 3, percentile: float = 1.0, seed: int = 0,
+def evaluate(syn_rows: pd.DataFrame, real_rows: pd.DataFrame, ref_rows: pd.DataFrame, fit_rows: pd.DataFrame,
+             extractor: Extractor, size: int, k: int = 3, percentile: float = 1.0, seed: int = 0,
              batch_size: int = 64) -> tuple[list[dict[str, Any]], pd.DataFrame]:
-    """Quality rows per (source, label), a real reference row per (label, size), and the memorisation table."""
+    """Quality rows per (source, label), a real reference row per (label, size), and the memorisation table.
+
+    Scores compare equally many images: the synthetic set is subsampled to the size of the reference set (real
+    images of another held-out split, unseen by the generators and by a classifier trained on fit), because FID
+    and the k-NN radii depend on the sample size. The memorisation check uses every synthetic image."""
     rows: list[dict[str, Any]] = []
-    tables, cache, references = [], {}, set()
+    tables, cache, done = [], {}, set()
+    rng = np.random.default_rng(seed)
 
     def feats(df: pd.DataFrame, via: int) -> tuple[np.ndarray, np.ndarray]:
         key = (tuple(df["path"]), via)
@@ -199,21 +206,25 @@ def evaluate(syn_rows: pd.DataFrame, real_rows: pd.DataFrame, fit_rows: pd.DataF
 
     for (source, label), syn in syn_rows.groupby(["source", "label"], sort=True):
         via = load_rgb(syn["path"].iloc[0]).width
-        real, fit = real_rows[real_rows["label"] == label], fit_rows[fit_rows["label"] == label]
+        real, ref, fit = (df[df["label"] == label] for df in (real_rows, ref_rows, fit_rows))
         (f_syn, t_syn), (f_real, t_real), (f_fit, t_fit) = feats(syn, via), feats(real, via), feats(fit, via)
+        f_ref = feats(ref, via)[0]
+        n = min(len(syn), len(ref))
         mem = memorisation({"feature": f_syn, "pixel": t_syn}, {"feature": f_fit, "pixel": t_fit},
                            {"feature": f_real, "pixel": t_real}, percentile)
         for space in ("feature", "pixel"):
             mem[f"nearest_fit_{space}"] = fit["path"].to_numpy()[mem[f"nearest_fit_{space}"]]
         tables.append(mem.assign(synthetic=list(syn["path"]), source=source, label=label))
-        rows.append({"source": source, "label": label, "n_synthetic": len(syn), "n_real": len(real), "via_size": via,
-                     **scores(f_syn, f_real, k, seed), "near_copies_feature": int(mem["near_copy_feature"].sum()),
+        pick = rng.choice(len(syn), n, replace=False)
+        rows.append({"source": source, "label": label, "n_scored": n, "n_real": len(real), "via_size": via,
+                     **scores(f_syn[pick], f_real, k, seed), "n_synthetic_checked": len(syn),
+                     "near_copies_feature": int(mem["near_copy_feature"].sum()),
                      "near_copies_pixel": int(mem["near_copy_pixel"].sum())})
-        if (label, via, len(syn)) not in references:  # the floor: as many real fit images against the same set
-            references.add((label, via, len(syn)))
-            ref = np.random.default_rng(seed).choice(len(fit), size=min(len(fit), len(syn)), replace=False)
-            rows.append({"source": "real reference (fit)", "label": label, "n_synthetic": len(ref),
-                         "n_real": len(real), "via_size": via, **scores(f_fit[ref], f_real, k, seed)})
+        if (label, via, n) not in done:  # the floor: real images the generator never saw, as many
+            done.add((label, via, n))
+            pick = rng.choice(len(ref), n, replace=False)
+            rows.append({"source": f"real reference ({ref['split'].iloc[0]})", "label": label, "n_scored": n,
+                         "n_real": len(real), "via_size": via, **scores(f_ref[pick], f_real, k, seed)})
     return rows, pd.concat(tables, ignore_index=True)
 
 
@@ -223,6 +234,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"),
                    help="manifest of the real images (fit: the generators' training set)")
     p.add_argument("--real-split", default="val", help="held-out real split to compare with (never fit)")
+    p.add_argument("--reference-split", default="calib",
+                   help="another held-out real split: the reference row (real against real, same sizes)")
     p.add_argument("--extractor", default="classifier", choices=("classifier", "inception"),
                    help="feature extractor: a project classifier's penultimate features, or local Inception-v3")
     p.add_argument("--classifier", help="classifier checkpoint for --extractor classifier",
@@ -238,32 +251,35 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--batch-size", type=int, default=64, help="images per extractor call")
     add_device_args(p)
     a = p.parse_args(argv)
-    if a.real_split == "fit":
-        sys.exit("error: the generators trained on fit; compare with a held-out split")
+    if "fit" in (a.real_split, a.reference_split) or a.real_split == a.reference_split:
+        sys.exit("error: --real-split and --reference-split must be two different held-out splits (not fit)")
     device = device_from_args(a)
     extractor, size, name = (classifier_extractor(a.classifier, device) if a.extractor == "classifier"
                              else inception_extractor(device))
     df = read_manifest(a.manifest)
-    real = df[(df["split"] == a.real_split) & (df["source"] == "real")]
-    fit = df[(df["split"] == "fit") & (df["source"] == "real")]
+    real, ref, fit = (df[(df["split"] == split) & (df["source"] == "real")]
+                      for split in (a.real_split, a.reference_split, "fit"))
     syn = pd.concat([read_manifest(s) for s in a.synthetic], ignore_index=True)
     syn = syn.sample(frac=1.0, random_state=a.seed).groupby(["source", "label"]).head(a.max_per_class)
-    rows, table = evaluate(syn, real, fit, extractor, size, a.k, a.near_copy_percentile, a.seed, a.batch_size)
+    rows, table = evaluate(syn, real, ref, fit, extractor, size, a.k, a.near_copy_percentile, a.seed, a.batch_size)
     for row in rows:
         row |= {"extractor": name, "real_split": a.real_split, "k": a.k, "near_copy_percentile": a.near_copy_percentile}
     atomic_write_csv(a.out, pd.DataFrame(rows))
     nearest_out = Path(a.nearest_out or Path(a.out).with_name(Path(a.out).stem + "_nearest.csv"))
+    paths = []
+    for space in ("feature", "pixel"):  # rows: closest synthetic images, then their fit matches, per space
+        closest = table.nsmallest(8, f"{space}_distance")
+        paths += list(closest["synthetic"]) + list(closest[f"nearest_fit_{space}"])
+    pairs = np.stack([to_uint8(load_rgb(path), size) for path in paths])
+    save_grid(torch.from_numpy(pairs).permute(0, 3, 1, 2), nearest_out.with_suffix(".png"), nrow=8)
     table = table.sort_values("feature_distance")
-    closest = table.head(8)
     for column in ("synthetic", "nearest_fit_feature", "nearest_fit_pixel"):  # portable: relative to the repo
         table[column] = [os.path.relpath(p, ROOT) for p in table[column]]
     atomic_write_csv(nearest_out, table)
-    paths = list(closest["synthetic"]) + list(closest["nearest_fit_feature"])
-    pairs = [to_uint8(load_rgb(path), size) for path in paths]
-    save_grid(torch.from_numpy(np.stack(pairs)).permute(0, 3, 1, 2), nearest_out.with_suffix(".png"), nrow=len(closest))
     print(pd.DataFrame(rows).drop(columns=["extractor", "real_split", "k", "near_copy_percentile"]).to_string(
         index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"wrote {a.out} and {nearest_out} (+ .png: the 8 synthetic images closest to a fit image, above their match)")
+    print(f"wrote {a.out} and {nearest_out} (+ .png: rows 1-2 the 8 synthetic images closest to a fit image in "
+          "features above their matches, rows 3-4 the same in pixels)")
     return rows
 
 

@@ -8,7 +8,7 @@
 
 The network is SRResNet-style (Ledig et al., 2017) and small: a 3x3 head, residual blocks (conv-ReLU-conv), a 3x3
 tail to 3*scale^2 channels and a pixel shuffle. It predicts the residual over bicubic upsampling, and its tail
-starts at zero, so an untrained model is exactly bicubic and training can only have to earn its improvement.
+starts at zero, so an untrained model is exactly bicubic and any gain over bicubic is earned by training.
 Pairs are real images (the 128-px cache of `fit`) and their bicubic downscales; bicubic here is torch's
 antialiased bicubic, which follows PIL's kernel (the resize the rest of the project uses).
 

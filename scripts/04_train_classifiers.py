@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="budget and default grid (scripts/presets.py)")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS),
+                   help="budget and default grid (scripts/presets.py)")
     p.add_argument("--archs", nargs="+", default=None, help="architectures (default: the preset's)")
     p.add_argument("--configs", nargs="+", default=None, help="dataset configurations (default: the preset's)")
     p.add_argument("--manifest-dir", default=str(ROOT / "data" / "manifests"), help="folder of <config>.csv")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default=str(ROOT / "results" / "models_evaluation" / "grid_evaluation.csv"),
                    help="evaluation table of every finished model (rebuilt after each model)")
     p.add_argument("--eval-sets", nargs="+", default=[s["group"] for s in grid.EVAL_SETS.values()],
-                   help="evaluation groups each model is scored on")
+                   help="evaluation groups each model is scored on (step 8 reports these two)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every model")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")

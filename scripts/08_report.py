@@ -1,4 +1,4 @@
-"""Step 8: the grid report: metrics per model, AUC heatmap, change in AUC per augmentation, confusion matrices, Grad-CAM.
+"""Step 8: the grid report: per-model metrics, AUC heatmap, AUC change per augmentation, confusion matrices, Grad-CAM.
 
     # CPU: a few minutes for 30 models (Grad-CAM is most of it; --gradcam-per-group 0 skips it)
     python scripts/08_report.py

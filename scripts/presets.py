@@ -3,11 +3,13 @@
 `run_pipeline.py` runs `steps(...)` in order; `04_train_classifiers.py` and `05_train_vae.py` read their budget from
 `PRESETS` by name, so a preset means the same thing whether a step is run alone or by the pipeline.
 
-- smoke: a small real subset (`SMOKE_SUBSET` images per split), 32-px inputs, one epoch, 2 architectures x 2
-  configurations, the generators' own smoke preset. Minutes on 2 CPU cores; the test suite runs it.
+- smoke: a small real subset (SMOKE_SUBSET: 64 fit, 32 val, 32 calib, 48 HAM10000 test, 48 ISIC 2017 val images),
+  32-px inputs, one epoch, 2 architectures x 2 configurations, the generators' own smoke preset, DDIM-5 sampling,
+  200 bootstrap resamples in the report. About 3 minutes on 2 busy CPU cores; the test suite runs it.
 - cpu: the 30-model grid (6 architectures x 5 configurations, 128 px, 3 epochs each, no early stopping, so every
-  model gets the same budget). Estimated about 6 hours on 2 idle cores for step 4 from the measured speeds in
-  NOTES.md and results/benchmarks/training_throughput.csv (not measured end to end); generators about 3 hours more.
+  model gets the same budget). Step 4 is estimated at about 6 hours on 2 idle cores from NOTES.md (DenseNet-121,
+  66 images/s) and the relative speeds in results/benchmarks/training_throughput.csv; not measured end to end.
+  Steps 2 and 3 (generators, DDPM sampling) take several hours more (see their docstrings).
 - full: paper scale on one GPU (224 px, 30 epochs); not run on this machine.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
@@ -36,21 +38,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "classifier": {"archs": ["densenet121", "medvit"], "configs": ["original", "dcgan_aug"],
                        "budget": {"img_size": 32, "epochs": 1, "patience": 1, "batch_size": 8, "limit": 64}},
         "vae": {"img_size": 32, "latent_dim": 16, "epochs": 1, "batch_size": 8, "limit": 64},
-        "gradcam_per_group": 2},
+        "report": {"gradcam_per_group": 2, "n_boot": 200}},
     "cpu": {
         "subset": None,
         "ddpm_steps": 50,
         "classifier": {"archs": ALL_ARCHS, "configs": ALL_CONFIGS,
                        "budget": {"img_size": 128, "epochs": 3, "patience": 3, "batch_size": 32}},
         "vae": {"img_size": 128, "latent_dim": 512, "epochs": 6, "batch_size": 32},
-        "gradcam_per_group": 6},
+        "report": {"gradcam_per_group": 6, "n_boot": 1000}},
     "full": {
         "subset": None,
         "ddpm_steps": 50,
         "classifier": {"archs": ALL_ARCHS, "configs": ALL_CONFIGS,
                        "budget": {"img_size": 224, "epochs": 30, "patience": 8, "batch_size": 64}},
         "vae": {"img_size": 128, "latent_dim": 512, "epochs": 30, "batch_size": 128},
-        "gradcam_per_group": 8},
+        "report": {"gradcam_per_group": 8, "n_boot": 1000}},
 }
 
 
@@ -76,11 +78,11 @@ def subset_manifest(src: str | os.PathLike, dst: str | os.PathLike, sizes: dict[
 
 @dataclass
 class Step:
-    """One pipeline step: actions (argv lists run as `python <argv>` from the repository, or Python callables),
+    """One pipeline step: actions (argv lists run as `python <argv>` from the repository, or Python calls),
     the files whose content decides whether it must run again, and the files it must leave behind."""
     number: int
     name: str
-    actions: list[list[str] | Callable[[], Any]]
+    actions: list[list[str] | partial]
     inputs: list[Path]
     outputs: list[Path]
     device: bool = True  # its scripts take --device (appended at run time, not part of the step's identity)
@@ -125,7 +127,7 @@ def steps(preset: str, work_dir: str | os.PathLike, data_root: str | os.PathLike
     cls = p["classifier"]
     data = Path(data_root).resolve()
     labels = [data / "ham10000" / "labels.csv", data / "isic2017" / "labels.csv"]
-    prepare: list[list[str] | Callable[[], Any]]
+    prepare: list[list[str] | partial]
     if p["subset"]:
         full = at.manifests / "full.csv"
         prepare = [[script("01_prepare_data.py"), "--data-root", str(data), "--out", str(full), "--seed", str(seed)],
@@ -178,7 +180,7 @@ def steps(preset: str, work_dir: str | os.PathLike, data_root: str | os.PathLike
              [at.results / "hybrid" / "comparison_metrics.csv"]),
         Step(8, "report",
              [[script("08_report.py"), "--results-dir", str(at.results), "--runs-dir", str(at.runs / "classifiers"),
-               "--gradcam-per-group", str(p["gradcam_per_group"])]],
+               *flags(p["report"])]],
              [at.grid_evaluation],
              [at.results / "models_evaluation" / "grid_metrics.csv",
               at.results / "models_evaluation" / "grid_auc_heatmap.png"]),
@@ -198,5 +200,5 @@ def describe() -> str:
                   f"  classifiers: {len(c['archs'])} architectures ({', '.join(c['archs'])}) x {len(c['configs'])} "
                   f"configurations ({', '.join(c['configs'])}); each " + " ".join(flags(c["budget"])),
                   "  VAE: " + " ".join(flags(p["vae"])),
-                  f"  report: {p['gradcam_per_group']} Grad-CAM images per outcome"]
+                  "  report: " + " ".join(flags(p["report"]))]
     return "\n".join(lines)

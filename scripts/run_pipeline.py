@@ -70,6 +70,15 @@ def up_to_date(layout: Layout, step: Step) -> tuple[bool, str]:
     return True, f"up to date ({path.name})"
 
 
+def write_stamp(layout: Layout, step: Step, seconds: float) -> None:
+    """After the step: its key is computed now, so a step that updates one of its inputs (step 6 writes the
+    threshold into the VAE sidecar) is up to date with the updated file."""
+    atomic_write_text(stamp_path(layout, step), json.dumps(
+        {"step": step.number, "name": step.name, "key": step_key(step), "seconds": round(seconds, 1),
+         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+         "outputs": [str(o) for o in step.outputs]}, indent=2) + "\n")
+
+
 def run_step(step: Step, device: str, env: dict[str, str]) -> None:
     for action in step.actions:
         if not isinstance(action, list):
@@ -126,10 +135,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         t0 = time.perf_counter()
         run_step(step, a.device, env)
         seconds = time.perf_counter() - t0
-        atomic_write_text(stamp_path(layout, step), json.dumps(
-            {"step": step.number, "name": step.name, "preset": a.preset, "key": step_key(step),
-             "seconds": round(seconds, 1), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "outputs": [str(o) for o in step.outputs]}, indent=2) + "\n")
+        write_stamp(layout, step, seconds)
         print(f"[{step.number}/8 {step.name}] done in {seconds:.0f} s", flush=True)
         ran.append(step.name)
     print(f"pipeline ({a.preset}) in {layout.work}: ran {len(ran)} of {len(selected)} selected steps "

@@ -345,11 +345,12 @@ def test_quality_cli_with_a_classifier_extractor(manifest, tmp_path):
     quality.main(["--synthetic", *lists, "--manifest", str(manifest), "--classifier", str(tmp_path / "clf.safetensors"),
                   "--out", str(out), "--threads", "1", "--k", "1"])
     df = pd.read_csv(out)
-    assert set(df["source"]) == {"dcgan", "dcgan_up", "real reference (fit)"}
+    assert set(df["source"]) == {"dcgan", "dcgan_up", "real reference (calib)"}
+    assert (df["n_scored"] == 2).all()  # synthetic subsampled to the 2 calib images per class
     assert df["fid"].notna().all() and df["precision"].between(0, 1).all()
     nearest = pd.read_csv(tmp_path / "quality_nearest.csv")
     assert len(nearest) == 16 and nearest["nearest_fit_feature"].str.contains("fit_").all()
-    assert (tmp_path / "quality_nearest.png").is_file()
+    assert Image.open(tmp_path / "quality_nearest.png").size[1] > 4 * 32  # four rows of 32-px images
 
 
 @pytest.mark.real_data

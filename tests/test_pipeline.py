@@ -1,0 +1,206 @@
+"""The numbered pipeline: presets, stamps, grid bookkeeping, and the smoke preset end to end on real images.
+
+The end-to-end test starts `run_pipeline.py --preset smoke`, kills its whole process group while step 4 trains,
+runs the same command again (finished steps are skipped, the killed model resumes), checks every output, and runs
+it a third time (every step skipped). A few minutes on 2 cores with OMP_NUM_THREADS=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from classifiers import grid
+from data.manifest import file_sha256, read_manifest
+from evaluation.metrics import paired_auc_difference
+from scripts import run_pipeline
+from scripts.presets import ALL_ARCHS, ALL_CONFIGS, PRESETS, Layout, Step, steps
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = ROOT.parent / "shared" / "data"
+
+
+def test_presets_name_every_architecture_and_configuration():
+    from classifiers.models import list_models
+    from generators.configs import CONFIGS
+
+    assert sorted(ALL_ARCHS) == list_models()
+    assert ALL_CONFIGS == list(CONFIGS)
+    for name in ("cpu", "full"):
+        assert len(PRESETS[name]["classifier"]["archs"]) * len(PRESETS[name]["classifier"]["configs"]) == 30
+
+
+def test_every_step_writes_under_the_work_dir(tmp_path):
+    """Steps read the data root and the code, and write nowhere but the work directory."""
+    work, data = tmp_path / "work", tmp_path / "data"
+    for preset in PRESETS:
+        for step in steps(preset, work, data):
+            for path in step.outputs:
+                assert path.is_relative_to(work), (step.name, path)
+            for action in step.actions:
+                args = action if isinstance(action, list) else [str(a) for a in action.args]
+                for arg in args[1:]:
+                    if arg.startswith("/"):
+                        assert Path(arg).is_relative_to(work) or Path(arg).is_relative_to(data), (step.name, arg)
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def copy(source: Path, target: Path) -> None:
+    write(target, source.read_text())
+
+
+def test_a_step_is_up_to_date_until_an_input_or_output_changes(tmp_path):
+    layout = Layout(tmp_path)
+    source, product = tmp_path / "in.txt", tmp_path / "out" / "product.txt"
+    write(source, "a")
+    step = Step(3, "copy", [partial(copy, source, product)], [source], [product])
+    assert run_pipeline.up_to_date(layout, step) == (False, "never finished")
+    run_pipeline.run_step(step, "cpu", dict(os.environ))
+    run_pipeline.write_stamp(layout, step, 0.1)
+    assert run_pipeline.up_to_date(layout, step)[0]
+    product.unlink()
+    assert not run_pipeline.up_to_date(layout, step)[0]
+    run_pipeline.run_step(step, "cpu", dict(os.environ))
+    assert run_pipeline.up_to_date(layout, step)[0]
+    write(source, "b")
+    assert run_pipeline.up_to_date(layout, step) == (False, "its commands or inputs changed")
+    other = Step(3, "copy", [partial(write, product, "c")], [source], [product])
+    assert run_pipeline.step_key(other) != run_pipeline.step_key(step)
+
+
+def test_a_failing_step_stops_the_pipeline_with_its_name(tmp_path):
+    step = Step(2, "broken", [["-c", "raise SystemExit(3)"]], [], [tmp_path / "never.txt"], device=False)
+    with pytest.raises(SystemExit, match="step 2 \\(broken\\) failed with exit code 3"):
+        run_pipeline.run_step(step, "cpu", dict(os.environ))
+    step = Step(2, "silent", [["-c", "pass"]], [], [tmp_path / "never.txt"], device=False)
+    with pytest.raises(SystemExit, match="without writing"):
+        run_pipeline.run_step(step, "cpu", dict(os.environ))
+
+
+def test_grid_run_status(tmp_path):
+    run, args = tmp_path / "densenet121_original_s0", ["--arch", "densenet121", "--epochs", "1"]
+    assert grid.run_status(run, args) == "new"
+    run.mkdir()
+    (run / "state.pt").write_bytes(b"x")
+    with pytest.raises(grid.GridError, match="did not start"):
+        grid.run_status(run, args)
+    grid.mark(run, args, "densenet121", "original", 0)
+    assert grid.run_status(run, args) == "resume"
+    with pytest.raises(grid.GridError, match="other arguments"):
+        grid.run_status(run, [*args[:-1], "2"])
+    (run / "best.safetensors").write_bytes(b"weights")
+    write(run / "evaluation" / "metrics.csv", "model\n")
+    grid.mark(run, args, "densenet121", "original", 0, done=True)
+    assert grid.run_status(run, args) == "done"
+    (run / "best.safetensors").write_bytes(b"other weights")  # retrained since: evaluate again
+    assert grid.run_status(run, args) == "resume"
+
+
+def test_bootstrap_auc_difference_is_the_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    a, b = y + rng.normal(0, 1.0, 120), y + rng.normal(0, 1.5, 120)
+    diffs = grid.bootstrap_aucs(y, a, 200, 3) - grid.bootstrap_aucs(y, b, 200, 3)
+    _, lo, hi = paired_auc_difference(y, a, b, 200, 3)
+    assert np.quantile(diffs, [0.025, 0.975]) == pytest.approx([lo, hi])
+
+
+def pipeline(work: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "run_pipeline.py"), "--preset", "smoke", "--work-dir", str(work),
+            "--data-root", str(DATA_ROOT)]
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_smoke_pipeline_survives_a_kill_and_then_skips_every_step(tmp_path):
+    work = tmp_path / "work"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MELANOMA_CACHE": str(tmp_path / "cache")}
+    committed = file_sha256(ROOT / "data" / "manifests" / "original.csv")
+    command = pipeline(work)
+
+    # 1. Kill the whole run (the pipeline and its step) once step 4 has finished training its first model.
+    first = work / "runs" / "classifiers" / "densenet121_original_s0" / "state.pt"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + 900
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and the step it runs, as a kill -9 of the job would
+        proc.wait()
+    assert first.exists(), (tmp_path / "killed.log").read_text()[-3000:]
+    stamps = Layout(work).stamps
+    assert sorted(p.name for p in stamps.iterdir()) == ["01_prepare_data.json", "02_train_generators.json",
+                                                       "03_build_configs.json"]
+
+    # 2. The same command resumes: steps 1-3 skipped, the killed model continued from its state, the rest run.
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for n, name in enumerate(("prepare_data", "train_generators", "build_configs"), 1):
+        assert f"[{n}/8 {name}] skipped: up to date" in done.stdout
+    assert "== densenet121_original_s0: resume" in done.stdout
+    assert "resumed from" in done.stdout
+    assert "ran 5 of 8 selected steps" in done.stdout
+    check_outputs(work)
+    assert file_sha256(ROOT / "data" / "manifests" / "original.csv") == committed
+
+    # 3. Nothing left to do.
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped: up to date") == 8
+    assert "ran 0 of 8 selected steps" in again.stdout
+
+
+def check_outputs(work: Path) -> None:
+    smoke = PRESETS["smoke"]
+    manifest = read_manifest(work / "data" / "manifests" / "original.csv")
+    assert len(manifest) == pytest.approx(sum(smoke["subset"].values()), abs=10)
+    for config in ("dcgan_aug", "dcgan_up", "ddpm_aug", "ddpm_up"):
+        df = read_manifest(work / "data" / "manifests" / f"{config}.csv")
+        assert set(df.loc[df["source"] != "real", "split"]) == {"fit"} and (df["source"] != "real").any()
+
+    results = work / "results"
+    table = pd.read_csv(results / "models_evaluation" / "grid_metrics.csv")
+    archs, configs = smoke["classifier"]["archs"], smoke["classifier"]["configs"]
+    models = {grid.run_name(a, c, 0) for a in archs for c in configs}
+    assert set(table["model"]) == models | {grid.BASELINE}
+    for prefix in grid.EVAL_SETS:
+        assert (table[f"{prefix}_n"] == 48).all()
+        assert ((table[f"{prefix}_auc_ci_low"] <= table[f"{prefix}_auc"])
+                & (table[f"{prefix}_auc"] <= table[f"{prefix}_auc_ci_high"])).all()
+        for metric in ("auc", "sensitivity", "specificity"):
+            assert table[f"{prefix}_{metric}"].between(0, 1).all()
+    assert (table.loc[table["model"] != grid.BASELINE, "threshold_split"] == "val").all()
+
+    changes = pd.read_csv(results / "models_evaluation" / "auc_change_vs_original.csv")
+    assert len(changes) == len(grid.EVAL_SETS) * (len(archs) + 1)  # per architecture, and their mean
+    assert ((changes["ci_low"] <= changes["auc_change"]) & (changes["auc_change"] <= changes["ci_high"])).all()
+    assert np.allclose(changes["auc_change"], changes["auc_augmented"] - changes["auc_original"])
+
+    pngs = [results / "models_evaluation" / "grid_auc_heatmap.png", results / "models_evaluation" /
+            "auc_change_vs_original.png"]
+    pngs += [results / "confusion_matrices" / f"{m}.png" for m in models]
+    pngs += [results / "gradcam_outputs" / f"{m}_ham10000_test.png" for m in models]
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.format == "PNG" and min(image.size) > 100, png
+
+    hybrid = pd.read_csv(results / "hybrid" / "comparison_metrics.csv")
+    assert {"classifier", "hybrid_rescue", "classifier_equal_specificity"} <= set(hybrid["Model"])
+    vae = json.loads((work / "runs" / "vae" / "best.json").read_text())
+    assert vae["anomaly_threshold"] is not None and vae["anomaly_threshold_split"] == "calib"
