@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae", default=str(DEFAULT_VAE), help="calibrated VAE checkpoint (.safetensors)")
     p.add_argument("--malignant-threshold", type=float, help="override the classifier threshold from its sidecar")
     p.add_argument("--anomaly-threshold", type=float, help="override the VAE threshold from its sidecar")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx"),
-                   help="torch (eager) or onnx (ONNX Runtime; models exported once into .cache/onnx)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx", "openvino", "openvino-bf16"),
+                   help="torch (eager); onnx (ONNX Runtime) or openvino (OpenVINO, CPU; -bf16 for bf16 where the CPU "
+                        "supports it): models are exported once into .cache/onnx")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda; the onnx backend picks its own")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call in --folder mode")
     p.add_argument("--quiet", action="store_true", help="no report on screen (files only)")

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from anomaly_detection.hybrid import HybridPredictor, rescue  # noqa: E402
 from classifiers.evaluate import evaluation_groups  # noqa: E402
@@ -69,7 +71,8 @@ class Rules:
         self.hybrid_calib_specificity = decision_metrics(calib["y"], hybrid_calib)["specificity"]
         self.equal_spec_threshold = threshold_for_specificity(calib["y"], calib["prob_malignant"],
                                                               self.hybrid_calib_specificity)
-        self.fusion = LogisticRegression().fit(self.features(calib), calib["y"])
+        # Standardise first: VAE scores vary by ~0.01, so an L2-penalised fit on raw features would all but ignore them.
+        self.fusion = make_pipeline(StandardScaler(), LogisticRegression()).fit(self.features(calib), calib["y"])
         self.fusion_threshold = choose_threshold(calib["y"], self.fusion_score(calib), "youden", "calib")
 
     @staticmethod

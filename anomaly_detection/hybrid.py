@@ -111,30 +111,54 @@ def _weights_digest(checkpoint: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-class OnnxBackend:
-    """ONNX Runtime sessions for both models, exported once per weights file into the cache folder."""
+def exported_models(classifier: torch.nn.Module, cls_meta: dict, cls_path: str, vae: ConvVAE, vae_meta: dict,
+                    vae_path: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """ONNX files of both models, exported once per weights file (keyed by its sha256) into the cache folder."""
+    folder = Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx"
+    cls_file = folder / f"classifier_{_weights_digest(cls_path)}.onnx"
+    vae_file = folder / f"vae_{_weights_digest(vae_path)}.onnx"
+    if not cls_file.exists():
+        export_onnx(_Probabilities(classifier), cls_meta["input_size"], cls_file, ["probs"])
+    if not vae_file.exists():
+        export_onnx(VAEScorer(vae), vae_meta["input_size"], vae_file, ["score", "recon"])
+    return cls_file, vae_file
 
-    def __init__(self, classifier: torch.nn.Module, cls_meta: dict, cls_path: str, vae: ConvVAE, vae_meta: dict,
-                 vae_path: str, threads: int | None = None, cache_dir: str | os.PathLike | None = None):
+
+class OnnxBackend:
+    """ONNX Runtime sessions for both exported models (CUDA provider when the installed build has it)."""
+
+    def __init__(self, files: tuple[Path, Path], threads: int | None = None):
         import onnxruntime as ort
-        folder = Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx"
-        cls_file = folder / f"classifier_{_weights_digest(cls_path)}.onnx"
-        vae_file = folder / f"vae_{_weights_digest(vae_path)}.onnx"
-        if not cls_file.exists():
-            export_onnx(_Probabilities(classifier), cls_meta["input_size"], cls_file, ["probs"])
-        if not vae_file.exists():
-            export_onnx(VAEScorer(vae), vae_meta["input_size"], vae_file, ["score", "recon"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.cls = ort.InferenceSession(str(cls_file), options, providers=providers)
-        self.vae = ort.InferenceSession(str(vae_file), options, providers=providers)
+        self.cls, self.vae = (ort.InferenceSession(str(f), options, providers=providers) for f in files)
 
     def run(self, cls_x: np.ndarray, vae_x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         probs = self.cls.run(None, {"x": cls_x})[0]
         score, recon = self.vae.run(None, {"x": vae_x})
         return probs[:, 1], score, recon
+
+
+class OpenVinoBackend:
+    """OpenVINO on CPU from the same ONNX files; `bf16=True` asks for bf16 inference where the CPU has it (AVX-512
+    BF16 / AMX): faster, at a measured cost in precision (scripts/benchmark_inference.py reports it)."""
+
+    def __init__(self, files: tuple[Path, Path], threads: int | None = None, bf16: bool = False):
+        import openvino as ov
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+                  "INFERENCE_NUM_THREADS": threads or len(os.sched_getaffinity(0))}
+        self.cls, self.vae = (core.compile_model(str(f), "CPU", config) for f in files)
+
+    def run(self, cls_x: np.ndarray, vae_x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        probs = self.cls({0: cls_x})[0]
+        out = self.vae({0: vae_x})
+        return np.asarray(probs)[:, 1], np.asarray(out[0]), np.asarray(out[1])
+
+
+BACKENDS = ("torch", "onnx", "openvino", "openvino-bf16")
 
 
 class HybridPredictor:
@@ -159,13 +183,14 @@ class HybridPredictor:
         self.ood_score = float(quantiles["1.0"]) if "1.0" in quantiles else float("inf")
         self.paths = {"classifier": str(classifier_path), "vae": str(vae_path)}
         self.backend_name = backend
-        if backend == "onnx":
-            self.backend = OnnxBackend(classifier, self.cls_meta, str(classifier_path), vae, self.vae_meta,
-                                       str(vae_path), threads)
-        elif backend == "torch":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        if backend == "torch":
             self.backend = TorchBackend(classifier, vae, torch.device(device))
         else:
-            raise ValueError(f"unknown backend {backend!r}; choose torch or onnx")
+            files = exported_models(classifier, self.cls_meta, str(classifier_path), vae, self.vae_meta, str(vae_path))
+            self.backend = (OnnxBackend(files, threads) if backend == "onnx"
+                            else OpenVinoBackend(files, threads, bf16=backend == "openvino-bf16"))
         self.classifier, self.vae = classifier, vae
 
     def versions(self) -> dict[str, Any]:

@@ -23,13 +23,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from classifiers.evaluate import evaluation_groups  # noqa: E402
 from data.atomic import atomic_write_csv, atomic_write_text  # noqa: E402
 from data.manifest import file_sha256  # noqa: E402
 from evaluation import plots  # noqa: E402
-from evaluation.metrics import auc, bootstrap_indices  # noqa: E402
+from evaluation.metrics import _rank_aucs, auc, bootstrap_indices  # noqa: E402
 from generators.configs import CONFIGS  # noqa: E402
 
 BASELINE = "all_malignant_baseline"
@@ -101,6 +100,8 @@ def collect(runs_dir: Path, out: Path) -> pd.DataFrame:
 
 def grid_table(evaluation: pd.DataFrame) -> pd.DataFrame:
     """One row per model (and one for the all-malignant baseline): the REPORTED metrics on each EVAL_SET."""
+    if "run" not in evaluation.columns:
+        raise GridError("the grid's evaluation table holds no finished model yet (run step 4)")
     rows: dict[str, dict[str, Any]] = {}
     for prefix, s in EVAL_SETS.items():
         dataset, split = s["group"].split("/")
@@ -126,16 +127,16 @@ def auc_heatmap(table: pd.DataFrame, path: Path) -> Path:
                                                          1.2 + 0.75 * len(archs)), squeeze=False)
     for ax, (prefix, s) in zip(axes[0], EVAL_SETS.items()):
         cells = models.set_index(["arch", "config"])
-        grid = np.full((len(archs), len(configs)), np.nan)
+        values = np.full((len(archs), len(configs)), np.nan)
         for i, arch in enumerate(archs):
             for j, config in enumerate(configs):
                 if (arch, config) not in cells.index:
                     continue
                 r = cells.loc[(arch, config)]
-                grid[i, j] = r[f"{prefix}_auc"]
+                values[i, j] = r[f"{prefix}_auc"]
                 ax.text(j, i, f"{r[f'{prefix}_auc']:.3f}\n[{r[f'{prefix}_auc_ci_low']:.2f}, "
                               f"{r[f'{prefix}_auc_ci_high']:.2f}]", ha="center", va="center", fontsize=8)
-        image = ax.imshow(grid, cmap="viridis", vmin=0.5, vmax=1.0, alpha=0.8)
+        image = ax.imshow(values, cmap="viridis", vmin=0.5, vmax=1.0, alpha=0.8)
         ax.set(xticks=range(len(configs)), xticklabels=configs, yticks=range(len(archs)), yticklabels=archs,
                title=f"AUC on {s['group']} (95% CI)")
         ax.tick_params(axis="x", rotation=30)
@@ -156,7 +157,8 @@ def bootstrap_aucs(y: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: i
     """The AUC on each seeded resample of evaluation.metrics.bootstrap_indices: the resamples depend on the labels
     only, so two models scored on the same images get the same ones, and their difference is the paired bootstrap
     of paired_auc_difference."""
-    return np.array([roc_auc_score(y[i], score[i]) for i in bootstrap_indices(y, n_boot, seed)])
+    idx = bootstrap_indices(y, n_boot, seed)
+    return _rank_aucs(y[idx], score[idx])
 
 
 def _change(y: np.ndarray, augmented: list[np.ndarray], original: list[np.ndarray],

@@ -5,28 +5,12 @@ preprocessing cache serves them); DCGAN and DDPM work in [-1, 1], the upscaler i
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-
-from data.runtime import pick_device, setup_cpu
-
-
-def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
-
-
-def device_from_args(args: argparse.Namespace) -> torch.device:
-    """The device of --device; on a CPU also the thread count of --threads."""
-    device = pick_device(args.device)
-    if device.type == "cpu":
-        setup_cpu(args.threads)
-    return device
 
 
 def to_signed(x: torch.Tensor) -> torch.Tensor:

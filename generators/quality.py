@@ -17,7 +17,7 @@ generator is not penalised for its resolution, and both then go to the extractor
   the feature scale: read it against the `real reference` row, real images of a second held-out split (`calib`)
   against the same images, scored with as many images as the synthetic row. Not `fit`: a classifier extractor
   trained on fit maps its own training images differently from unseen ones.
-- KID (Binkowski et al., 2018): unbiased MMD^2 with the cubic polynomial kernel, mean and std over subsets.
+- KID (Binkowski et al., 2018): unbiased MMD^2 with the cubic polynomial kernel, mean and std over random subsets.
 - Precision / recall (Kynkaenniemi et al., 2019): the share of synthetic images inside the k-NN balls of real
   features, and of real images inside the balls of synthetic features.
 - Memorisation: each synthetic image's nearest `fit` image, in feature space and in pixels (32x32). An image is
@@ -44,8 +44,9 @@ from data.atomic import atomic_write_csv  # noqa: E402
 from data.cache import build_cache  # noqa: E402
 from data.images import load_rgb, to_uint8  # noqa: E402
 from data.manifest import file_sha256, read_manifest  # noqa: E402
+from data.runtime import init_device  # noqa: E402
 from data.transforms import Preprocess, preprocess_meta  # noqa: E402
-from generators import add_device_args, device_from_args, save_grid  # noqa: E402
+from generators import save_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 Extractor = Callable[[torch.Tensor], torch.Tensor]
@@ -74,9 +75,10 @@ def fid(a: np.ndarray, b: np.ndarray) -> float:
 
 def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
         seed: int = 0) -> tuple[float, float]:
-    """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3: mean and std over random subsets."""
+    """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3: mean and std over random subsets of at most half of each set
+    (so that the subsets differ and the std says roughly how noisy the estimate is)."""
     rng = np.random.default_rng(seed)
-    m = min(subset_size, len(a), len(b))
+    m = max(2, min(subset_size, len(a) // 2, len(b) // 2))
     d = a.shape[1]
     values = []
     for _ in range(subsets):
@@ -249,11 +251,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    help="memorisation table CSV (default: <out stem>_nearest.csv) and a PNG of the closest pairs")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets (KID, reference rows, caps)")
     p.add_argument("--batch-size", type=int, default=64, help="images per extractor call")
-    add_device_args(p)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     a = p.parse_args(argv)
     if "fit" in (a.real_split, a.reference_split) or a.real_split == a.reference_split:
         sys.exit("error: --real-split and --reference-split must be two different held-out splits (not fit)")
-    device = device_from_args(a)
+    device = init_device(a.device, a.threads)
     extractor, size, name = (classifier_extractor(a.classifier, device) if a.extractor == "classifier"
                              else inception_extractor(device))
     df = read_manifest(a.manifest)

@@ -32,7 +32,8 @@ from tqdm import tqdm  # noqa: E402
 from data.checkpoint import CheckpointError, load_checkpoint, read_sidecar  # noqa: E402
 from data.images import load_rgb  # noqa: E402
 from data.manifest import LABELS, file_sha256, write_manifest  # noqa: E402
-from generators import add_device_args, dcgan, ddpm, device_from_args, from_signed, save_grid, save_png  # noqa: E402
+from data.runtime import init_device  # noqa: E402
+from generators import dcgan, ddpm, from_signed, save_grid, save_png  # noqa: E402
 from generators.upscaler import Upscaler, load_upscaler, upscale  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,10 +111,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--bf16", action="store_true", help="DDPM only: bf16 autocast (faster on recent CPUs and GPUs)")
     p.add_argument("--grid", default=None, help="also write a grid PNG of the first 8 images of each class here")
     p.add_argument("--seed", type=int, default=0, help="noise seed (recorded in samples.json)")
-    add_device_args(p)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = p.parse_args(argv)
-    device = device_from_args(a)
+    device = init_device(a.device, a.threads)
     model, meta = load_generator(a.checkpoint)
     upscaler = None
     if a.upscale:

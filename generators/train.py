@@ -39,10 +39,10 @@ from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
 from data.manifest import LABELS, file_sha256, read_manifest, stratified_subset  # noqa: E402
-from data.runtime import seed_everything  # noqa: E402
+from data.runtime import init_device, seed_everything  # noqa: E402
 from data.training import load_state, save_state  # noqa: E402
 from data.transforms import augment  # noqa: E402
-from generators import add_device_args, device_from_args, from_signed, from_unit, save_grid  # noqa: E402
+from generators import from_signed, from_unit, save_grid  # noqa: E402
 from generators.dcgan import DCGANTrainer  # noqa: E402
 from generators.ddpm import NOISE_SCHEDULE, DDPMTrainer  # noqa: E402
 from generators.upscaler import UpscalerTrainer, bicubic, compare_with_bicubic, upscale  # noqa: E402
@@ -94,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999, help="DDPM: decay of the EMA weights that are sampled")
     p.add_argument("--sample-every", type=int, default=None, help="write a sample grid every N epochs")
     p.add_argument("--log-every", type=int, default=25, help="average losses over this many steps per CSV row")
-    add_device_args(p)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling, noise")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
     p.add_argument("--out", default=None, help="run folder (default runs/generators/<model>_<preset>_s<seed>)")
@@ -197,7 +198,7 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = device_from_args(args)
+    device = init_device(args.device, args.threads)
     out = Path(args.out or ROOT / "runs" / "generators" / f"{args.model}_{args.preset}_s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
     fit, val = fit_images(args)

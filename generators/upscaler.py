@@ -36,9 +36,10 @@ from data.atomic import atomic_write_csv  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import load_checkpoint  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
+from data.runtime import init_device  # noqa: E402
 from data.training import warmup_cosine  # noqa: E402
 from data.transforms import augment  # noqa: E402
-from generators import add_device_args, device_from_args, from_unit  # noqa: E402
+from generators import from_unit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -203,11 +204,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--limit", type=int, default=None, help="use at most this many images (quick checks)")
     p.add_argument("--out", default=str(ROOT / "results" / "generators" / "upscaler_vs_bicubic.csv"),
                    help="CSV to write")
-    add_device_args(p)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     a = p.parse_args(argv)
     if a.split == "fit":
         sys.exit("error: the upscaler trained on fit; compare on a held-out split (val, calib, test)")
-    device = device_from_args(a)
+    device = init_device(a.device, a.threads)
     model, meta = load_upscaler(a.checkpoint)
     model.to(device)
     df = read_manifest(a.manifest)

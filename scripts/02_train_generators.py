@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generators import add_device_args, train, upscaler  # noqa: E402
+from generators import train, upscaler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("dcgan", "upscaler")
@@ -40,7 +40,8 @@ def main() -> None:
                    help="upscaler vs bicubic table")
     p.add_argument("--resume", action="store_true", help="continue each model's run from its state.pt")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    add_device_args(p)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     a = p.parse_args()
     device = ["--device", a.device, *(["--threads", str(a.threads)] if a.threads else [])]
     common = ["--preset", a.preset, "--manifest", a.manifest, "--seed", str(a.seed), *device]

@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.manifest import read_manifest  # noqa: E402
-from generators import add_device_args, configs, ddpm, device_from_args, sample  # noqa: E402
+from data.runtime import init_device  # noqa: E402
+from generators import configs, ddpm, sample  # noqa: E402
 from generators.upscaler import load_upscaler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,9 +51,10 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="DDPM: bf16 autocast while sampling")
     p.add_argument("--batch-size", type=int, default=64, help="images per generator call")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the choice of synthetic rows")
-    add_device_args(p)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     a = p.parse_args()
-    device = device_from_args(a)
+    device = init_device(a.device, a.threads)
     counts = {k: n for k, n in configs.needed(read_manifest(a.original), a.ratio).items() if n > 0}
     print(f"synthetic images needed per class: {counts}")
     up = load_upscaler(a.upscaler)[0].to(device) if Path(a.upscaler).is_file() else None

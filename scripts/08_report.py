@@ -50,12 +50,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     source = results / "models_evaluation" / "grid_evaluation.csv"
     if not source.is_file():
         sys.exit(f"error: {source} not found: run step 4 (scripts/04_train_classifiers.py) first")
+    try:
+        evaluation = pd.read_csv(source)
+    except pd.errors.EmptyDataError:
+        sys.exit(f"error: {source} holds no finished model yet: run step 4 first")
     device = pick_device(a.device)
     if device.type == "cpu":
         setup_cpu(a.threads)
     out = results / "models_evaluation"
     try:
-        table = grid.grid_table(pd.read_csv(source))
+        table = grid.grid_table(evaluation)
         atomic_write_csv(out / "grid_metrics.csv", table)
         grid.auc_heatmap(table, out / "grid_auc_heatmap.png")
         changes = grid.auc_changes(table, runs, a.n_boot, a.seed)
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     except (grid.GridError, FileNotFoundError) as exc:
         sys.exit(f"error: {exc}")
     command = "python scripts/08_report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    grid.write_report(out / "grid_report.md", command.strip(), table, changes)
+    grid.write_report(out / "grid_report.md", command.strip().replace(f"{ROOT}/", ""), table, changes)
     print(grid.markdown(grid.summary(table)))
     print(f"wrote {out}/grid_metrics.csv, grid_auc_heatmap.png, auc_change_vs_original.csv, grid_report.md; "
           f"{results / 'confusion_matrices'}; {results / 'gradcam_outputs'}")

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from generators import add_device_args, ddpm, device_from_args  # noqa: E402
+from data.runtime import init_device  # noqa: E402
+from generators import ddpm  # noqa: E402
 from generators.train import MODELS, build_trainer, parse_args as train_args  # noqa: E402
 from generators.upscaler import upscale  # noqa: E402
 
@@ -47,9 +48,10 @@ def main() -> None:
     p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--ddpm-steps", type=int, default=1000, help="ancestral DDPM steps (1000: the full chain)")
     p.add_argument("--skip-train", action="store_true", help="only time sampling")
-    add_device_args(p)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     a = p.parse_args()
-    device = device_from_args(a)
+    device = init_device(a.device, a.threads)
     print(f"device {device}, {torch.get_num_threads()} threads, preset {a.preset}")
     gen = torch.Generator().manual_seed(0)
     trainers = {}

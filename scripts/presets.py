@@ -25,7 +25,6 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 ALL_ARCHS = ["densenet121", "resnet50", "vit", "swin", "medvit", "biovit"]
 ALL_CONFIGS = ["original", "dcgan_aug", "dcgan_up", "ddpm_aug", "ddpm_up"]
-GENERATORS = ["dcgan", "ddpm", "upscaler"]  # trained by step 2 with generators/train.py's preset of the same name
 # (dataset, split, official_split) -> images kept by the smoke preset; rows of other groups are dropped.
 SMOKE_SUBSET = {("ham10000", "fit", "train"): 64, ("ham10000", "val", "train"): 32,
                 ("ham10000", "calib", "train"): 32, ("ham10000", "test", "test"): 48,
@@ -143,15 +142,11 @@ def steps(preset: str, work_dir: str | os.PathLike, data_root: str | os.PathLike
     vae_sidecar = at.vae.with_suffix(".json")
     return [
         Step(1, "prepare_data", prepare, labels, [at.original], device=False),
-        # What scripts/02_train_generators.py does, with the work directory's manifest and run folders (02 has no
-        # flags for them): each model by generators/train.py, then the upscaler against bicubic on `val`.
         Step(2, "train_generators",
-             [*([str(ROOT / "generators" / "train.py"), "--model", m, "--preset", preset, "--manifest",
-                 str(at.original), "--out", str(gen_runs / f"{m}_{preset}_s{seed}"), "--seed", str(seed), "--resume",
-                 "--no-progress", *(["--ship", str(at.ship / m)] if m in ("dcgan", "upscaler") else [])]
-                for m in GENERATORS),
-              [str(ROOT / "generators" / "upscaler.py"), "--checkpoint", str(generators[1]), "--manifest",
-               str(at.original), "--out", str(at.results / "generators" / "upscaler_vs_bicubic.csv")]],
+             [[script("02_train_generators.py"), "--preset", preset, "--manifest", str(at.original),
+               "--runs-dir", str(gen_runs), "--ship-dir", str(at.ship),
+               "--results", str(at.results / "generators" / "upscaler_vs_bicubic.csv"), "--seed", str(seed),
+               "--resume"]],
              [at.original], generators),
         Step(3, "build_configs",
              [[script("03_build_configs.py"), "--original", str(at.original), "--dcgan", str(generators[0]),
@@ -195,7 +190,7 @@ def describe() -> str:
         subset = ", ".join(f"{'/'.join(k)} {n}" for k, n in p["subset"].items()) if p["subset"] else "all images"
         lines += [f"{name}:",
                   f"  data: {subset}",
-                  f"  generators ({', '.join(GENERATORS)}): generators/train.py preset {name!r}; "
+                  f"  generators (DCGAN, DDPM, upscaler): generators/train.py preset {name!r}; "
                   f"DDPM sampled with DDIM-{p['ddpm_steps']}",
                   f"  classifiers: {len(c['archs'])} architectures ({', '.join(c['archs'])}) x {len(c['configs'])} "
                   f"configurations ({', '.join(c['configs'])}); each " + " ".join(flags(c["budget"])),

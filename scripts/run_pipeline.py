@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     ran, t_all = [], time.perf_counter()
     for step in selected:
         skip, why = up_to_date(layout, step)
+        verb = "would run" if a.dry_run else "running"
         print(f"[{step.number}/8 {step.name}] " + ("skipped: " + why if skip and not a.force else
-                                                  "running" + (" (--force)" if skip else f": {why}")), flush=True)
+                                                  verb + (" (--force)" if skip else f": {why}")), flush=True)
         if a.dry_run:
             print("\n".join("    " + action_text(x) for x in step.actions))
             continue

@@ -110,6 +110,19 @@ def test_grid_run_status(tmp_path):
     assert grid.run_status(run, args) == "resume"
 
 
+def test_report_on_an_empty_grid_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "08_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    with pytest.raises(SystemExit, match="not found: run step 4"):
+        report.main(["--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    grid.collect(tmp_path / "runs", tmp_path / "models_evaluation" / "grid_evaluation.csv")  # no finished run
+    with pytest.raises(SystemExit, match="holds no finished model yet"):
+        report.main(["--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+
+
 def test_bootstrap_auc_difference_is_the_paired_bootstrap():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 120)

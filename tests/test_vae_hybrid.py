@@ -101,12 +101,13 @@ def test_threshold_overrides_change_the_decision(tiny_checkpoints, real_images):
 
 
 @pytest.mark.real_data
-def test_onnx_backend_matches_torch_on_real_images(tiny_checkpoints, real_images, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_exported_backend_matches_torch_on_real_images(tiny_checkpoints, real_images, tmp_path, monkeypatch, backend):
     import anomaly_detection.hybrid as hybrid
 
     monkeypatch.setattr(hybrid, "DEFAULT_CACHE_DIR", tmp_path)
     torch_results = HybridPredictor(*tiny_checkpoints, backend="torch").predict_paths(real_images)
-    onnx_results = HybridPredictor(*tiny_checkpoints, backend="onnx").predict_paths(real_images)
+    onnx_results = HybridPredictor(*tiny_checkpoints, backend=backend).predict_paths(real_images)
     assert max(abs(a.prob_malignant - b.prob_malignant) for a, b in zip(torch_results, onnx_results)) < 1e-3
     assert max(abs(a.vae_score - b.vae_score) for a, b in zip(torch_results, onnx_results)) < 1e-3
     assert list(tmp_path.glob("onnx/*.onnx"))
