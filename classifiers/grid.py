@@ -28,7 +28,7 @@ from classifiers.evaluate import evaluation_groups  # noqa: E402
 from data.atomic import atomic_write_csv, atomic_write_text  # noqa: E402
 from data.manifest import file_sha256  # noqa: E402
 from evaluation import plots  # noqa: E402
-from evaluation.metrics import _rank_aucs, auc, bootstrap_indices  # noqa: E402
+from evaluation.metrics import auc, bootstrap_aucs  # noqa: E402
 from generators.configs import CONFIGS  # noqa: E402
 
 BASELINE = "all_malignant_baseline"
@@ -141,7 +141,7 @@ def auc_heatmap(table: pd.DataFrame, path: Path) -> Path:
                title=f"AUC on {s['group']} (95% CI)")
         ax.tick_params(axis="x", rotation=30)
         fig.colorbar(image, ax=ax, fraction=0.04)
-    return plots._save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def read_predictions(runs_dir: Path, model: str, prefix: str) -> pd.DataFrame:
@@ -151,14 +151,6 @@ def read_predictions(runs_dir: Path, model: str, prefix: str) -> pd.DataFrame:
     df = pd.read_csv(path)
     df = df[(df["dataset"] == s["dataset"]) & (df["split"] == s["split"])]
     return df.assign(y=(df["label"] == "malignant").astype(int))[["path", "y", "prob_malignant", "pred"]]
-
-
-def bootstrap_aucs(y: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """The AUC on each seeded resample of evaluation.metrics.bootstrap_indices: the resamples depend on the labels
-    only, so two models scored on the same images get the same ones, and their difference is the paired bootstrap
-    of paired_auc_difference."""
-    idx = bootstrap_indices(y, n_boot, seed)
-    return _rank_aucs(y[idx], score[idx])
 
 
 def _change(y: np.ndarray, augmented: list[np.ndarray], original: list[np.ndarray],
@@ -220,7 +212,7 @@ def auc_change_plot(changes: pd.DataFrame, path: Path) -> Path:
         ax.set(yticks=range(len(part)), yticklabels=labels, xlabel="AUC(augmented) - AUC(original)",
                title=f"{name} (paired bootstrap 95% CI)")
         ax.invert_yaxis()
-    return plots._save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def confusion_matrix_pngs(table: pd.DataFrame, runs_dir: Path, out_dir: Path) -> list[Path]:

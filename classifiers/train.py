@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
-        accelerator.print(f"resumed from {state_path} after epoch {state['epoch']} (best val AUC {best['auc']:.4f})")
+        accelerator.print(f"resumed from {state_path} after epoch {state['epoch'] + 1} (best val AUC {best['auc']:.4f})")
     model, optimizer = accelerator.prepare(model, optimizer)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type in ("cpu", "cuda"))
     steps_done = 0

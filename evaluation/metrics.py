@@ -47,14 +47,21 @@ def bootstrap_indices(y_true, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     return np.concatenate([rng.choice(pos, (n_boot, len(pos))), rng.choice(neg, (n_boot, len(neg)))], axis=1)
 
 
+def bootstrap_aucs(y_true, score, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """AUC on each of n_boot stratified resamples; the same seed gives the same resamples for any score, which is
+    what makes paired comparisons of models on the same images possible."""
+    y, s = _arrays(y_true, score)
+    idx = bootstrap_indices(y, n_boot, seed)
+    return _rank_aucs(y[idx], s[idx])
+
+
 def auc_ci(y_true, score, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
     """AUC and its percentile bootstrap (1 - alpha) CI."""
     y, s = _arrays(y_true, score)
     point = auc(y, s)
     if np.isnan(point):
         return point, float("nan"), float("nan")
-    idx = bootstrap_indices(y, n_boot, seed)
-    boots = _rank_aucs(y[idx], s[idx])
+    boots = bootstrap_aucs(y, s, n_boot, seed)
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     return point, float(lo), float(hi)
 
@@ -63,8 +70,7 @@ def paired_auc_difference(y_true, score_a, score_b, n_boot: int = 1000, seed: in
     """AUC(a) - AUC(b) on the same images, with a paired bootstrap 95% CI."""
     y, a = _arrays(y_true, score_a)
     _, b = _arrays(y_true, score_b)
-    idx = bootstrap_indices(y, n_boot, seed)
-    diffs = _rank_aucs(y[idx], a[idx]) - _rank_aucs(y[idx], b[idx])
+    diffs = bootstrap_aucs(y, a, n_boot, seed) - bootstrap_aucs(y, b, n_boot, seed)
     lo, hi = np.quantile(diffs, [0.025, 0.975])
     return auc(y, a) - auc(y, b), float(lo), float(hi)
 

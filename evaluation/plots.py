@@ -14,7 +14,7 @@ from sklearn.metrics import auc as area, precision_recall_curve, roc_curve  # no
 from evaluation.metrics import confusion  # noqa: E402
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -38,7 +38,7 @@ def confusion_matrices(panels: dict[str, tuple], path: str | os.PathLike) -> Pat
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     for ax, (title, (y, pred)) in zip(axes[0], panels.items()):
         _draw_confusion(ax, y, pred, title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def roc_pr(curves: dict[str, tuple], path: str | os.PathLike, title: str = "") -> Path:
@@ -58,7 +58,7 @@ def roc_pr(curves: dict[str, tuple], path: str | os.PathLike, title: str = "") -
     pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=f"Precision-recall {title}")
     roc_ax.legend(fontsize=8, loc="lower right")
     pr_ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def score_histogram(y_true, score, path: str | os.PathLike, threshold: float | None = None,
@@ -72,7 +72,7 @@ def score_histogram(y_true, score, path: str | os.PathLike, threshold: float | N
         ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.4g}")
     ax.set(xlabel=xlabel, ylabel="density", title=title)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def operating_points(curves: dict[str, tuple], points: dict[str, tuple[float, float]], path: str | os.PathLike,
@@ -89,4 +89,4 @@ def operating_points(curves: dict[str, tuple], points: dict[str, tuple[float, fl
     ax.set(xlabel="specificity", ylabel="sensitivity", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=title)
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

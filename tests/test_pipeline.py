@@ -123,11 +123,17 @@ def test_report_on_an_empty_grid_is_a_clear_error(tmp_path):
         report.main(["--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
 
 
-def test_bootstrap_auc_difference_is_the_paired_bootstrap():
+def test_bootstrap_aucs_match_scikit_learn_on_the_same_resamples():
+    from sklearn.metrics import roc_auc_score
+
+    from evaluation.metrics import bootstrap_aucs, bootstrap_indices
+
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 120)
-    a, b = y + rng.normal(0, 1.0, 120), y + rng.normal(0, 1.5, 120)
-    diffs = grid.bootstrap_aucs(y, a, 200, 3) - grid.bootstrap_aucs(y, b, 200, 3)
+    a, b = np.round(y + rng.normal(0, 1.0, 120), 1), y + rng.normal(0, 1.5, 120)  # rounding makes ties
+    expected = [roc_auc_score(y[i], a[i]) for i in bootstrap_indices(y, 200, 3)]
+    assert bootstrap_aucs(y, a, 200, 3) == pytest.approx(expected)
+    diffs = bootstrap_aucs(y, a, 200, 3) - bootstrap_aucs(y, b, 200, 3)
     _, lo, hi = paired_auc_difference(y, a, b, 200, 3)
     assert np.quantile(diffs, [0.025, 0.975]) == pytest.approx([lo, hi])
 
