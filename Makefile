@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 app: $(STAMP)
-	$(VENV)/bin/streamlit run streamlit/app.py --server.headless=true --browser.gatherUsageStats=false
+	$(VENV)/bin/streamlit run streamlit/app.py --server.headless=true --browser.gatherUsageStats=false --client.toolbarMode=viewer
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark_inference.py

@@ -180,6 +180,14 @@ def memorisation(syn: dict[str, np.ndarray], fit: dict[str, np.ndarray], held_ou
     return pd.DataFrame(columns)
 
 
+def nearest_rows(table: pd.DataFrame, top: int) -> pd.DataFrame:
+    """The rows worth reading: flagged in either space, or among the `top` closest in either; closest first."""
+    keep = table["near_copy_feature"] | table["near_copy_pixel"]
+    for space in ("feature", "pixel"):
+        keep |= table[f"{space}_distance"].rank(method="first") <= top
+    return table[keep].sort_values("feature_distance").round(5)
+
+
 def scores(generated: np.ndarray, real: np.ndarray, k: int = 3, seed: int = 0) -> dict[str, float]:
     """FID, KID (mean, std), precision and recall of one generated feature set against real features."""
     precision, recall = precision_recall(real, generated, k)
@@ -249,6 +257,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--out", default=str(ROOT / "results" / "generators" / "quality.csv"), help="quality CSV")
     p.add_argument("--nearest-out", default=None,
                    help="memorisation table CSV (default: <out stem>_nearest.csv) and a PNG of the closest pairs")
+    p.add_argument("--nearest-top", type=int, default=100,
+                   help="memorisation CSV: every flagged image plus the N closest in each space")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets (KID, reference rows, caps)")
     p.add_argument("--batch-size", type=int, default=64, help="images per extractor call")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
@@ -275,10 +285,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         paths += list(closest["synthetic"]) + list(closest[f"nearest_fit_{space}"])
     pairs = np.stack([to_uint8(load_rgb(path), size) for path in paths])
     save_grid(torch.from_numpy(pairs).permute(0, 3, 1, 2), nearest_out.with_suffix(".png"), nrow=8)
-    table = table.sort_values("feature_distance")
     for column in ("synthetic", "nearest_fit_feature", "nearest_fit_pixel"):  # portable: relative to the repo
         table[column] = [os.path.relpath(p, ROOT) for p in table[column]]
-    atomic_write_csv(nearest_out, table)
+    atomic_write_csv(nearest_out, nearest_rows(table, a.nearest_top))
     print(pd.DataFrame(rows).drop(columns=["extractor", "real_split", "k", "near_copy_percentile"]).to_string(
         index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {a.out} and {nearest_out} (+ .png: rows 1-2 the 8 synthetic images closest to a fit image in "

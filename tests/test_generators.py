@@ -349,7 +349,7 @@ def test_quality_cli_with_a_classifier_extractor(manifest, tmp_path):
     assert (df["n_scored"] == 2).all()  # synthetic subsampled to the 2 calib images per class
     assert df["fid"].notna().all() and df["precision"].between(0, 1).all()
     nearest = pd.read_csv(tmp_path / "quality_nearest.csv")
-    assert len(nearest) == 16 and nearest["nearest_fit_feature"].str.contains("fit_").all()
+    assert len(nearest) == 16 and nearest["nearest_fit_feature"].str.contains("fit_").all()  # top 100: all 16
     assert Image.open(tmp_path / "quality_nearest.png").size[1] > 4 * 32  # four rows of 32-px images
 
 
