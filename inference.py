@@ -16,6 +16,7 @@ calibration image), error, decision, models (checkpoint paths, architecture, epo
 Exit codes: 0 success (in --folder mode also when some files were unreadable: they are listed in the CSV),
 1 unreadable input image or path, 3 unusable checkpoint, 2 bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae", default=str(DEFAULT_VAE), help="calibrated VAE checkpoint (.safetensors)")
     p.add_argument("--malignant-threshold", type=float, help="override the classifier threshold from its sidecar")
     p.add_argument("--anomaly-threshold", type=float, help="override the VAE threshold from its sidecar")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx", "openvino", "openvino-bf16"),
-                   help="torch (eager); onnx (ONNX Runtime) or openvino (OpenVINO, CPU; -bf16 for bf16 where the CPU "
-                        "supports it): models are exported once into .cache/onnx")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda; the onnx backend picks its own")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx", "openvino", "openvino-bf16"),
+        help="torch (eager); onnx (ONNX Runtime) or openvino (OpenVINO, CPU; -bf16 for bf16 where the CPU "
+        "supports it): models are exported once into .cache/onnx",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda; the onnx backend picks its own"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per model call in --folder mode")
     p.add_argument("--quiet", action="store_true", help="no report on screen (files only)")
     return p.parse_args(argv)
@@ -61,7 +68,8 @@ def framed_report(result: dict) -> str:
     yes = {True: "yes", False: "no"}
     lines = [
         f"Image:            {result['path']}",
-        f"Classifier:       P(malignant) = {result['prob_malignant']:.3f}  (threshold {result['malignant_threshold']:.3f})"
+        f"Classifier:       P(malignant) = {result['prob_malignant']:.3f}  "
+        f"(threshold {result['malignant_threshold']:.3f})"
         f"  -> {'malignant' if result['classifier_malignant'] else 'benign'}",
         f"VAE anomaly:      score = {result['vae_score']:.4f}  (threshold {result['anomaly_threshold']:.4f})"
         f"  -> {'anomalous' if result['anomalous'] else 'typical of benign'}",
@@ -69,10 +77,14 @@ def framed_report(result: dict) -> str:
         f"FINAL DECISION:   {result['decision'].upper()}",
     ]
     if result["out_of_distribution"]:
-        lines.append("Warning:          the image is unlike every benign calibration image (poor quality or not dermoscopy?)")
+        lines.append(
+            "Warning:          the image is unlike every benign calibration image (poor quality or not dermoscopy?)"
+        )
     lines.append(DISCLAIMER)
     width = max(len(line) for line in lines) + 2
-    return "\n".join(["+" + "-" * width + "+", *[f"| {line.ljust(width - 1)}|" for line in lines], "+" + "-" * width + "+"])
+    return "\n".join(
+        ["+" + "-" * width + "+", *[f"| {line.ljust(width - 1)}|" for line in lines], "+" + "-" * width + "+"]
+    )
 
 
 def run_image(predictor, args: argparse.Namespace) -> None:
@@ -88,13 +100,17 @@ def run_image(predictor, args: argparse.Namespace) -> None:
         print(framed_report(result))
     if args.output:
         from data.atomic import atomic_write_text
+
         atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
     if args.gradcam:
-        from classifiers.gradcam import gradcam_map, overlay
         from PIL import Image
 
+        from classifiers.gradcam import gradcam_map, overlay
+
         pixels = predictor.cls_prep.pixels(image)
-        Image.fromarray(overlay(pixels, gradcam_map(predictor.classifier, predictor.cls_meta, pixels))).save(args.gradcam)
+        Image.fromarray(overlay(pixels, gradcam_map(predictor.classifier, predictor.cls_meta, pixels))).save(
+            args.gradcam
+        )
         if not args.quiet:
             print(f"Grad-CAM overlay (explanation aid, not evidence): {args.gradcam}")
 
@@ -120,8 +136,11 @@ def run_folder(predictor, args: argparse.Namespace) -> None:
     if not args.quiet:
         bad = table[table["error"] != ""]
         counts = table["decision"].value_counts()
-        print(f"{len(table)} images: {counts.get('malignant', 0)} malignant ({int(table['rescued'].sum())} by rescue), "
-              f"{counts.get('benign', 0)} benign, {len(bad)} unreadable" + (f"; results in {args.csv}" if args.csv else ""))
+        print(
+            f"{len(table)} images: {counts.get('malignant', 0)} malignant ({int(table['rescued'].sum())} by rescue), "
+            f"{counts.get('benign', 0)} benign, {len(bad)} unreadable"
+            + (f"; results in {args.csv}" if args.csv else "")
+        )
         for _, row in bad.iterrows():
             print(f"  skipped: {row['error']}")
         print(DISCLAIMER)
@@ -135,16 +154,20 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{args.folder}: folder not found", 1)
     for name in ("classifier", "vae"):
         if not Path(getattr(args, name)).with_suffix(".safetensors").is_file():
-            fail(f"{getattr(args, name)}: {name} checkpoint not found (see checkpoints/README or "
-                 "scripts/download_weights.py)", 3)
+            fail(
+                f"{getattr(args, name)}: {name} checkpoint not found (see checkpoints/README or "
+                "scripts/download_weights.py)",
+                3,
+            )
     from anomaly_detection.hybrid import HybridPredictor
     from data.checkpoint import CheckpointError
     from data.runtime import init_device
 
     device = init_device(args.device)
     try:
-        predictor = HybridPredictor(args.classifier, args.vae, device, args.backend, args.malignant_threshold,
-                                    args.anomaly_threshold)
+        predictor = HybridPredictor(
+            args.classifier, args.vae, device, args.backend, args.malignant_threshold, args.anomaly_threshold
+        )
     except CheckpointError as exc:
         fail(str(exc), 3)
     if args.image:

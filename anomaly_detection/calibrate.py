@@ -23,11 +23,11 @@ import numpy as np  # noqa: E402
 
 from anomaly_detection.hybrid import load_vae  # noqa: E402
 from anomaly_detection.train_vae import score_images  # noqa: E402
+from data.atomic import atomic_write_csv  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import CheckpointError, read_sidecar, write_sidecar  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
 from data.runtime import init_device  # noqa: E402
-from data.atomic import atomic_write_csv  # noqa: E402
 from data.transforms import Preprocess  # noqa: E402
 from evaluation import plots  # noqa: E402
 from evaluation.metrics import auc_ci, choose_threshold, decision_metrics  # noqa: E402

@@ -1,7 +1,8 @@
 """Does the VAE rescue add anything? Compare five decision rules on held-out data, honestly.
 
     python anomaly_detection/evaluate_hybrid.py                       # shipped checkpoints, HAM10000 test + ISIC 2017
-    python anomaly_detection/evaluate_hybrid.py --classifier runs/classifiers/x/best.safetensors --vae runs/vae/best.safetensors
+    python anomaly_detection/evaluate_hybrid.py --classifier runs/classifiers/x/best.safetensors \\
+        --vae runs/vae/best.safetensors
     # GPU: add --device cuda. Nothing here is worth spreading over several GPUs.
 
 Rules compared on each evaluation set (HAM10000 `test`, ISIC 2017 `external` subsets):
@@ -18,6 +19,7 @@ without a score, so their AUC is left empty. Outputs in --out: comparison_metric
 comparison_confusion_matrices_<set>.png and operating_points_<set>.png (the classifier's and the fusion's full
 sensitivity/specificity curves, each rule's operating point marked).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +53,7 @@ def score_split(predictor: HybridPredictor, df: pd.DataFrame, batch: int = 64) -
     vae = CachedImages(df, predictor.vae_prep.size, predictor.vae_prep.rule)
     probs, scores = [], []
     for i in range(0, len(cls), batch):
-        p, s, _ = predictor.run_arrays(cls.images[i:i + batch], vae.images[i:i + batch])
+        p, s, _ = predictor.run_arrays(cls.images[i : i + batch], vae.images[i : i + batch])
         probs.append(p)
         scores.append(s)
     return cls.df.assign(y=cls.targets.numpy(), prob_malignant=np.concatenate(probs), vae_score=np.concatenate(scores))
@@ -69,8 +71,9 @@ class Rules:
         self.mt, self.at = predictor.malignant_threshold, predictor.anomaly_threshold
         hybrid_calib = rescue(calib["prob_malignant"], calib["vae_score"], self.mt, self.at)["pred_hybrid"]
         self.hybrid_calib_specificity = decision_metrics(calib["y"], hybrid_calib)["specificity"]
-        self.equal_spec_threshold = threshold_for_specificity(calib["y"], calib["prob_malignant"],
-                                                              self.hybrid_calib_specificity)
+        self.equal_spec_threshold = threshold_for_specificity(
+            calib["y"], calib["prob_malignant"], self.hybrid_calib_specificity
+        )
         # Standardise first: VAE scores vary by ~0.01, so an L2-penalised fit on raw features would all but ignore them.
         self.fusion = make_pipeline(StandardScaler(), LogisticRegression()).fit(self.features(calib), calib["y"])
         self.fusion_threshold = choose_threshold(calib["y"], self.fusion_score(calib), "youden", "calib")
@@ -90,11 +93,16 @@ class Rules:
         return {
             "classifier": (r["pred_classifier"], prob, self.mt, "val"),
             "hybrid_rescue": (r["pred_hybrid"], None, self.at, "calib (VAE); val (classifier)"),
-            "classifier_equal_specificity": (prob >= self.equal_spec_threshold, prob, self.equal_spec_threshold,
-                                             "calib (matches hybrid specificity)"),
+            "classifier_equal_specificity": (
+                prob >= self.equal_spec_threshold,
+                prob,
+                self.equal_spec_threshold,
+                "calib (matches hybrid specificity)",
+            ),
             "learned_fusion": (fused >= self.fusion_threshold, fused, self.fusion_threshold, "calib"),
             "vae_score_alone": (r["anomalous"], df["vae_score"].to_numpy(), self.at, "calib"),
-            "all_malignant_baseline": (np.ones(len(df), dtype=bool), None, float("nan"), "none")}
+            "all_malignant_baseline": (np.ones(len(df), dtype=bool), None, float("nan"), "none"),
+        }
 
 
 def compare(rules: Rules, df: pd.DataFrame, name: str) -> list[dict]:
@@ -102,17 +110,36 @@ def compare(rules: Rules, df: pd.DataFrame, name: str) -> list[dict]:
     for model, (pred, score, threshold, chosen_on) in rules.apply(df).items():
         m = decision_metrics(df["y"], pred)
         a, lo, hi = auc_ci(df["y"], score) if score is not None else (np.nan, np.nan, np.nan)
-        rows.append({"Dataset": name, "Model": model, "N": len(df), "Accuracy": m["accuracy"], "Precision": m["ppv"],
-                     "Recall": m["sensitivity"], "Specificity": m["specificity"], "F1": m["f1"],
-                     "BalancedAcc": m["balanced_accuracy"], "AUC": a, "AUC_CI_low": lo, "AUC_CI_high": hi,
-                     "TP": m["TP"], "TN": m["TN"], "FP": m["FP"], "FN": m["FN"], "Threshold": threshold,
-                     "ThresholdChosenOn": chosen_on})
+        rows.append(
+            {
+                "Dataset": name,
+                "Model": model,
+                "N": len(df),
+                "Accuracy": m["accuracy"],
+                "Precision": m["ppv"],
+                "Recall": m["sensitivity"],
+                "Specificity": m["specificity"],
+                "F1": m["f1"],
+                "BalancedAcc": m["balanced_accuracy"],
+                "AUC": a,
+                "AUC_CI_low": lo,
+                "AUC_CI_high": hi,
+                "TP": m["TP"],
+                "TN": m["TN"],
+                "FP": m["FP"],
+                "FN": m["FN"],
+                "Threshold": threshold,
+                "ThresholdChosenOn": chosen_on,
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classifier", default=str(ROOT / "checkpoints" / "densenet121.safetensors"), help="classifier checkpoint")
+    p.add_argument(
+        "--classifier", default=str(ROOT / "checkpoints" / "densenet121.safetensors"), help="classifier checkpoint"
+    )
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "convvae.safetensors"), help="calibrated VAE checkpoint")
     p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
     p.add_argument("--splits", nargs="+", default=["test", "external"], help="splits to report on")
@@ -133,23 +160,40 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows += compare(rules, scored, group)
         applied = rules.apply(scored)
         r = rescue(scored["prob_malignant"], scored["vae_score"], rules.mt, rules.at)
-        details.append(scored[["path", "label", "prob_malignant", "vae_score"]].assign(
-            dataset=group, pred_classifier=r["pred_classifier"].astype(int), pred_hybrid=r["pred_hybrid"].astype(int),
-            rescued=r["rescued"].astype(int), fusion_score=rules.fusion_score(scored)))
+        details.append(
+            scored[["path", "label", "prob_malignant", "vae_score"]].assign(
+                dataset=group,
+                pred_classifier=r["pred_classifier"].astype(int),
+                pred_hybrid=r["pred_hybrid"].astype(int),
+                rescued=r["rescued"].astype(int),
+                fusion_score=rules.fusion_score(scored),
+            )
+        )
         slug = group.replace("/", "_")
-        plots.confusion_matrices({k: (scored["y"], v[0]) for k, v in applied.items()},
-                                 out / f"comparison_confusion_matrices_{slug}.png")
-        points = {k: (decision_metrics(scored["y"], v[0])["specificity"], decision_metrics(scored["y"], v[0])["sensitivity"])
-                  for k, v in applied.items()}
-        plots.operating_points({"classifier (all thresholds)": (scored["y"], scored["prob_malignant"]),
-                                "learned fusion (all thresholds)": (scored["y"], rules.fusion_score(scored)),
-                                "VAE score alone": (scored["y"], scored["vae_score"])},
-                               points, out / f"operating_points_{slug}.png", group)
+        plots.confusion_matrices(
+            {k: (scored["y"], v[0]) for k, v in applied.items()}, out / f"comparison_confusion_matrices_{slug}.png"
+        )
+        points = {
+            k: (decision_metrics(scored["y"], v[0])["specificity"], decision_metrics(scored["y"], v[0])["sensitivity"])
+            for k, v in applied.items()
+        }
+        plots.operating_points(
+            {
+                "classifier (all thresholds)": (scored["y"], scored["prob_malignant"]),
+                "learned fusion (all thresholds)": (scored["y"], rules.fusion_score(scored)),
+                "VAE score alone": (scored["y"], scored["vae_score"]),
+            },
+            points,
+            out / f"operating_points_{slug}.png",
+            group,
+        )
     metrics = pd.DataFrame(rows)
     atomic_write_csv(out / "comparison_metrics.csv", metrics)
     atomic_write_csv(out / "detailed_predictions.csv", pd.concat(details, ignore_index=True))
-    print(f"calib: hybrid specificity {rules.hybrid_calib_specificity:.3f} -> equal-specificity classifier threshold "
-          f"{rules.equal_spec_threshold:.4f} (val threshold {rules.mt:.4f}); anomaly threshold {rules.at:.5f}")
+    print(
+        f"calib: hybrid specificity {rules.hybrid_calib_specificity:.3f} -> equal-specificity classifier threshold "
+        f"{rules.equal_spec_threshold:.4f} (val threshold {rules.mt:.4f}); anomaly threshold {rules.at:.5f}"
+    )
     cols = ["Dataset", "Model", "Recall", "Specificity", "BalancedAcc", "AUC", "AUC_CI_low", "AUC_CI_high"]
     print(metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {out}/comparison_metrics.csv")

@@ -6,15 +6,17 @@ Both thresholds come from the checkpoints' sidecars (classifier: chosen on val; 
 caller overrides them. Each model gets its own preprocessing from its own sidecar: the classifier sees ImageNet-
 normalised pixels, the VAE [0,1] pixels, from one decode of the file.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,17 +39,25 @@ def load_vae(path: str | os.PathLike) -> tuple[ConvVAE, dict[str, Any]]:
     return load_checkpoint(path, build_vae, kind="vae")
 
 
-def rescue(prob: np.ndarray, score: np.ndarray, malignant_threshold: float, anomaly_threshold: float) -> dict[str, np.ndarray]:
+def rescue(
+    prob: np.ndarray, score: np.ndarray, malignant_threshold: float, anomaly_threshold: float
+) -> dict[str, np.ndarray]:
     """The rescue truth table, vectorised."""
     classifier = np.asarray(prob) >= malignant_threshold
     anomalous = np.asarray(score) >= anomaly_threshold
     rescued = ~classifier & anomalous
-    return {"pred_classifier": classifier, "anomalous": anomalous, "rescued": rescued, "pred_hybrid": classifier | rescued}
+    return {
+        "pred_classifier": classifier,
+        "anomalous": anomalous,
+        "rescued": rescued,
+        "pred_hybrid": classifier | rescued,
+    }
 
 
 @dataclass
 class Prediction:
     """One image's result; the keys of `inference.py --output` JSON."""
+
     path: str
     prob_malignant: float = float("nan")
     malignant_threshold: float = float("nan")
@@ -96,9 +106,16 @@ def export_onnx(module: torch.nn.Module, size: int, path: Path, outputs: list[st
     tmp = path.with_name(path.name + ".tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.rand(1, 3, size, size),), str(tmp), input_names=["x"],
-                          output_names=outputs, dynamic_axes={"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            module.eval(),
+            (torch.rand(1, 3, size, size),),
+            str(tmp),
+            input_names=["x"],
+            output_names=outputs,
+            dynamic_axes={"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+            opset_version=17,
+            dynamo=False,
+        )
     os.replace(tmp, path)
     return path
 
@@ -111,8 +128,15 @@ def _weights_digest(checkpoint: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def exported_models(classifier: torch.nn.Module, cls_meta: dict, cls_path: str, vae: ConvVAE, vae_meta: dict,
-                    vae_path: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+def exported_models(
+    classifier: torch.nn.Module,
+    cls_meta: dict,
+    cls_path: str,
+    vae: ConvVAE,
+    vae_meta: dict,
+    vae_path: str,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[Path, Path]:
     """ONNX files of both models, exported once per weights file (keyed by its sha256) into the cache folder."""
     folder = Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx"
     cls_file = folder / f"classifier_{_weights_digest(cls_path)}.onnx"
@@ -129,6 +153,7 @@ class OnnxBackend:
 
     def __init__(self, files: tuple[Path, Path], threads: int | None = None):
         import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -147,9 +172,12 @@ class OpenVinoBackend:
 
     def __init__(self, files: tuple[Path, Path], threads: int | None = None, bf16: bool = False):
         import openvino as ov
+
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-                  "INFERENCE_NUM_THREADS": threads or len(os.sched_getaffinity(0))}
+        config = {
+            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+            "INFERENCE_NUM_THREADS": threads or len(os.sched_getaffinity(0)),
+        }
         self.cls, self.vae = (core.compile_model(str(f), "CPU", config) for f in files)
 
     def run(self, cls_x: np.ndarray, vae_x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -165,19 +193,32 @@ class HybridPredictor:
     """Classifier + VAE + rescue. `predict_paths` decodes files (in parallel threads), `predict_arrays` takes
     already-decoded uint8 images; both return per-image `Prediction`s."""
 
-    def __init__(self, classifier_path: str | os.PathLike, vae_path: str | os.PathLike, device: str | torch.device = "cpu",
-                 backend: str = "torch", malignant_threshold: float | None = None,
-                 anomaly_threshold: float | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        classifier_path: str | os.PathLike,
+        vae_path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        backend: str = "torch",
+        malignant_threshold: float | None = None,
+        anomaly_threshold: float | None = None,
+        threads: int | None = None,
+    ):
         classifier, self.cls_meta = load_classifier(classifier_path)
         vae, self.vae_meta = load_vae(vae_path)
         if self.cls_meta.get("malignant_threshold") is None and malignant_threshold is None:
-            raise CheckpointError(f"{classifier_path}: no malignant_threshold in its sidecar (train it with classifiers/train.py)")
+            raise CheckpointError(
+                f"{classifier_path}: no malignant_threshold in its sidecar (train it with classifiers/train.py)"
+            )
         if self.vae_meta.get("anomaly_threshold") is None and anomaly_threshold is None:
-            raise CheckpointError(f"{vae_path}: no anomaly_threshold in its sidecar; run anomaly_detection/calibrate.py")
-        self.malignant_threshold = float(malignant_threshold if malignant_threshold is not None
-                                         else self.cls_meta["malignant_threshold"])
-        self.anomaly_threshold = float(anomaly_threshold if anomaly_threshold is not None
-                                       else self.vae_meta["anomaly_threshold"])
+            raise CheckpointError(
+                f"{vae_path}: no anomaly_threshold in its sidecar; run anomaly_detection/calibrate.py"
+            )
+        self.malignant_threshold = float(
+            malignant_threshold if malignant_threshold is not None else self.cls_meta["malignant_threshold"]
+        )
+        self.anomaly_threshold = float(
+            anomaly_threshold if anomaly_threshold is not None else self.vae_meta["anomaly_threshold"]
+        )
         self.cls_prep, self.vae_prep = Preprocess.from_meta(self.cls_meta), Preprocess.from_meta(self.vae_meta)
         quantiles = self.vae_meta.get("calib_benign_score_quantiles", {})
         self.ood_score = float(quantiles["1.0"]) if "1.0" in quantiles else float("inf")
@@ -189,15 +230,23 @@ class HybridPredictor:
             self.backend = TorchBackend(classifier, vae, torch.device(device))
         else:
             files = exported_models(classifier, self.cls_meta, str(classifier_path), vae, self.vae_meta, str(vae_path))
-            self.backend = (OnnxBackend(files, threads) if backend == "onnx"
-                            else OpenVinoBackend(files, threads, bf16=backend == "openvino-bf16"))
+            self.backend = (
+                OnnxBackend(files, threads)
+                if backend == "onnx"
+                else OpenVinoBackend(files, threads, bf16=backend == "openvino-bf16")
+            )
         self.classifier, self.vae = classifier, vae
 
     def versions(self) -> dict[str, Any]:
         keys = ("arch", "epoch", "config", "manifest_sha256", "threshold_rule", "anomaly_threshold_rule")
-        return {"classifier": {"path": self.paths["classifier"], **{k: self.cls_meta.get(k) for k in keys if k in self.cls_meta}},
-                "vae": {"path": self.paths["vae"], **{k: self.vae_meta.get(k) for k in keys if k in self.vae_meta}},
-                "backend": self.backend_name}
+        return {
+            "classifier": {
+                "path": self.paths["classifier"],
+                **{k: self.cls_meta.get(k) for k in keys if k in self.cls_meta},
+            },
+            "vae": {"path": self.paths["vae"], **{k: self.vae_meta.get(k) for k in keys if k in self.vae_meta}},
+            "backend": self.backend_name,
+        }
 
     def pixels(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         """One decoded image -> (classifier uint8, VAE uint8), each by its own checkpoint's resize rule."""
@@ -207,16 +256,31 @@ class HybridPredictor:
 
     def run_arrays(self, cls_px: np.ndarray, vae_px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uint8 N x H x W x 3 batches -> (P(malignant), VAE score, reconstruction N x 3 x H x W in [0,1])."""
-        cls_x = self.cls_prep.tensor(torch.from_numpy(np.require(cls_px, requirements=["C", "W"])).permute(0, 3, 1, 2)).numpy()
-        vae_x = self.vae_prep.tensor(torch.from_numpy(np.require(vae_px, requirements=["C", "W"])).permute(0, 3, 1, 2)).numpy()
+        cls_x = self.cls_prep.tensor(
+            torch.from_numpy(np.require(cls_px, requirements=["C", "W"])).permute(0, 3, 1, 2)
+        ).numpy()
+        vae_x = self.vae_prep.tensor(
+            torch.from_numpy(np.require(vae_px, requirements=["C", "W"])).permute(0, 3, 1, 2)
+        ).numpy()
         return self.backend.run(np.ascontiguousarray(cls_x), np.ascontiguousarray(vae_x))
 
     def decide(self, names: list[str], probs: np.ndarray, scores: np.ndarray) -> list[Prediction]:
         r = rescue(probs, scores, self.malignant_threshold, self.anomaly_threshold)
-        return [Prediction(name, float(p), self.malignant_threshold, bool(r["pred_classifier"][i]), float(s),
-                           self.anomaly_threshold, bool(r["anomalous"][i]), bool(r["rescued"][i]),
-                           bool(r["pred_hybrid"][i]), bool(s > self.ood_score))
-                for i, (name, p, s) in enumerate(zip(names, probs, scores))]
+        return [
+            Prediction(
+                name,
+                float(p),
+                self.malignant_threshold,
+                bool(r["pred_classifier"][i]),
+                float(s),
+                self.anomaly_threshold,
+                bool(r["anomalous"][i]),
+                bool(r["rescued"][i]),
+                bool(r["pred_hybrid"][i]),
+                bool(s > self.ood_score),
+            )
+            for i, (name, p, s) in enumerate(zip(names, probs, scores))
+        ]
 
     def predict_image(self, image: Image.Image, name: str = "<image>") -> tuple[Prediction, np.ndarray]:
         """One PIL image -> (Prediction, VAE reconstruction H x W x 3 uint8)."""
@@ -224,8 +288,9 @@ class HybridPredictor:
         probs, scores, recon = self.run_arrays(cls_px[None], vae_px[None])
         return self.decide([name], probs, scores)[0], (recon[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
-    def predict_paths(self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 2,
-                      on_batch=None) -> list[Prediction]:
+    def predict_paths(
+        self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 2, on_batch=None
+    ) -> list[Prediction]:
         """Files -> Predictions, in input order. Unreadable files give a Prediction with `error` set; the run goes
         on. Decoding runs in a thread pool ahead of the models (PIL releases the GIL while decoding)."""
         paths = [str(p) for p in paths]
@@ -237,7 +302,7 @@ class HybridPredictor:
             except ImageError as exc:
                 return path, None, None, str(exc)
 
-        batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+        batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
         with ThreadPoolExecutor(workers) as pool:
             pending = [pool.submit(prepare, p) for p in batches[0]] if batches else []
             for k in range(len(batches)):

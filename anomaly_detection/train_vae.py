@@ -25,12 +25,12 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from anomaly_detection.vae import ConvVAE, VAEScorer, vae_loss  # noqa: E402
+from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
 from data.manifest import ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
 from data.runtime import init_device, seed_everything  # noqa: E402
 from data.training import load_state, save_state  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
 from data.transforms import Preprocess, preprocess_meta  # noqa: E402
 from evaluation.metrics import auc  # noqa: E402
 

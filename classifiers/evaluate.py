@@ -10,6 +10,7 @@ nothing here looks at test labels to choose anything. Every metrics row (one per
 all-malignant baseline beside it and a bootstrap 95% CI on the AUC. Outputs in --out: metrics.csv,
 predictions.csv (path,label,prob_malignant,pred,...), and per dataset/split a confusion matrix and ROC/PR PNG.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,9 @@ def evaluation_groups(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return groups
 
 
-def predict_ensemble(checkpoints: list[str], df: pd.DataFrame, device, tta: bool) -> tuple[np.ndarray, dict, pd.DataFrame]:
+def predict_ensemble(
+    checkpoints: list[str], df: pd.DataFrame, device, tta: bool
+) -> tuple[np.ndarray, dict, pd.DataFrame]:
     """Mean P(malignant) over checkpoints; returns (probs, first sidecar, rows that decoded)."""
     probs, first_meta, kept = [], None, None
     for path in checkpoints:
@@ -61,8 +64,16 @@ def predict_ensemble(checkpoints: list[str], df: pd.DataFrame, device, tta: bool
     return np.mean(probs, axis=0), first_meta, kept
 
 
-def evaluate(checkpoints: list[str], df: pd.DataFrame, out: Path, device, tta: bool = False,
-             threshold: float | None = None, model_name: str | None = None, plot: bool = True) -> pd.DataFrame:
+def evaluate(
+    checkpoints: list[str],
+    df: pd.DataFrame,
+    out: Path,
+    device,
+    tta: bool = False,
+    threshold: float | None = None,
+    model_name: str | None = None,
+    plot: bool = True,
+) -> pd.DataFrame:
     probs, meta, kept = predict_ensemble(checkpoints, df, device, tta)
     threshold = meta["malignant_threshold"] if threshold is None else threshold
     threshold_split = meta["threshold_split"] if len(checkpoints) == 1 else "val (first checkpoint)"
@@ -72,9 +83,18 @@ def evaluate(checkpoints: list[str], df: pd.DataFrame, out: Path, device, tta: b
     for group, part in evaluation_groups(kept).items():
         dataset, split = group.split("/", 1)
         common = {"config": meta.get("config", ""), "dataset": dataset, "split": split}
-        rows.append(metrics_row(part["y"], part["prob_malignant"], threshold, model=name, **common,
-                                threshold_split=threshold_split, threshold_rule=meta.get("threshold_rule", ""),
-                                prob=part["prob_malignant"]))
+        rows.append(
+            metrics_row(
+                part["y"],
+                part["prob_malignant"],
+                threshold,
+                model=name,
+                **common,
+                threshold_split=threshold_split,
+                threshold_rule=meta.get("threshold_rule", ""),
+                prob=part["prob_malignant"],
+            )
+        )
         rows.append(baseline_row(part["y"], **common))
         if plot:
             slug = group.replace("/", "_")
@@ -110,8 +130,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         metrics = evaluate(a.checkpoint, df, Path(a.out), device, a.tta, a.threshold, a.name)
     except (CheckpointError, FileNotFoundError) as exc:
         sys.exit(f"error: {exc}")
-    cols = ["model", "dataset", "split", "n", "auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity",
-            "balanced_accuracy"]
+    cols = [
+        "model",
+        "dataset",
+        "split",
+        "n",
+        "auc",
+        "auc_ci_low",
+        "auc_ci_high",
+        "sensitivity",
+        "specificity",
+        "balanced_accuracy",
+    ]
     print(metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {a.out}/metrics.csv and predictions.csv")
     return metrics

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -22,11 +23,11 @@ from classifiers.medvit import MedViT
 from data.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
-MODELS: dict[str, Callable[..., "Classifier"]] = {}
+MODELS: dict[str, Callable[..., Classifier]] = {}
 BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 
-def register(fn: Callable[..., "Classifier"]) -> Callable[..., "Classifier"]:
+def register(fn: Callable[..., Classifier]) -> Callable[..., Classifier]:
     MODELS[fn.__name__] = fn
     return fn
 
@@ -35,7 +36,7 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
-def create_model(name: str, **kwargs: Any) -> "Classifier":
+def create_model(name: str, **kwargs: Any) -> Classifier:
     if name not in MODELS:
         raise ValueError(f"unknown architecture {name!r}; choose from {list_models()}")
     return MODELS[name](**kwargs)

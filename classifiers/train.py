@@ -13,6 +13,7 @@ Each epoch: train on `fit` with batched augmentation from the preprocessing cach
 improvement. A killed run continues from its last finished epoch with `--resume` and ends with the same numbers as
 an uninterrupted one (every epoch's randomness is seeded from --seed and the epoch number).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,12 @@ from tqdm import tqdm  # noqa: E402
 
 from classifiers.models import create_model, list_models  # noqa: E402
 from classifiers.predict import predict_proba  # noqa: E402
+from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
 from data.manifest import LABELS, ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
 from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
 from data.training import EMA, load_state, save_state, warmup_cosine  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
 from data.transforms import Preprocess, augment, preprocess_meta  # noqa: E402
 from evaluation.metrics import THRESHOLD_RULES, auc, choose_threshold, decision_metrics  # noqa: E402
 
@@ -47,9 +48,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="densenet121", choices=list_models(), help="architecture from the registry")
-    p.add_argument("--config", default="original",
-                   help="dataset configuration (original, dcgan_aug, dcgan_up, ddpm_aug, ddpm_up); picks "
-                        "data/manifests/<config>.csv unless --manifest is given")
+    p.add_argument(
+        "--config",
+        default="original",
+        help="dataset configuration (original, dcgan_aug, dcgan_up, ddpm_aug, ddpm_up); picks "
+        "data/manifests/<config>.csv unless --manifest is given",
+    )
     p.add_argument("--manifest", default=None, help="manifest CSV (columns path,label,split,source,...)")
     p.add_argument("--img-size", type=int, default=128, help="square input size in pixels")
     p.add_argument("--resize", default="squash", choices=("squash", "center_crop"), help="resize rule")
@@ -60,24 +64,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up length, then cosine decay to 0")
     p.add_argument("--loss", default="ce", choices=("ce", "focal"), help="cross-entropy or focal loss (gamma 2)")
-    p.add_argument("--class-weights", default="sqrt", choices=("none", "sqrt", "balanced"),
-                   help="per-class loss weights from fit-split frequencies: none, inverse square root, inverse")
-    p.add_argument("--pretrained", default=None,
-                   help="'imagenet' (local cache only) or a weights file; default: random initialisation")
+    p.add_argument(
+        "--class-weights",
+        default="sqrt",
+        choices=("none", "sqrt", "balanced"),
+        help="per-class loss weights from fit-split frequencies: none, inverse square root, inverse",
+    )
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="'imagenet' (local cache only) or a weights file; default: random initialisation",
+    )
     p.add_argument("--ema-decay", type=float, default=0.998, help="EMA decay of the weights used for eval")
-    p.add_argument("--threshold-rule", default="youden", choices=THRESHOLD_RULES,
-                   help="rule that picks malignant_threshold on val")
-    p.add_argument("--threshold-target", type=float, default=None,
-                   help="target for target_sensitivity / target_specificity rules (e.g. 0.9)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="use at most this many fit images and a quarter as many val images (quick runs, tests)")
+    p.add_argument(
+        "--threshold-rule", default="youden", choices=THRESHOLD_RULES, help="rule that picks malignant_threshold on val"
+    )
+    p.add_argument(
+        "--threshold-target",
+        type=float,
+        default=None,
+        help="target for target_sensitivity / target_specificity rules (e.g. 0.9)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use at most this many fit images and a quarter as many val images (quick runs, tests)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling, augmentation")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
     p.add_argument("--out", default=None, help="run folder (default runs/classifiers/<arch>_<config>_s<seed>)")
-    p.add_argument("--kill-after-steps", type=int, default=None,
-                   help="testing aid: exit abruptly after this many optimizer steps, as a killed run would")
+    p.add_argument(
+        "--kill-after-steps",
+        type=int,
+        default=None,
+        help="testing aid: exit abruptly after this many optimizer steps, as a killed run would",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p.parse_args(argv)
 
@@ -117,23 +141,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.exit(f"error: {exc}")
     fit_df, val_df = df[df["split"] == "fit"], df[df["split"] == "val"]
     if args.limit:
-        fit_df, val_df = stratified_subset(fit_df, args.limit, args.seed), stratified_subset(val_df, max(8, args.limit // 4), args.seed)
+        fit_df, val_df = (
+            stratified_subset(fit_df, args.limit, args.seed),
+            stratified_subset(val_df, max(8, args.limit // 4), args.seed),
+        )
     fit = CachedImages(fit_df, args.img_size, args.resize)
     val = CachedImages(val_df, args.img_size, args.resize)
     prep_meta = preprocess_meta(args.img_size, args.resize, "imagenet")
     preprocess = Preprocess.from_meta(prep_meta)
 
     seed_everything(args.seed)
-    pretrained: bool | str = False if not args.pretrained else (True if args.pretrained == "imagenet" else args.pretrained)
+    pretrained: bool | str = (
+        False if not args.pretrained else (True if args.pretrained == "imagenet" else args.pretrained)
+    )
     model = create_model(args.arch, num_classes=len(LABELS), img_size=args.img_size, pretrained=pretrained)
-    accelerator.print(f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-                      f"{model.init_note}; fit {len(fit)} images, val {len(val)}; device {device}")
+    accelerator.print(
+        f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{model.init_note}; fit {len(fit)} images, val {len(val)}; device {device}"
+    )
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     world = accelerator.num_processes
     steps_per_epoch = len(fit) // (args.batch_size * world)
-    scheduler = warmup_cosine(optimizer, steps_per_epoch * args.epochs, max(1, int(args.warmup_epochs * steps_per_epoch)))
+    scheduler = warmup_cosine(
+        optimizer, steps_per_epoch * args.epochs, max(1, int(args.warmup_epochs * steps_per_epoch))
+    )
     weight = class_weights(fit.targets, args.class_weights, len(LABELS))
     weight = weight.to(device) if weight is not None else None
 
@@ -145,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
-        accelerator.print(f"resumed from {state_path} after epoch {state['epoch'] + 1} (best val AUC {best['auc']:.4f})")
+        accelerator.print(
+            f"resumed from {state_path} after epoch {state['epoch'] + 1} (best val AUC {best['auc']:.4f})"
+        )
     model, optimizer = accelerator.prepare(model, optimizer)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type in ("cpu", "cuda"))
     steps_done = 0
@@ -157,11 +192,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.manual_seed(args.seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         order = torch.randperm(len(fit), generator=gen)[: steps_per_epoch * args.batch_size * world]
-        loader = accelerator.prepare(torch.utils.data.DataLoader(torch.utils.data.Subset(fit, order.tolist()),
-                                                                 batch_size=args.batch_size, shuffle=False))
+        loader = accelerator.prepare(
+            torch.utils.data.DataLoader(
+                torch.utils.data.Subset(fit, order.tolist()), batch_size=args.batch_size, shuffle=False
+            )
+        )
         model.train()
         t0, seen, total_loss = time.perf_counter(), 0, 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress or not accelerator.is_main_process)
+        bar = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress or not accelerator.is_main_process
+        )
         for x, y in bar:
             x = preprocess.tensor(augment(x, gen)).contiguous(memory_format=torch.channels_last)
             with torch.autocast(**autocast):
@@ -181,39 +221,77 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_seconds = time.perf_counter() - t0
         probs = predict_proba(ema.module, val.images, preprocess, device, autocast=autocast["enabled"])[:, 1]
         y_val = val.targets.numpy()
-        row = {"epoch": epoch + 1, "train_loss": total_loss / max(1, len(loader)), "val_auc": auc(y_val, probs),
-               "lr": scheduler.get_last_lr()[0], "images_per_s": seen / train_seconds,
-               "epoch_seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total_loss / max(1, len(loader)),
+            "val_auc": auc(y_val, probs),
+            "lr": scheduler.get_last_lr()[0],
+            "images_per_s": seen / train_seconds,
+            "epoch_seconds": time.perf_counter() - t0,
+        }
         history.append(row)
         improved = row["val_auc"] > best["auc"]
         if improved:
             best = {"auc": row["val_auc"], "epoch": epoch}
         if accelerator.is_main_process:
-            accelerator.print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}  "
-                              f"{row['images_per_s']:.1f} img/s{'  (best)' if improved else ''}")
+            accelerator.print(
+                f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}  "
+                f"{row['images_per_s']:.1f} img/s{'  (best)' if improved else ''}"
+            )
             if improved:
                 save_best(out, ema.module, args, prep_meta, manifest_path, y_val, probs, row)
             write_rows(out / "metrics.csv", history)
-            save_state(state_path, {"model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "epoch": epoch, "history": history, "best": best, "args": vars(args)})
+            save_state(
+                state_path,
+                {
+                    "model": accelerator.unwrap_model(model).state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "best": best,
+                    "args": vars(args),
+                },
+            )
     result = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else {}
     if accelerator.is_main_process and result:
-        accelerator.print(f"best epoch {result['epoch']}: val AUC {result['metrics']['val']['auc']:.4f}, "
-                          f"threshold {result['malignant_threshold']:.4f} ({args.threshold_rule} on val) -> {out}")
+        accelerator.print(
+            f"best epoch {result['epoch']}: val AUC {result['metrics']['val']['auc']:.4f}, "
+            f"threshold {result['malignant_threshold']:.4f} ({args.threshold_rule} on val) -> {out}"
+        )
     return result
 
 
-def save_best(out: Path, ema_model: torch.nn.Module, args: argparse.Namespace, prep_meta: dict[str, Any],
-              manifest_path: Path, y_val: np.ndarray, probs: np.ndarray, row: dict[str, Any]) -> None:
+def save_best(
+    out: Path,
+    ema_model: torch.nn.Module,
+    args: argparse.Namespace,
+    prep_meta: dict[str, Any],
+    manifest_path: Path,
+    y_val: np.ndarray,
+    probs: np.ndarray,
+    row: dict[str, Any],
+) -> None:
     threshold = choose_threshold(y_val, probs, args.threshold_rule, "val", args.threshold_target)
-    meta = {"kind": "classifier", "arch": args.arch, "arch_kwargs": {}, **prep_meta, "class_names": list(LABELS),
-            "malignant_threshold": threshold, "threshold_rule": args.threshold_rule,
-            "threshold_target": args.threshold_target, "threshold_split": "val", "epoch": row["epoch"],
-            "config": args.config, "manifest": str(manifest_path.name), "manifest_sha256": file_sha256(manifest_path),
-            "init": ema_model.init_note,
-            "train_args": {k: v for k, v in vars(args).items() if k != "kill_after_steps"},
-            "metrics": {"val": {"auc": row["val_auc"], **decision_metrics(y_val, probs >= threshold)}}}
+    meta = {
+        "kind": "classifier",
+        "arch": args.arch,
+        "arch_kwargs": {},
+        **prep_meta,
+        "class_names": list(LABELS),
+        "malignant_threshold": threshold,
+        "threshold_rule": args.threshold_rule,
+        "threshold_target": args.threshold_target,
+        "threshold_split": "val",
+        "epoch": row["epoch"],
+        "config": args.config,
+        "manifest": str(manifest_path.name),
+        "manifest_sha256": file_sha256(manifest_path),
+        "init": ema_model.init_note,
+        "train_args": {k: v for k, v in vars(args).items() if k != "kill_after_steps"},
+        "metrics": {"val": {"auc": row["val_auc"], **decision_metrics(y_val, probs >= threshold)}},
+    }
     save_checkpoint(out / "best", ema_model, meta)
 
 

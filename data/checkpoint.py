@@ -5,14 +5,16 @@ thresholds, the training manifest's hash, metrics and package versions. `load_ch
 sidecar through a caller-supplied builder and loads strictly: a file that is not safetensors, a missing sidecar, or
 weights whose keys or shapes differ from the architecture fail with one clear message. Nothing is unpickled.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import platform
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -43,18 +45,28 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any],
-                    dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any], dtype: torch.dtype | None = None
+) -> Path:
     """Write weights (optionally cast to `dtype`, e.g. fp16 for shipping) and the sidecar, each atomically."""
     weights, sidecar = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
-             .contiguous().clone().cpu() for k, v in model.state_dict().items()}
+    state = {
+        k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
+        .contiguous()
+        .clone()
+        .cpu()
+        for k, v in model.state_dict().items()
+    }
     tmp = weights.with_name(weights.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, weights)
-    full_meta = {"format_version": FORMAT_VERSION, **meta, "weights_dtype": str(dtype or "as trained"),
-                 "versions": package_versions()}
+    full_meta = {
+        "format_version": FORMAT_VERSION,
+        **meta,
+        "weights_dtype": str(dtype or "as trained"),
+        "versions": package_versions(),
+    }
     atomic_write_text(sidecar, json.dumps(full_meta, indent=2, default=str) + "\n")
     return weights
 
@@ -75,8 +87,9 @@ def write_sidecar(path: str | os.PathLike, meta: dict[str, Any]) -> None:
     atomic_write_text(_paths(path)[1], json.dumps(meta, indent=2, default=str) + "\n")
 
 
-def load_checkpoint(path: str | os.PathLike, build: Callable[[dict[str, Any]], torch.nn.Module],
-                    kind: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, build: Callable[[dict[str, Any]], torch.nn.Module], kind: str | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the model from the sidecar with `build(meta)`, load the weights strictly, return (model.eval(), meta)."""
     weights, _ = _paths(path)
     meta = read_sidecar(path)
@@ -92,5 +105,7 @@ def load_checkpoint(path: str | os.PathLike, build: Callable[[dict[str, Any]], t
     except RuntimeError as exc:
         first = str(exc).splitlines()
         detail = " ".join(line.strip() for line in first[:3])
-        raise CheckpointError(f"{weights}: weights do not match architecture {meta.get('arch')!r}: {detail[:400]}")
+        raise CheckpointError(
+            f"{weights}: weights do not match architecture {meta.get('arch')!r}: {detail[:400]}"
+        ) from None
     return model.float().eval(), meta

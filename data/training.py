@@ -4,6 +4,7 @@ Training state (model, EMA, optimizer, scheduler, epoch, history) is our own fil
 each epoch and read back with `torch.load(weights_only=True)`, which restores tensors and plain containers and
 cannot execute code. Shipped weights never use this format: they go through data/checkpoint.py (safetensors).
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,12 +43,15 @@ class EMA:
         self.steps = state["steps"]
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -64,4 +68,3 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which and why, do not start over silently
         raise SystemExit(f"error: cannot resume from {path}: {exc.__class__.__name__}: {str(exc)[:200]}") from None
-

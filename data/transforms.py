@@ -36,7 +36,7 @@ class Preprocess:
     std: tuple[float, float, float] | None
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "Preprocess":
+    def from_meta(cls, meta: dict[str, Any]) -> Preprocess:
         norm = meta["normalization"]
         if norm == "unit":
             return cls(meta["input_size"], meta["resize"], None, None)

@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import auc as area, precision_recall_curve, roc_curve  # noqa: E402
+from sklearn.metrics import auc as area  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from evaluation.metrics import confusion  # noqa: E402
 

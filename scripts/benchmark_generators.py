@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from data.runtime import init_device  # noqa: E402
 from generators import ddpm  # noqa: E402
-from generators.train import MODELS, build_trainer, parse_args as train_args  # noqa: E402
+from generators.train import MODELS, build_trainer  # noqa: E402
+from generators.train import parse_args as train_args
 from generators.upscaler import upscale  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
     python scripts/benchmark_inference.py                       # shipped checkpoints, 256 real HAM10000 test images
     python scripts/benchmark_inference.py --n 1000 --out results/benchmarks/inference.txt
-    python scripts/benchmark_inference.py --device cuda         # torch paths on GPU (ONNX Runtime uses CUDA if built so)
+    python scripts/benchmark_inference.py --device cuda   # torch path on GPU (ONNX Runtime uses CUDA if built so)
 
 Paths measured side by side on the same files:
   naive                 eager fp32 torch, one image at a time (decode -> resize -> both models);
@@ -11,6 +11,7 @@ Paths measured side by side on the same files:
 Backends: onnx (ONNX Runtime fp32), openvino (fp32), openvino-bf16 (bf16 where the CPU has it). It prints images/s,
 median and p90 ms per image, the ratios against the naive path, and each backend's numerical parity with torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,13 +53,21 @@ def batched(predictor: HybridPredictor, paths: list[str], batch_size: int) -> tu
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classifier", default=str(ROOT / "checkpoints" / "densenet121.safetensors"), help="classifier checkpoint")
+    p.add_argument(
+        "--classifier", default=str(ROOT / "checkpoints" / "densenet121.safetensors"), help="classifier checkpoint"
+    )
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "convvae.safetensors"), help="VAE checkpoint")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="where the images come from")
+    p.add_argument(
+        "--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="where the images come from"
+    )
     p.add_argument("--n", type=int, default=256, help="number of real test images")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the batched paths")
-    p.add_argument("--backends", nargs="+", default=["onnx", "openvino", "openvino-bf16"],
-                   help="exported backends to compare with the naive torch path")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=["onnx", "openvino", "openvino-bf16"],
+        help="exported backends to compare with the naive torch path",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="device of the torch path")
     p.add_argument("--out", default=None, help="also write the report to this text file")
@@ -73,29 +82,43 @@ def main(argv: list[str] | None = None) -> str:
     for backend in a.backends:
         predictor = HybridPredictor(a.classifier, a.vae, backend=backend, threads=a.threads)
         results = predictor.predict_paths(paths, a.batch_size)  # also the warm-up
-        parity[backend] = (max(abs(r.prob_malignant - q.prob_malignant) for r, q in zip(reference, results)),
-                           max(abs(r.vae_score - q.vae_score) for r, q in zip(reference, results)),
-                           sum(r.decision != q.decision for r, q in zip(reference, results)))
+        parity[backend] = (
+            max(abs(r.prob_malignant - q.prob_malignant) for r, q in zip(reference, results)),
+            max(abs(r.vae_score - q.vae_score) for r, q in zip(reference, results)),
+            sum(r.decision != q.decision for r, q in zip(reference, results)),
+        )
         rows[f"{backend}, 1 at a time"] = one_at_a_time(predictor, paths)
         rows[f"{backend}, batch {a.batch_size}, threaded decode"] = batched(predictor, paths, a.batch_size)
-    base_ips, base_ms = rows["naive: torch eager fp32, 1 at a time"][0], float(np.median(rows["naive: torch eager fp32, 1 at a time"][1]))
-    lines = [f"# python scripts/benchmark_inference.py --n {a.n} --batch-size {a.batch_size}"
-             + (f" --threads {a.threads}" if a.threads else ""),
-             f"# {len(paths)} real HAM10000 test JPEGs, end to end (decode, resize, classifier + VAE); "
-             f"{platform.machine()}, {a.threads or len(os.sched_getaffinity(0))} threads; "
-             f"{Path(a.classifier).name} + {Path(a.vae).name}",
-             f"{'path':<48} {'images/s':>9} {'median ms':>10} {'p90 ms':>8} {'x naive':>8}"]
+    base_ips, base_ms = (
+        rows["naive: torch eager fp32, 1 at a time"][0],
+        float(np.median(rows["naive: torch eager fp32, 1 at a time"][1])),
+    )
+    lines = [
+        f"# python scripts/benchmark_inference.py --n {a.n} --batch-size {a.batch_size}"
+        + (f" --threads {a.threads}" if a.threads else ""),
+        f"# {len(paths)} real HAM10000 test JPEGs, end to end (decode, resize, classifier + VAE); "
+        f"{platform.machine()}, {a.threads or len(os.sched_getaffinity(0))} threads; "
+        f"{Path(a.classifier).name} + {Path(a.vae).name}",
+        f"{'path':<48} {'images/s':>9} {'median ms':>10} {'p90 ms':>8} {'x naive':>8}",
+    ]
     for name, (ips, ms) in rows.items():
         lines.append(f"{name:<48} {ips:9.1f} {np.median(ms):10.1f} {np.quantile(ms, 0.9):8.1f} {ips / base_ips:8.2f}")
     lines.append("parity with torch fp32 on these images: max |dP(malignant)|, max |dVAE score|, decisions that differ")
     lines += [f"  {b:<16} {dp:.2e}  {ds:.2e}  {dd}" for b, (dp, ds, dd) in parity.items()]
-    best_single = min((float(np.median(ms)), name) for name, (ips, ms) in rows.items() if "1 at a time" in name
-                      and not name.startswith("naive"))
+    best_single = min(
+        (float(np.median(ms)), name)
+        for name, (ips, ms) in rows.items()
+        if "1 at a time" in name and not name.startswith("naive")
+    )
     best_batch = max((ips, name) for name, (ips, _) in rows.items())
-    lines.append(f"single-image latency: naive {base_ms:.1f} ms -> {best_single[0]:.1f} ms ({best_single[1]}): "
-                 f"{base_ms / best_single[0]:.2f}x better")
-    lines.append(f"throughput: naive {base_ips:.1f} -> {best_batch[0]:.1f} images/s ({best_batch[1]}): "
-                 f"{best_batch[0] / base_ips:.2f}x")
+    lines.append(
+        f"single-image latency: naive {base_ms:.1f} ms -> {best_single[0]:.1f} ms ({best_single[1]}): "
+        f"{base_ms / best_single[0]:.2f}x better"
+    )
+    lines.append(
+        f"throughput: naive {base_ips:.1f} -> {best_batch[0]:.1f} images/s ({best_batch[1]}): "
+        f"{best_batch[0] / base_ips:.2f}x"
+    )
     report = "\n".join(lines)
     print(report)
     if a.out:

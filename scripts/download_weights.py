@@ -7,6 +7,7 @@ The same files are committed in checkpoints/ of this repository; this script is 
 mirrors). Every file is checked by sha256 before it is moved into place; a mismatch is an error and nothing is
 overwritten. Without network access it says so in one line and points to checkpoints/. CPU, GPU or cluster: same.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ def read_sums(path: Path) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repo-id", default=os.environ.get("MELANOMA_WEIGHTS_REPO", DEFAULT_REPO),
-                   help="Hugging Face Hub model repository (env MELANOMA_WEIGHTS_REPO)")
+    p.add_argument(
+        "--repo-id",
+        default=os.environ.get("MELANOMA_WEIGHTS_REPO", DEFAULT_REPO),
+        help="Hugging Face Hub model repository (env MELANOMA_WEIGHTS_REPO)",
+    )
     p.add_argument("--revision", default="main", help="branch, tag or commit of that repository")
     p.add_argument("--sums", default=str(ROOT / "checkpoints" / "SHA256SUMS"), help="expected sha256 per file")
     p.add_argument("--out", default=str(ROOT / "checkpoints"), help="where verified files go")
@@ -52,11 +56,15 @@ def main(argv: list[str] | None = None) -> None:
         try:
             local = Path(hf_hub_download(a.repo_id, name, revision=a.revision))
         except Exception as exc:  # offline, unknown repository, missing file: one line, no traceback
-            sys.exit(f"error: cannot fetch {name} from the Hugging Face Hub repository {a.repo_id} "
-                     f"({exc.__class__.__name__}); the shipped weights are already in {ROOT / 'checkpoints'}")
+            sys.exit(
+                f"error: cannot fetch {name} from the Hugging Face Hub repository {a.repo_id} "
+                f"({exc.__class__.__name__}); the shipped weights are already in {ROOT / 'checkpoints'}"
+            )
         actual = file_sha256(local)
         if actual != digest:
-            sys.exit(f"error: {name} from {a.repo_id} has sha256 {actual[:16]}..., expected {digest[:16]}...; not installed")
+            sys.exit(
+                f"error: {name} from {a.repo_id} has sha256 {actual[:16]}..., expected {digest[:16]}...; not installed"
+            )
         tmp = out / f"{name}.tmp"
         shutil.copyfile(local, tmp)
         os.replace(tmp, out / name)

@@ -12,8 +12,20 @@ import pytest
 from conftest import ORIGINAL_MANIFEST
 from PIL import Image
 
-from data.manifest import (DX_CLASSES, LABELS, MALIGNANT_DX, SPLITS, ManifestError, file_sha256, read_folder,
-                           read_ham10000, read_isic2017, read_manifest, validate, write_manifest)
+from data.manifest import (
+    DX_CLASSES,
+    LABELS,
+    MALIGNANT_DX,
+    SPLITS,
+    ManifestError,
+    file_sha256,
+    read_folder,
+    read_ham10000,
+    read_isic2017,
+    read_manifest,
+    validate,
+    write_manifest,
+)
 from data.splits import assert_grouped, grouped_split
 
 

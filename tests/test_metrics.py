@@ -7,12 +7,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from evaluation import plots
-from evaluation.metrics import (auc, auc_ci, baseline_row, choose_threshold, confusion, decision_metrics,
-                                expected_calibration_error, metrics_row)
+from evaluation.metrics import (
+    auc,
+    auc_ci,
+    baseline_row,
+    choose_threshold,
+    confusion,
+    decision_metrics,
+    expected_calibration_error,
+    metrics_row,
+)
 
 
 def random_data(seed: int, n: int = 300, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
-from streamlit.testing.v1 import element_tree  # noqa: E402
+from streamlit.testing.v1 import (
+    AppTest,  # noqa: E402
+    element_tree,  # noqa: E402
+)
 
 from anomaly_detection.hybrid import HybridPredictor, rescue  # noqa: E402
 from data.checkpoint import read_sidecar, write_sidecar  # noqa: E402

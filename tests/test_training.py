@@ -1,5 +1,6 @@
 """classifiers/train.py on a small real subset: a run killed mid-epoch and resumed ends exactly where an
 uninterrupted run with the same seed ends; the checkpoint it writes honours the contract."""
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,30 @@ pytestmark = pytest.mark.real_data
 
 
 def train(out: Path, manifest: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "classifiers" / "train.py"), "--arch", "medvit", "--manifest", str(manifest),
-           "--img-size", "32", "--epochs", "2", "--batch-size", "8", "--limit", "32", "--threads", "1",
-           "--device", "cpu", "--out", str(out), "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "classifiers" / "train.py"),
+        "--arch",
+        "medvit",
+        "--manifest",
+        str(manifest),
+        "--img-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--limit",
+        "32",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
@@ -35,8 +57,13 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(original, tmp_path):
     assert "resumed from" in resumed.stdout
     a = pd.read_csv(tmp_path / "full" / "metrics.csv")
     b = pd.read_csv(tmp_path / "resumed" / "metrics.csv")
-    pd.testing.assert_frame_equal(a[["epoch", "train_loss", "val_auc", "lr"]], b[["epoch", "train_loss", "val_auc", "lr"]])
-    wa, wb = load_file(str(tmp_path / "full" / "best.safetensors")), load_file(str(tmp_path / "resumed" / "best.safetensors"))
+    pd.testing.assert_frame_equal(
+        a[["epoch", "train_loss", "val_auc", "lr"]], b[["epoch", "train_loss", "val_auc", "lr"]]
+    )
+    wa, wb = (
+        load_file(str(tmp_path / "full" / "best.safetensors")),
+        load_file(str(tmp_path / "resumed" / "best.safetensors")),
+    )
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
 
 
