@@ -40,7 +40,7 @@ from data.atomic import atomic_write_csv  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import CheckpointError  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
-from data.runtime import setup_cpu  # noqa: E402
+from data.runtime import init_device  # noqa: E402
 from evaluation import plots  # noqa: E402
 from evaluation.metrics import auc_ci, choose_threshold, decision_metrics, threshold_for_specificity  # noqa: E402
 
@@ -105,9 +105,10 @@ class Rules:
         }
 
 
-def compare(rules: Rules, df: pd.DataFrame, name: str) -> list[dict]:
+def compare(applied: dict, df: pd.DataFrame, name: str) -> list[dict]:
+    """One comparison_metrics.csv row per rule of `Rules.apply(df)`."""
     rows = []
-    for model, (pred, score, threshold, chosen_on) in rules.apply(df).items():
+    for model, (pred, score, threshold, chosen_on) in applied.items():
         m = decision_metrics(df["y"], pred)
         a, lo, hi = auc_ci(df["y"], score) if score is not None else (np.nan, np.nan, np.nan)
         rows.append(
@@ -144,11 +145,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
     p.add_argument("--splits", nargs="+", default=["test", "external"], help="splits to report on")
     p.add_argument("--out", default=str(ROOT / "results" / "hybrid"), help="output folder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
     a = p.parse_args(argv)
-    setup_cpu()
+    device = init_device(a.device)
     try:
-        predictor = HybridPredictor(a.classifier, a.vae, a.device)
+        predictor = HybridPredictor(a.classifier, a.vae, device)
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
     df = read_manifest(a.manifest)
@@ -157,30 +158,28 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows, details = [], []
     for group, part in evaluation_groups(df[df["split"].isin(a.splits)]).items():
         scored = score_split(predictor, part)
-        rows += compare(rules, scored, group)
         applied = rules.apply(scored)
-        r = rescue(scored["prob_malignant"], scored["vae_score"], rules.mt, rules.at)
+        group_rows = compare(applied, scored, group)
+        rows += group_rows
+        classifier, hybrid = applied["classifier"][0], applied["hybrid_rescue"][0]
         details.append(
             scored[["path", "label", "prob_malignant", "vae_score"]].assign(
                 dataset=group,
-                pred_classifier=r["pred_classifier"].astype(int),
-                pred_hybrid=r["pred_hybrid"].astype(int),
-                rescued=r["rescued"].astype(int),
-                fusion_score=rules.fusion_score(scored),
+                pred_classifier=classifier.astype(int),
+                pred_hybrid=hybrid.astype(int),
+                rescued=(hybrid & ~classifier).astype(int),
+                fusion_score=applied["learned_fusion"][1],
             )
         )
         slug = group.replace("/", "_")
         plots.confusion_matrices(
             {k: (scored["y"], v[0]) for k, v in applied.items()}, out / f"comparison_confusion_matrices_{slug}.png"
         )
-        points = {
-            k: (decision_metrics(scored["y"], v[0])["specificity"], decision_metrics(scored["y"], v[0])["sensitivity"])
-            for k, v in applied.items()
-        }
+        points = {row["Model"]: (row["Specificity"], row["Recall"]) for row in group_rows}
         plots.operating_points(
             {
                 "classifier (all thresholds)": (scored["y"], scored["prob_malignant"]),
-                "learned fusion (all thresholds)": (scored["y"], rules.fusion_score(scored)),
+                "learned fusion (all thresholds)": (scored["y"], applied["learned_fusion"][1]),
                 "VAE score alone": (scored["y"], scored["vae_score"]),
             },
             points,

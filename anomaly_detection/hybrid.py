@@ -9,7 +9,6 @@ normalised pixels, the VAE [0,1] pixels, from one decode of the file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Iterable
@@ -27,6 +26,7 @@ from classifiers.models import load_classifier
 from data.cache import DEFAULT_CACHE_DIR
 from data.checkpoint import CheckpointError, load_checkpoint
 from data.images import ImageError, load_rgb
+from data.manifest import file_sha256
 from data.transforms import Preprocess
 
 
@@ -120,14 +120,6 @@ def export_onnx(module: torch.nn.Module, size: int, path: Path, outputs: list[st
     return path
 
 
-def _weights_digest(checkpoint: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(Path(checkpoint).with_suffix(".safetensors"), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def exported_models(
     classifier: torch.nn.Module,
     cls_meta: dict,
@@ -139,8 +131,8 @@ def exported_models(
 ) -> tuple[Path, Path]:
     """ONNX files of both models, exported once per weights file (keyed by its sha256) into the cache folder."""
     folder = Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx"
-    cls_file = folder / f"classifier_{_weights_digest(cls_path)}.onnx"
-    vae_file = folder / f"vae_{_weights_digest(vae_path)}.onnx"
+    cls_file = folder / f"classifier_{file_sha256(Path(cls_path).with_suffix('.safetensors'))[:16]}.onnx"
+    vae_file = folder / f"vae_{file_sha256(Path(vae_path).with_suffix('.safetensors'))[:16]}.onnx"
     if not cls_file.exists():
         export_onnx(_Probabilities(classifier), cls_meta["input_size"], cls_file, ["probs"])
     if not vae_file.exists():
