@@ -74,9 +74,14 @@ def run_status(run: Path, train_args: list[str]) -> str:
         raise GridError(f"{run}: was trained with other arguments ({' '.join(record['train_args'])}); remove the "
                         f"folder to retrain it with the current ones ({' '.join(train_args)}), or use another "
                         f"--runs-dir")
-    best = run / "best.safetensors"
-    done = record.get("best_sha256") and best.is_file() and file_sha256(best) == record["best_sha256"]
-    return "done" if done and (run / "evaluation" / "metrics.csv").is_file() else "resume"
+    return "done" if is_done(run) else "resume"
+
+
+def is_done(run: Path) -> bool:
+    """Trained and evaluated by the grid, with the best weights unchanged since."""
+    record, best = _record(run), run / "best.safetensors"
+    return bool(record and record.get("best_sha256") and best.is_file()
+                and file_sha256(best) == record["best_sha256"] and (run / "evaluation" / "metrics.csv").is_file())
 
 
 def mark(run: Path, train_args: list[str], arch: str, config: str, seed: int, done: bool = False) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -39,7 +40,7 @@ from data.checkpoint import save_checkpoint  # noqa: E402
 from data.manifest import LABELS, ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
 from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
 from data.training import EMA, load_state, save_state, warmup_cosine  # noqa: E402
-from data.transforms import Preprocess, augment, preprocess_meta  # noqa: E402
+from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta  # noqa: E402
 from evaluation.metrics import THRESHOLD_RULES, auc, choose_threshold, decision_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +56,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "data/manifests/<config>.csv unless --manifest is given",
     )
     p.add_argument("--manifest", default=None, help="manifest CSV (columns path,label,split,source,...)")
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        help="train and select only on these sources of the manifest's `dataset` column (e.g. ham10000)",
+    )
     p.add_argument("--img-size", type=int, default=128, help="square input size in pixels")
     p.add_argument("--resize", default="squash", choices=("squash", "center_crop"), help="resize rule")
+    p.add_argument(
+        "--color-constancy",
+        default="none",
+        choices=COLOR_CONSTANCY,
+        help="Shades-of-Gray (p=6) colour constancy, stored in the checkpoint and applied at every later use",
+    )
+    p.add_argument(
+        "--balance",
+        default="none",
+        choices=("none", "class", "source_class"),
+        help="draw each epoch's images with replacement, weighting every (dataset, label) or label stratum by "
+        "count^-power (none: a plain shuffle of fit)",
+    )
+    p.add_argument(
+        "--balance-power", type=float, default=0.5, help="1: equal strata, 0: natural frequencies (with --balance)"
+    )
+    p.add_argument("--epoch-size", type=int, default=None, help="images per epoch (default: the fit split's size)")
+    p.add_argument("--crop-scale", type=float, default=0.6, help="smallest area kept by the random resized crop")
+    p.add_argument("--jitter", type=float, default=0.2, help="brightness/contrast/saturation/channel-gain strength")
+    p.add_argument("--cutout", type=float, default=0.0, help="probability of a cutout rectangle per image")
+    p.add_argument(
+        "--occlusion", type=float, default=0.0, help="probability of a dark vignette, and of a ruler/hair line"
+    )
     p.add_argument("--epochs", type=int, default=12, help="maximum epochs (early stopping may end sooner)")
     p.add_argument("--patience", type=int, default=4, help="stop after this many epochs without a better val AUC")
     p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step (per process)")
@@ -114,6 +144,25 @@ def class_weights(targets: torch.Tensor, rule: str, n_classes: int) -> torch.Ten
     return w / w.mean()
 
 
+def stratum_weights(df, balance: str, power: float) -> torch.Tensor | None:
+    """Per-image sampling weights count(stratum)^-power, strata = label or (dataset, label); None: no balancing."""
+    if balance == "none":
+        return None
+    keys = df["label"].astype(str)
+    if balance == "source_class" and "dataset" in df:
+        keys = df["dataset"].fillna("").astype(str) + ":" + keys
+    counts = keys.map(keys.value_counts())
+    return torch.as_tensor(counts.to_numpy(dtype=np.float64) ** -power)
+
+
+def source_aucs(df, y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Val AUC per dataset; model selection uses their mean when val holds several sources, so the larger source
+    does not decide alone."""
+    if "dataset" not in df or df["dataset"].nunique() < 2:
+        return {}
+    return {name: auc(y[idx], probs[idx]) for name, idx in df.groupby("dataset").indices.items()}
+
+
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.Tensor:
     if kind == "ce":
         return F.cross_entropy(logits, y, weight=weight)
@@ -139,6 +188,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         df = read_manifest(manifest_path)
     except (FileNotFoundError, ManifestError) as exc:
         sys.exit(f"error: {exc}")
+    if args.datasets:
+        unknown = sorted(set(args.datasets) - set(df.get("dataset", pd.Series(dtype=str)).dropna()))
+        if unknown:
+            sys.exit(f"error: {manifest_path} has no rows of dataset(s) {unknown}")
+        df = df[df["dataset"].isin(args.datasets)]
     fit_df, val_df = df[df["split"] == "fit"], df[df["split"] == "val"]
     if args.limit:
         fit_df, val_df = (
@@ -147,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     fit = CachedImages(fit_df, args.img_size, args.resize)
     val = CachedImages(val_df, args.img_size, args.resize)
-    prep_meta = preprocess_meta(args.img_size, args.resize, "imagenet")
+    prep_meta = preprocess_meta(args.img_size, args.resize, "imagenet", args.color_constancy)
     preprocess = Preprocess.from_meta(prep_meta)
 
     seed_everything(args.seed)
@@ -163,7 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ema = EMA(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     world = accelerator.num_processes
-    steps_per_epoch = len(fit) // (args.batch_size * world)
+    epoch_size = args.epoch_size or len(fit)
+    steps_per_epoch = epoch_size // (args.batch_size * world)
+    sample_weights = stratum_weights(fit.df, args.balance, args.balance_power)
     scheduler = warmup_cosine(
         optimizer, steps_per_epoch * args.epochs, max(1, int(args.warmup_epochs * steps_per_epoch))
     )
@@ -191,7 +247,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             break
         torch.manual_seed(args.seed * 1000 + epoch)
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        order = torch.randperm(len(fit), generator=gen)[: steps_per_epoch * args.batch_size * world]
+        n_draw = steps_per_epoch * args.batch_size * world
+        if sample_weights is None:
+            order = torch.randperm(len(fit), generator=gen).repeat(-(-n_draw // len(fit)))[:n_draw]
+        else:
+            order = torch.multinomial(sample_weights, n_draw, replacement=True, generator=gen)
         loader = accelerator.prepare(
             torch.utils.data.DataLoader(
                 torch.utils.data.Subset(fit, order.tolist()), batch_size=args.batch_size, shuffle=False
@@ -203,7 +263,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress or not accelerator.is_main_process
         )
         for x, y in bar:
-            x = preprocess.tensor(augment(x, gen)).contiguous(memory_format=torch.channels_last)
+            x = preprocess.standardize(x)
+            x = augment(x, gen, (args.crop_scale, 1.0), args.jitter, args.cutout, args.occlusion)
+            x = preprocess.normalize(x).contiguous(memory_format=torch.channels_last)
             with torch.autocast(**autocast):
                 logits = model(x)
             loss = loss_fn(logits.float(), y, weight, args.loss)
@@ -221,10 +283,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_seconds = time.perf_counter() - t0
         probs = predict_proba(ema.module, val.images, preprocess, device, autocast=autocast["enabled"])[:, 1]
         y_val = val.targets.numpy()
+        per_source = source_aucs(val.df, y_val, probs)
         row = {
             "epoch": epoch + 1,
             "train_loss": total_loss / max(1, len(loader)),
-            "val_auc": auc(y_val, probs),
+            "val_auc": float(np.nanmean(list(per_source.values()))) if per_source else auc(y_val, probs),
+            **{f"val_auc_{name}": value for name, value in per_source.items() if len(per_source) > 1},
             "lr": scheduler.get_last_lr()[0],
             "images_per_s": seen / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
@@ -236,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if accelerator.is_main_process:
             accelerator.print(
                 f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}  "
-                f"{row['images_per_s']:.1f} img/s{'  (best)' if improved else ''}"
+                + "".join(f"({k[8:]} {v:.4f})  " for k, v in row.items() if k.startswith("val_auc_"))
+                + f"{row['images_per_s']:.1f} img/s{'  (best)' if improved else ''}"
             )
             if improved:
                 save_best(out, ema.module, args, prep_meta, manifest_path, y_val, probs, row)
@@ -290,7 +355,13 @@ def save_best(
         "manifest_sha256": file_sha256(manifest_path),
         "init": ema_model.init_note,
         "train_args": {k: v for k, v in vars(args).items() if k != "kill_after_steps"},
-        "metrics": {"val": {"auc": row["val_auc"], **decision_metrics(y_val, probs >= threshold)}},
+        "metrics": {
+            "val": {
+                "auc": row["val_auc"],
+                **{k.removeprefix("val_"): v for k, v in row.items() if k.startswith("val_auc_")},
+                **decision_metrics(y_val, probs >= threshold),
+            }
+        },
     }
     save_checkpoint(out / "best", ema_model, meta)
 

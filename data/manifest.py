@@ -87,10 +87,13 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike, info: dict | None 
 
 
 def stratified_subset(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """A seeded, class-stratified subset of about n rows (all rows when there are fewer)."""
+    """A seeded subset of about n rows stratified by label (and by dataset when there are several), keeping at
+    least one row of every stratum; all rows when there are fewer than n."""
     if len(df) <= n:
         return df
-    return df.groupby("label").sample(frac=n / len(df), random_state=seed)
+    keys = ["dataset", "label"] if "dataset" in df and df["dataset"].nunique() > 1 else ["label"]
+    return pd.concat([g.sample(n=min(len(g), max(1, round(len(g) * n / len(df)))), random_state=seed)
+                      for _, g in df.groupby(keys)])
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -1,0 +1,141 @@
+"""Step 9: domain-robust training across image sources, the cross-dataset matrix and the ablation.
+
+    # CPU (2 cores): every run below, one after another (about 3.5 hours on 1 thread each); resumable
+    python scripts/09_generalisation.py --threads 1
+    # two CPU processes side by side (1 thread each), then the report once both are done
+    python scripts/09_generalisation.py --runs recipe short/isic_only --threads 1 &
+    python scripts/09_generalisation.py --runs short/full short/no_color_constancy --threads 1 &
+    python scripts/09_generalisation.py --report-only
+    # one GPU: the same runs, faster; several GPUs: give each process its own --runs
+    python scripts/09_generalisation.py --device cuda
+
+Every run trains DenseNet-121 on data/manifests/mixed.csv (HAM10000 fit + ISIC 2017 train-fit; val = HAM10000 val
++ ISIC 2017 train-val; ISIC 2017 val is a held-out test) with RECIPE and the run's changes, selects the epoch on the
+mean of the two sources' val AUCs, and is evaluated on HAM10000 test and ISIC 2017 val. `recipe` is the full budget;
+the `short/` runs share a smaller budget so that the ablation (one technique off per row) and the cross-dataset
+matrix (train on HAM10000, ISIC 2017 or both) compare like with like. Finished runs are skipped, killed runs resume.
+The report writes results/generalisation/: cross_dataset.csv/.png, ablation.csv/.png and runs.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd  # noqa: E402
+
+from classifiers import cross_dataset, grid, train  # noqa: E402
+from classifiers.evaluate import evaluate  # noqa: E402
+from data.manifest import read_manifest, stratified_subset  # noqa: E402
+from data.runtime import pick_device, setup_cpu  # noqa: E402
+from scripts.presets import flags  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The full recipe: every technique on. Each key is a classifiers/train.py flag.
+RECIPE = {
+    "arch": "densenet121", "img_size": 128, "color_constancy": "shades_of_gray", "balance": "source_class",
+    "balance_power": 0.5, "class_weights": "none", "crop_scale": 0.3, "jitter": 0.4, "cutout": 0.5,
+    "occlusion": 0.3, "epoch_size": 6000,
+}
+SHORT = {"epochs": 4, "patience": 4}
+RUNS: dict[str, dict] = {
+    "recipe": {"epochs": 16, "patience": 5},
+    "short/full": SHORT,
+    "short/no_color_constancy": {**SHORT, "color_constancy": "none"},
+    "short/no_balance": {**SHORT, "balance": "none", "class_weights": "sqrt"},
+    "short/no_strong_crop": {**SHORT, "crop_scale": 0.6},
+    "short/no_strong_jitter": {**SHORT, "jitter": 0.2},
+    "short/no_cutout": {**SHORT, "cutout": 0.0},
+    "short/no_occlusion": {**SHORT, "occlusion": 0.0},
+    "short/ham_only": {**SHORT, "datasets": "ham10000"},
+    "short/isic_only": {**SHORT, "datasets": "isic2017"},
+    "short/size192": {**SHORT, "img_size": 192},
+}
+MATRIX = {"ham10000": "short/ham_only", "isic2017": "short/isic_only", "both": "short/full"}
+ABLATION_REFERENCE = "short/full"
+ABLATION = {  # row label -> run; each row switches one technique of the reference off (or, for size, changes it)
+    "no colour constancy": "short/no_color_constancy",
+    "no source/class balancing (uniform shuffle + sqrt class weights)": "short/no_balance",
+    "weak crop (area 0.6-1 instead of 0.3-1)": "short/no_strong_crop",
+    "weak colour jitter (0.2 instead of 0.4)": "short/no_strong_jitter",
+    "no cutout": "short/no_cutout",
+    "no vignette/ruler occlusions": "short/no_occlusion",
+    "no ISIC 2017 training data (HAM10000 only)": "short/ham_only",
+    "192 px instead of 128 px": "short/size192",
+}
+TTA_RUNS = ("recipe", ABLATION_REFERENCE)  # also scored with flip TTA (evaluation_tta/)
+
+
+def eval_sets(manifest: Path, limit: int | None, seed: int) -> pd.DataFrame:
+    """HAM10000 test + ISIC 2017 val rows (with --limit, a seeded stratified subset of each)."""
+    groups = [grid.select_eval_sets(read_manifest(manifest), [s["group"]]) for s in grid.EVAL_SETS.values()]
+    return pd.concat([stratified_subset(g, limit, seed) if limit else g for g in groups])
+
+
+def train_and_evaluate(name: str, manifest: Path, runs: Path, device, runtime: list[str], seed: int,
+                       changes: dict[str, str], limit: int | None) -> None:
+    run = runs / name
+    args = ["--config", "mixed", "--manifest", str(manifest), "--out", str(run), "--seed", str(seed),
+            *flags({**RECIPE, **RUNS[name], **changes})] + (["--limit", str(limit)] if limit else [])
+    status = grid.run_status(run, args)
+    print(f"== {name}: {status}", flush=True)
+    if status == "done":
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    grid.mark(run, args, RECIPE["arch"], name, seed)
+    train.main([*args, *runtime, "--resume"])
+    evaluate([str(run / "best.safetensors")], eval_sets(manifest, limit, seed), run / "evaluation", device,
+             model_name=name, plot=False)
+    grid.mark(run, args, RECIPE["arch"], name, seed, done=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="RUN",
+                   help=f"runs to train, in order (default all): {', '.join(RUNS)}")
+    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "mixed.csv"),
+                   help="multi-source manifest (scripts/01_prepare_data.py --mixed)")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "generalisation"), help="one folder per run here")
+    p.add_argument("--out", default=str(ROOT / "results" / "generalisation"), help="report folder")
+    p.add_argument("--report-only", action="store_true", help="skip training; report the finished runs")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="change a train.py option in every run, e.g. --set img_size=32 epochs=1 (quick checks)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="quick runs: at most this many fit images per run and images per evaluation set")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every run")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    a = p.parse_args(argv)
+    device = pick_device(a.device)
+    if device.type == "cpu":
+        setup_cpu(a.threads)
+    runs, manifest = Path(a.runs_dir), Path(a.manifest)
+    if not manifest.is_file():
+        sys.exit(f"error: {manifest} not found; build it with python scripts/01_prepare_data.py --mixed")
+    try:
+        changes = dict(item.split("=", 1) for item in a.set)
+    except ValueError:
+        sys.exit(f"error: --set takes KEY=VALUE items, got {a.set}")
+    runtime = ["--device", a.device] + (["--threads", str(a.threads)] if a.threads else []) + \
+              (["--no-progress"] if a.no_progress else [])
+    try:
+        if not a.report_only:
+            for name in a.runs:
+                train_and_evaluate(name, manifest, runs, device, runtime, a.seed, changes, a.limit)
+        for name in (n for n in TTA_RUNS if grid.is_done(runs / n) and not (runs / n / "evaluation_tta").is_dir()):
+            evaluate([str(runs / name / "best.safetensors")], eval_sets(manifest, a.limit, a.seed),
+                     runs / name / "evaluation_tta", device, tta=True, model_name=f"{name}+tta", plot=False)
+        written = cross_dataset.report(runs, list(RUNS), MATRIX, ABLATION, ABLATION_REFERENCE, Path(a.out),
+                                       "evaluation_tta")
+    except (grid.GridError, cross_dataset.ReportError) as exc:
+        sys.exit(f"error: {exc}")
+    for path in written:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

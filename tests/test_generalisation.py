@@ -1,0 +1,157 @@
+"""Generalisation across sources: Shades-of-Gray colour constancy, the occlusion augmentations, source/class
+balanced sampling, the mixed manifest (HAM10000 splits unchanged, ISIC 2017 groups and leaks handled) and the
+cross-dataset matrix CLI on a small real subset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT
+
+from classifiers.train import stratum_weights
+from data.images import load_uint8
+from data.manifest import read_manifest
+from data.prepare import build_mixed_manifest
+from data.splits import assert_grouped
+from data.transforms import Preprocess, augment, preprocess_meta, shades_of_gray
+
+MIXED_MANIFEST = ROOT / "data" / "manifests" / "mixed.csv"
+
+
+def as_batch(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("level", [30, 128, 220])
+def test_shades_of_gray_leaves_a_grey_image_unchanged(level: int):
+    rng = np.random.default_rng(level)
+    texture = np.clip(level + rng.normal(0, 20, (40, 40, 1)), 0, 255).astype(np.uint8)
+    grey = as_batch(np.repeat(texture, 3, axis=2))
+    assert torch.equal(shades_of_gray(grey), grey)
+
+
+def test_shades_of_gray_equalises_a_colour_cast():
+    flat = as_batch(np.broadcast_to(np.array([180, 120, 60], np.uint8), (16, 16, 3)))
+    means = shades_of_gray(flat).float().mean(dim=(0, 2, 3))
+    assert means.max() - means.min() <= 1
+
+
+@pytest.mark.real_data
+def test_shades_of_gray_undoes_a_channel_gain_on_a_real_lesion(original: pd.DataFrame):
+    image = load_uint8(original[original["dataset"] == "ham10000"]["path"].iloc[0], 128).astype(np.float32)
+    cast = as_batch((image * np.array([0.7, 0.9, 1.0])).round().astype(np.uint8))  # a bluish camera
+    a, b = shades_of_gray(as_batch(image.astype(np.uint8))).float(), shades_of_gray(cast).float()
+    spread = lambda x: float(x.mean(dim=(0, 2, 3)).std())  # noqa: E731
+    k = float((a * b).sum() / (a * a).sum())  # the cast survives only as an overall brightness
+    assert spread(b) < spread(cast.float()) and (a * k - b).abs().mean() < 2.5  # grey levels, out of 255
+
+
+def test_preprocess_takes_colour_constancy_from_the_sidecar():
+    batch = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with_cc = Preprocess.from_meta(preprocess_meta(16, color_constancy="shades_of_gray"))
+    without = Preprocess.from_meta(preprocess_meta(16))
+    assert with_cc.color_p == 6 and without.color_p is None
+    assert torch.equal(with_cc.tensor(batch), without.tensor(shades_of_gray(batch)))
+    assert torch.equal(without.standardize(batch), batch)
+    with pytest.raises(ValueError, match="colour constancy"):
+        Preprocess.from_meta({**preprocess_meta(16), "color_constancy": {"method": "grey_world", "p": 1}})
+    with pytest.raises(ValueError, match="colour constancy"):
+        preprocess_meta(16, color_constancy="retinex")
+
+
+def test_cutout_and_occlusions_are_seeded_and_off_by_default():
+    batch = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+
+    def run(**kw) -> torch.Tensor:
+        return augment(batch, torch.Generator().manual_seed(0), **kw)
+
+    assert torch.equal(run(), run(cutout=0.0, occlusion=0.0))
+    occluded = run(cutout=1.0, occlusion=1.0)
+    assert occluded.dtype == torch.uint8 and occluded.shape == batch.shape
+    assert torch.equal(occluded, run(cutout=1.0, occlusion=1.0)) and not torch.equal(occluded, run())
+
+
+def test_source_class_balancing_gives_every_stratum_its_share():
+    df = pd.DataFrame({"dataset": ["a"] * 90 + ["b"] * 10, "label": (["benign"] * 80 + ["malignant"] * 10) +
+                       (["benign"] * 8 + ["malignant"] * 2)})
+    w = stratum_weights(df, "source_class", 1.0)
+    shares = pd.Series(w.numpy()).groupby([df["dataset"], df["label"]]).sum()
+    assert np.allclose(shares, shares.iloc[0])
+    assert stratum_weights(df, "none", 1.0) is None
+    natural = stratum_weights(df, "class", 0.0)
+    assert torch.equal(natural, torch.ones(100, dtype=natural.dtype))
+
+
+def toy_original() -> pd.DataFrame:
+    ham = pd.DataFrame({"path": [f"/h{i}.jpg" for i in range(40)], "label": ["benign", "malignant"] * 20,
+                        "split": ["fit", "val", "calib", "test"] * 10, "source": "real", "dataset": "ham10000",
+                        "lesion_id": [f"H{i}" for i in range(40)], "image_id": [f"h{i}" for i in range(40)],
+                        "official_split": "train", "dx": ["nv", "mel"] * 20})
+    isic = pd.DataFrame({"path": [f"/i{i}.jpg" for i in range(60)], "label": (["benign"] * 4 + ["malignant"]) * 12,
+                         "split": "external", "source": "real", "dataset": "isic2017",
+                         "lesion_id": [f"i{i}" for i in range(60)], "image_id": [f"i{i}" for i in range(60)],
+                         "official_split": ["train"] * 50 + ["val"] * 10,
+                         "diagnosis": (["nevus"] * 4 + ["melanoma"]) * 12})
+    return pd.concat([ham, isic], ignore_index=True)
+
+
+def test_mixed_manifest_groups_duplicates_and_drops_copies_of_val_images():
+    original = toy_original()
+    duplicates = pd.DataFrame({"image_id_a": ["i1", "i2", "i3"], "image_id_b": ["i2", "i7", "i55"]})
+    mixed = build_mixed_manifest(original, seed=0, isic_val_fraction=0.2, duplicates=duplicates)
+    assert mixed.attrs["dropped_leaks"] == ["i3"] and "i3" not in set(mixed["image_id"])
+    rows = mixed.set_index("image_id")
+    assert rows.loc["i1", "split"] == rows.loc["i2", "split"] == rows.loc["i7", "split"]  # one group
+    assert rows.loc["i1", "lesion_id"] == rows.loc["i7", "lesion_id"] == "i1"
+    ham = mixed[mixed["dataset"] == "ham10000"]
+    assert ham["split"].tolist() == original.loc[original["dataset"] == "ham10000", "split"].tolist()
+    isic = mixed[mixed["dataset"] == "isic2017"]
+    assert set(isic.loc[isic["official_split"] == "train", "split"]) == {"fit", "val"}
+    assert set(isic.loc[isic["official_split"] == "val", "split"]) == {"external"}
+
+
+@pytest.mark.real_data
+def test_committed_mixed_manifest_keeps_groups_within_one_split(original: pd.DataFrame):
+    mixed = read_manifest(MIXED_MANIFEST)
+    for _, rows in mixed.groupby("dataset"):
+        assert_grouped(rows)
+    ham_before = original[original["dataset"] == "ham10000"].set_index("image_id")["split"]
+    ham_after = mixed[mixed["dataset"] == "ham10000"].set_index("image_id")["split"]
+    assert ham_after.sort_index().equals(ham_before.sort_index())
+    isic = mixed[mixed["dataset"] == "isic2017"]
+    assert set(isic.loc[isic["official_split"] == "val", "split"]) == {"external"}
+    assert not {"ISIC_0012970", "ISIC_0000171"} & set(isic["image_id"])  # copies of ISIC 2017 val images
+    assert set(isic.loc[isic["official_split"] == "train", "split"]) == {"fit", "val"}
+    pairs = pd.read_csv(ROOT / "results" / "data_checks" / "duplicates.csv")
+    split = dict(zip(mixed["image_id"], mixed["split"]))
+    for a, b in zip(pairs["image_id_a"], pairs["image_id_b"]):
+        if a in split and b in split:
+            assert split[a] == split[b], (a, b)
+
+
+@pytest.mark.real_data
+def test_matrix_cli_runs_on_a_small_real_subset(tmp_path: Path, original: pd.DataFrame):
+    import importlib
+
+    step9 = importlib.import_module("scripts.09_generalisation")
+    quick = ["--set", "img_size=32", "epochs=1", "epoch_size=32", "batch_size=16", "--limit", "40",
+             "--threads", "1", "--device", "cpu", "--no-progress", "--runs-dir", str(tmp_path / "runs"),
+             "--out", str(tmp_path / "out")]
+    step9.main(["--runs", "short/full", "short/ham_only", "short/isic_only", *quick])
+    matrix = pd.read_csv(tmp_path / "out" / "cross_dataset.csv")
+    assert len(matrix) == 9 and set(matrix["train_on"]) == {"ham10000", "isic2017", "both"}
+    assert set(matrix["eval_on"]) == {"ham10000_test", "isic2017_val", "both"}
+    assert matrix["auc"].between(0, 1).all() and (matrix["ci_low"] <= matrix["auc"]).all()
+    assert (tmp_path / "out" / "cross_dataset.png").stat().st_size > 10_000
+    ablation = pd.read_csv(tmp_path / "out" / "ablation.csv")
+    assert ablation["variant"].iloc[0].startswith("reference") and ablation["isic2017_val_change"].iloc[0] == 0
+    assert "no ISIC 2017 training data (HAM10000 only)" in set(ablation["variant"])
+    assert any("TTA" in v for v in ablation["variant"])
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert "all-malignant baseline" in set(runs["run"])
+    trained_on = pd.read_json(tmp_path / "runs" / "short" / "isic_only" / "best.json", typ="series")["train_args"]
+    assert trained_on["datasets"] == ["isic2017"] and trained_on["color_constancy"] == "shades_of_gray"
+    step9.main(["--report-only", *quick])  # a finished set re-reports without training
