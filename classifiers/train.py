@@ -39,6 +39,7 @@ from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
 from data.manifest import LABELS, ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
 from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
+from data.splits import grouped_folds  # noqa: E402
 from data.training import EMA, load_state, save_state, warmup_cosine  # noqa: E402
 from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta  # noqa: E402
 from evaluation.metrics import THRESHOLD_RULES, auc, choose_threshold, decision_metrics  # noqa: E402
@@ -100,6 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("none", "sqrt", "balanced"),
         help="per-class loss weights from fit-split frequencies: none, inverse square root, inverse",
     )
+    p.add_argument("--dropout", type=float, default=None, help="head dropout (default: the architecture's own)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="k-fold cross-validation over fit+val, grouped by lesion: with --fold, train that fold; without, "
+        "train every fold into <out>/fold<i>/ and write <out>/cv_summary.csv (mean and spread of val AUC)",
+    )
+    p.add_argument("--fold", type=int, default=None, help="with --folds: the fold held out as val (0-based)")
     p.add_argument(
         "--pretrained",
         default=None,
@@ -171,8 +181,33 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, 
     return (focal * weight[y]).sum() / weight[y].sum() if weight is not None else focal.mean()
 
 
+def cross_validate(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Train every fold (each resumable on its own) and summarise the val AUCs: mean, standard deviation, range."""
+    out = Path(args.out or ROOT / "runs" / "classifiers" / f"{args.arch}_{args.config}_s{args.seed}_cv{args.folds}")
+    rows = []
+    for k in range(args.folds):
+        result = main([*argv, "--fold", str(k), "--out", str(out / f"fold{k}")])
+        rows.append({"fold": k, "best_epoch": result["epoch"], "val_auc": result["metrics"]["val"]["auc"],
+                     "n_val": result["metrics"]["val"]["n"]})
+    aucs = np.array([r["val_auc"] for r in rows])
+    summary = {"folds": args.folds, "val_auc_mean": float(aucs.mean()), "val_auc_std": float(aucs.std(ddof=1)),
+               "val_auc_min": float(aucs.min()), "val_auc_max": float(aucs.max())}
+    write_rows(out / "cv_summary.csv", [*rows, {"fold": "mean", "val_auc": summary["val_auc_mean"]},
+                                        {"fold": "std", "val_auc": summary["val_auc_std"]}])
+    print(f"{args.folds}-fold CV val AUC {summary['val_auc_mean']:.4f} +- {summary['val_auc_std']:.4f} "
+          f"(range {summary['val_auc_min']:.4f}-{summary['val_auc_max']:.4f}) -> {out / 'cv_summary.csv'}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.folds is not None and (args.folds < 2 or not (args.fold is None or 0 <= args.fold < args.folds)):
+        sys.exit(f"error: --folds needs at least 2 folds and --fold in 0..{args.folds - 1}")
+    if args.fold is not None and args.folds is None:
+        sys.exit("error: --fold needs --folds")
+    if args.folds and args.fold is None:
+        return cross_validate(argv, args)  # each fold's --out comes last, and argparse keeps the last
     from accelerate import Accelerator
 
     if args.device != "auto":
@@ -194,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sys.exit(f"error: {manifest_path} has no rows of dataset(s) {unknown}")
         df = df[df["dataset"].isin(args.datasets)]
     fit_df, val_df = df[df["split"] == "fit"], df[df["split"] == "val"]
+    if args.folds:
+        pool = pd.concat([fit_df, val_df])
+        held_out = grouped_folds(pool, args.folds, args.seed, "dx") == args.fold
+        fit_df, val_df = pool[~held_out], pool[held_out]
     if args.limit:
         fit_df, val_df = (
             stratified_subset(fit_df, args.limit, args.seed),
@@ -208,7 +247,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pretrained: bool | str = (
         False if not args.pretrained else (True if args.pretrained == "imagenet" else args.pretrained)
     )
-    model = create_model(args.arch, num_classes=len(LABELS), img_size=args.img_size, pretrained=pretrained)
+    arch_kwargs = {"drop": args.dropout} if args.dropout is not None else {}
+    model = create_model(
+        args.arch, num_classes=len(LABELS), img_size=args.img_size, pretrained=pretrained, **arch_kwargs
+    )
     accelerator.print(
         f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{model.init_note}; fit {len(fit)} images, val {len(val)}; device {device}"
@@ -342,7 +384,7 @@ def save_best(
     meta = {
         "kind": "classifier",
         "arch": args.arch,
-        "arch_kwargs": {},
+        "arch_kwargs": {"drop": args.dropout} if args.dropout is not None else {},
         **prep_meta,
         "class_names": list(LABELS),
         "malignant_threshold": threshold,
@@ -358,6 +400,7 @@ def save_best(
         "metrics": {
             "val": {
                 "auc": row["val_auc"],
+                "n": len(y_val),
                 **{k.removeprefix("val_"): v for k, v in row.items() if k.startswith("val_auc_")},
                 **decision_metrics(y_val, probs >= threshold),
             }

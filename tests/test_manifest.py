@@ -26,7 +26,7 @@ from data.manifest import (
     validate,
     write_manifest,
 )
-from data.splits import assert_grouped, grouped_split
+from data.splits import assert_grouped, grouped_folds, grouped_split
 
 
 def test_ham10000_labels_load(real_data: Path):
@@ -171,6 +171,15 @@ def test_grouped_split_is_seeded_grouped_and_stratified():
         per_dx = pool.loc[a == name, "dx"].value_counts(normalize=True)
         overall = pool["dx"].value_counts(normalize=True)
         assert (per_dx - overall).abs().max() < 0.04, (name, per_dx, overall)
+
+
+def test_grouped_folds_keep_lesions_whole_and_cover_every_row():
+    pool = synthetic_pool()
+    folds = grouped_folds(pool, 5, seed=0)
+    assert set(folds) == set(range(5)) and np.array_equal(folds, grouped_folds(pool, 5, seed=0))
+    assert (pool.assign(fold=folds).groupby("lesion_id")["fold"].nunique() == 1).all()
+    sizes = np.bincount(folds) / len(pool)
+    assert np.abs(sizes - 0.2).max() < 0.02
 
 
 def test_grouped_split_rejects_fractions_not_summing_to_one():

@@ -84,3 +84,21 @@ def test_best_checkpoint_sidecar_follows_the_contract(original, tmp_path):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     result = train(tmp_path / "run", tmp_path / "nope.csv")
     assert result.returncode != 0 and "manifest not found" in result.stderr
+
+
+def test_k_fold_cross_validation_trains_every_fold_and_summarises(original, tmp_path):
+    result = train(tmp_path / "cv", ROOT / "data" / "manifests" / "original.csv", "--epochs", "1", "--folds", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = pd.read_csv(tmp_path / "cv" / "cv_summary.csv")
+    per_fold = summary[summary["fold"].isin(["0", "1", "2"])]
+    assert len(per_fold) == 3 and all((tmp_path / "cv" / f"fold{k}" / "best.safetensors").is_file() for k in range(3))
+    stats = summary.set_index("fold")["val_auc"]
+    assert stats["mean"] == pytest.approx(per_fold["val_auc"].mean())
+    assert stats["std"] == pytest.approx(per_fold["val_auc"].std(ddof=1))
+    assert "3-fold CV val AUC" in result.stdout
+
+
+def test_bad_fold_arguments_are_clear_errors(tmp_path):
+    manifest = ROOT / "data" / "manifests" / "original.csv"
+    assert "--fold needs --folds" in train(tmp_path / "a", manifest, "--fold", "1").stderr
+    assert "at least 2 folds" in train(tmp_path / "b", manifest, "--folds", "3", "--fold", "3").stderr
