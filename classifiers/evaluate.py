@@ -26,7 +26,7 @@ from classifiers.models import load_classifier  # noqa: E402
 from classifiers.predict import predict_proba  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import CheckpointError  # noqa: E402
-from data.manifest import label_index, read_folder, read_manifest  # noqa: E402
+from data.manifest import file_sha256, label_index, read_folder, read_manifest  # noqa: E402
 from data.runtime import init_device  # noqa: E402
 from data.transforms import Preprocess  # noqa: E402
 from evaluation import plots  # noqa: E402
@@ -49,6 +49,25 @@ def evaluation_groups(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return groups
 
 
+class TrainingOverlap(ValueError):
+    """Evaluation rows that the checkpoint was trained or selected on."""
+
+
+def check_no_training_overlap(meta: dict, df: pd.DataFrame, manifests: Path = ROOT / "data" / "manifests") -> None:
+    """Refuse to score images the checkpoint saw in `fit` or `val` (e.g. ISIC 2017 train rows, `external` in the
+    original manifest, scored by a model trained on the mixed one). Checked when the training manifest named in
+    the sidecar is here with the recorded sha256."""
+    train_manifest = manifests / str(meta.get("manifest", ""))
+    if not train_manifest.is_file() or file_sha256(train_manifest) != meta.get("manifest_sha256"):
+        return
+    trained = read_manifest(train_manifest).query("split in ('fit', 'val')")
+    seen = df["path"].isin(set(trained["path"]))
+    if seen.any():
+        raise TrainingOverlap(f"{int(seen.sum())} of the {len(df)} evaluation images are in the fit/val splits of "
+                              f"{train_manifest.name}, which this checkpoint was trained on (e.g. "
+                              f"{Path(df.loc[seen, 'path'].iloc[0]).name}); evaluate on its own manifest")
+
+
 def predict_ensemble(
     checkpoints: list[str], df: pd.DataFrame, device, tta: bool
 ) -> tuple[np.ndarray, dict, pd.DataFrame]:
@@ -56,6 +75,7 @@ def predict_ensemble(
     probs, first_meta, kept = [], None, None
     for path in checkpoints:
         model, meta = load_classifier(path)
+        check_no_training_overlap(meta, df)
         model = model.to(device)
         data = CachedImages(df, meta["input_size"], meta["resize"])
         kept = data.df
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         df = df[df["split"].isin(a.splits)]
     try:
         metrics = evaluate(a.checkpoint, df, Path(a.out), device, a.tta, a.threshold, a.name)
-    except (CheckpointError, FileNotFoundError) as exc:
+    except (CheckpointError, FileNotFoundError, TrainingOverlap) as exc:
         sys.exit(f"error: {exc}")
     cols = [
         "model",

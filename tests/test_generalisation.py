@@ -155,3 +155,16 @@ def test_matrix_cli_runs_on_a_small_real_subset(tmp_path: Path, original: pd.Dat
     trained_on = pd.read_json(tmp_path / "runs" / "short" / "isic_only" / "best.json", typ="series")["train_args"]
     assert trained_on["datasets"] == ["isic2017"] and trained_on["color_constancy"] == "shades_of_gray"
     step9.main(["--report-only", *quick])  # a finished set re-reports without training
+
+
+@pytest.mark.real_data
+def test_evaluation_refuses_images_the_checkpoint_was_trained_on(original: pd.DataFrame):
+    from classifiers.evaluate import TrainingOverlap, check_no_training_overlap
+    from data.manifest import file_sha256
+
+    meta = {"manifest": "mixed.csv", "manifest_sha256": file_sha256(MIXED_MANIFEST)}
+    isic_train_as_external = original[(original["split"] == "external") & (original["official_split"] == "train")]
+    with pytest.raises(TrainingOverlap, match="fit/val splits of mixed.csv"):
+        check_no_training_overlap(meta, isic_train_as_external)
+    check_no_training_overlap(meta, original[original["split"].isin(["test"])])  # held-out rows pass
+    check_no_training_overlap({**meta, "manifest_sha256": "0" * 64}, isic_train_as_external)  # unverifiable: skip
