@@ -168,3 +168,15 @@ def test_evaluation_refuses_images_the_checkpoint_was_trained_on(original: pd.Da
         check_no_training_overlap(meta, isic_train_as_external)
     check_no_training_overlap(meta, original[original["split"].isin(["test"])])  # held-out rows pass
     check_no_training_overlap({**meta, "manifest_sha256": "0" * 64}, isic_train_as_external)  # unverifiable: skip
+
+
+@pytest.mark.real_data
+def test_model_card_names_the_training_sources_from_the_manifest(original: pd.DataFrame):
+    import importlib
+
+    ship = importlib.import_module("scripts.ship_models")
+    both = ship.training_data({"manifest": "mixed.csv", "train_args": {}})
+    assert both == "HAM10000 `fit` (6,408 images) + ISIC 2017 train `fit` (1,700 images)"
+    assert ship.training_data({"manifest": "mixed.csv", "train_args": {"datasets": ["isic2017"]}}).startswith(
+        "ISIC 2017 train `fit` (1,700")
+    assert ship.training_data({"manifest": "original.csv"}) == "HAM10000 `fit` (6,408 images)"
