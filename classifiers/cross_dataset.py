@@ -5,7 +5,8 @@ source. The matrix trains on A and tests on B for A, B in {HAM10000, ISIC 2017, 
 HAM10000 test and ISIC 2017 val. The ablation switches one technique off per row and compares each run with the
 reference on the same images (paired bootstrap, so the CI of the difference is much tighter than the two CIs side
 by side). Test-time augmentation is the one technique switched on at evaluation only: its row re-scores the
-reference with flip TTA. Nothing here chooses anything: the checkpoints and their thresholds were fixed on val.
+reference with flip TTA. The ensemble table sets the mean of every run trained on both sources, and flip TTA, against
+the best single run chosen by val AUC. Nothing here is chosen on test: checkpoints and thresholds were fixed on val.
 """
 from __future__ import annotations
 
@@ -120,6 +121,34 @@ def ablation_plot(table: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def ensemble(runs: Path, names: list[str], tta_evaluation: str | None) -> pd.DataFrame:
+    """The mean P(malignant) of `names` (finished runs), and flip TTA of the best single run, against the best
+    single run chosen by its val AUC (never by test), with paired bootstrap CIs of each difference."""
+    done = [n for n in names if finished(runs, n)]
+    if len(done) < 2:
+        raise ReportError(f"an ensemble needs two finished runs; have {done}")
+    val = {n: pd.read_json(runs / n / "best.json", typ="series")["metrics"]["val"]["auc"] for n in done}
+    best = max(val, key=val.get)
+    preds = {n: predictions(runs, n) for n in done}
+    if any(not preds[n][k]["path"].equals(preds[best][k]["path"]) for n in done for k in preds[best]):
+        raise ReportError(f"the runs {done} were evaluated on different images; re-run their evaluation")
+    candidates = {f"best single by val AUC ({best})": preds[best],
+                  f"mean of {len(done)} runs": {k: preds[best][k].assign(prob_malignant=np.mean(
+                      [preds[n][k]["prob_malignant"].to_numpy() for n in done], axis=0)) for k in preds[best]}}
+    if tta_evaluation and (runs / best / tta_evaluation).is_dir():
+        candidates["best single + flip TTA"] = predictions(runs, best, tta_evaluation)
+    rows = []
+    for label, sets in candidates.items():
+        row: dict = {"model": label, "members": ", ".join(done) if label.startswith("mean") else best}
+        for prefix in EVAL_NAMES:
+            part, base = sets[prefix], preds[best][prefix]
+            row |= {f"{prefix}_{k}": v for k, v in auc_cell(part["y"], part["prob_malignant"]).items()}
+            diff, lo, hi = paired_auc_difference(part["y"], part["prob_malignant"], base["prob_malignant"])
+            row |= {f"{prefix}_change": diff, f"{prefix}_change_ci_low": lo, f"{prefix}_change_ci_high": hi}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def run_summary(runs: Path, names: list[str], tta_evaluation: str | None = None) -> pd.DataFrame:
     """Every finished run (and its flip-TTA scoring where one exists): best epoch, val AUCs, and per evaluation
     set AUC (CI) with sensitivity/specificity at the val-chosen threshold; then the all-malignant baseline."""
@@ -150,7 +179,7 @@ def run_summary(runs: Path, names: list[str], tta_evaluation: str | None = None)
 
 
 def report(runs: Path, run_names: list[str], sources: dict[str, str], variants: dict[str, str], reference: str,
-           out: Path, tta_evaluation: str | None = None) -> list[Path]:
+           out: Path, tta_evaluation: str | None = None, ensemble_runs: list[str] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     summary = run_summary(runs, run_names, tta_evaluation)
     if summary.empty:
@@ -170,4 +199,8 @@ def report(runs: Path, run_names: list[str], sources: dict[str, str], variants: 
         missing = [label for label, name in variants.items() if not finished(runs, name)]
         if missing:
             print(f"ablation rows not yet available (runs unfinished): {missing}")
+    if ensemble_runs and sum(finished(runs, n) for n in ensemble_runs) >= 2:
+        table = ensemble(runs, ensemble_runs, tta_evaluation)
+        write_rows(out / "ensemble.csv", table.to_dict("records"))
+        written.append(out / "ensemble.csv")
     return written

@@ -14,7 +14,7 @@ Every run trains DenseNet-121 on data/manifests/mixed.csv (HAM10000 fit + ISIC 2
 mean of the two sources' val AUCs, and is evaluated on HAM10000 test and ISIC 2017 val. `recipe` is the full budget;
 the `short/` runs share a smaller budget so that the ablation (one technique off per row) and the cross-dataset
 matrix (train on HAM10000, ISIC 2017 or both) compare like with like. Finished runs are skipped, killed runs resume.
-The report writes results/generalisation/: cross_dataset.csv/.png, ablation.csv/.png and runs.csv.
+The report writes results/generalisation/: cross_dataset.csv/.png, ablation.csv/.png, ensemble.csv and runs.csv.
 """
 from __future__ import annotations
 
@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in (n for n in TTA_RUNS if grid.is_done(runs / n) and not (runs / n / "evaluation_tta").is_dir()):
             evaluate([str(runs / name / "best.safetensors")], eval_sets(manifest, a.limit, a.seed),
                      runs / name / "evaluation_tta", device, tta=True, model_name=f"{name}+tta", plot=False)
+        both_sources = [n for n in RUNS if n not in (MATRIX["ham10000"], MATRIX["isic2017"])]
         written = cross_dataset.report(runs, list(RUNS), MATRIX, ABLATION, ABLATION_REFERENCE, Path(a.out),
-                                       "evaluation_tta")
+                                       "evaluation_tta", both_sources)
     except (grid.GridError, cross_dataset.ReportError) as exc:
         sys.exit(f"error: {exc}")
     for path in written:

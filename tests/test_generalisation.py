@@ -140,7 +140,7 @@ def test_matrix_cli_runs_on_a_small_real_subset(tmp_path: Path, original: pd.Dat
     quick = ["--set", "img_size=32", "epochs=1", "epoch_size=32", "batch_size=16", "--limit", "40",
              "--threads", "1", "--device", "cpu", "--no-progress", "--runs-dir", str(tmp_path / "runs"),
              "--out", str(tmp_path / "out")]
-    step9.main(["--runs", "short/full", "short/ham_only", "short/isic_only", *quick])
+    step9.main(["--runs", "short/full", "short/no_cutout", "short/ham_only", "short/isic_only", *quick])
     matrix = pd.read_csv(tmp_path / "out" / "cross_dataset.csv")
     assert len(matrix) == 9 and set(matrix["train_on"]) == {"ham10000", "isic2017", "both"}
     assert set(matrix["eval_on"]) == {"ham10000_test", "isic2017_val", "both"}
@@ -150,6 +150,9 @@ def test_matrix_cli_runs_on_a_small_real_subset(tmp_path: Path, original: pd.Dat
     assert ablation["variant"].iloc[0].startswith("reference") and ablation["isic2017_val_change"].iloc[0] == 0
     assert "no ISIC 2017 training data (HAM10000 only)" in set(ablation["variant"])
     assert any("TTA" in v for v in ablation["variant"])
+    ensemble = pd.read_csv(tmp_path / "out" / "ensemble.csv")
+    assert ensemble["model"].iloc[0].startswith("best single by val AUC") and ensemble["isic2017_val_change"][0] == 0
+    assert "short/full, short/no_cutout" in set(ensemble["members"])  # only runs trained on both sources
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
     assert "all-malignant baseline" in set(runs["run"])
     trained_on = pd.read_json(tmp_path / "runs" / "short" / "isic_only" / "best.json", typ="series")["train_args"]
