@@ -110,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "train every fold into <out>/fold<i>/ and write <out>/cv_summary.csv (mean and spread of val AUC)",
     )
     p.add_argument("--fold", type=int, default=None, help="with --folds: the fold held out as val (0-based)")
+    p.add_argument("--cv-summary", default=None, help="with --folds: also write the summary CSV here")
     p.add_argument(
         "--pretrained",
         default=None,
@@ -192,8 +193,11 @@ def cross_validate(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
     aucs = np.array([r["val_auc"] for r in rows])
     summary = {"folds": args.folds, "val_auc_mean": float(aucs.mean()), "val_auc_std": float(aucs.std(ddof=1)),
                "val_auc_min": float(aucs.min()), "val_auc_max": float(aucs.max())}
-    write_rows(out / "cv_summary.csv", [*rows, {"fold": "mean", "val_auc": summary["val_auc_mean"]},
-                                        {"fold": "std", "val_auc": summary["val_auc_std"]}])
+    table = [*rows, {"fold": "mean", "val_auc": summary["val_auc_mean"]},
+             {"fold": "std", "val_auc": summary["val_auc_std"]}]
+    for path in [out / "cv_summary.csv"] + ([Path(args.cv_summary)] if args.cv_summary else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_rows(path, table)
     print(f"{args.folds}-fold CV val AUC {summary['val_auc_mean']:.4f} +- {summary['val_auc_std']:.4f} "
           f"(range {summary['val_auc_min']:.4f}-{summary['val_auc_max']:.4f}) -> {out / 'cv_summary.csv'}")
     return summary
