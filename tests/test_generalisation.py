@@ -183,3 +183,28 @@ def test_model_card_names_the_training_sources_from_the_manifest(original: pd.Da
     assert ship.training_data({"manifest": "mixed.csv", "train_args": {"datasets": ["isic2017"]}}).startswith(
         "ISIC 2017 train `fit` (1,700")
     assert ship.training_data({"manifest": "original.csv"}) == "HAM10000 `fit` (6,408 images)"
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_inference_applies_the_checkpoints_colour_constancy(tiny_checkpoints, real_images, tmp_path, backend):
+    from PIL import Image
+
+    from anomaly_detection.hybrid import HybridPredictor
+    from classifiers.models import create_model, load_classifier
+    from data.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    meta = {"kind": "classifier", "arch": "medvit", "arch_kwargs": {}, "class_names": ["benign", "malignant"],
+            **preprocess_meta(64, color_constancy="shades_of_gray"), "malignant_threshold": 0.5,
+            "threshold_split": "val"}
+    save_checkpoint(tmp_path / "cc", create_model("medvit", img_size=64), meta)
+    predictor = HybridPredictor(tmp_path / "cc.safetensors", tiny_checkpoints[1], backend=backend)
+    image = Image.open(real_images[0])
+    prediction, _ = predictor.predict_image(image)
+    model, _ = load_classifier(tmp_path / "cc.safetensors")
+    pixels = as_batch(predictor.cls_prep.pixels(image))
+    expected = model.eval()(Preprocess.from_meta(meta).normalize(shades_of_gray(pixels))).softmax(1)[0, 1]
+    without = model(Preprocess.from_meta(meta).normalize(pixels)).softmax(1)[0, 1]
+    assert prediction.prob_malignant == pytest.approx(float(expected), abs=1e-4)
+    assert abs(float(expected) - float(without)) > 1e-4  # the check can tell the two apart
