@@ -20,7 +20,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from classifiers import grid  # noqa: E402
+from classifiers.models import load_classifier  # noqa: E402
+from classifiers.predict import predict_proba  # noqa: E402
 from data.atomic import write_rows  # noqa: E402
+from data.cache import CachedImages  # noqa: E402
+from data.transforms import Preprocess  # noqa: E402
 from evaluation.metrics import auc_ci, decision_metrics, paired_auc_difference  # noqa: E402
 from evaluation.plots import save_figure  # noqa: E402
 
@@ -149,7 +153,33 @@ def ensemble(runs: Path, names: list[str], tta_evaluation: str | None) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def run_summary(runs: Path, names: list[str], tta_evaluation: str | None = None) -> pd.DataFrame:
+def checkpoint_row(label: str, checkpoint: Path, val: pd.DataFrame, eval_sets: pd.DataFrame, device) -> dict:
+    """A runs.csv row for a checkpoint trained elsewhere (e.g. the model shipped before): its val AUC per source on
+    this val split, and AUC (CI), sensitivity and specificity at its own threshold on each evaluation set."""
+    model, meta = load_classifier(checkpoint)
+    model, prep = model.float().to(device), Preprocess.from_meta(meta)
+
+    def scored(df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+        data = CachedImages(df, meta["input_size"], meta["resize"])
+        return data.df.assign(y=data.targets.numpy()), predict_proba(model, data.images, prep, device)[:, 1]
+
+    val_df, val_prob = scored(val)
+    per_source = {k: auc_cell(val_df["y"].to_numpy()[i], val_prob[i])["auc"]
+                  for k, i in val_df.groupby("dataset").indices.items()}
+    row = {"run": label, "best_epoch": meta.get("epoch"), "threshold": meta["malignant_threshold"],
+           "val_auc": float(np.mean(list(per_source.values()))), **{f"val_auc_{k}": v for k, v in per_source.items()}}
+    test_df, test_prob = scored(eval_sets)
+    for prefix, s in grid.EVAL_SETS.items():
+        idx = ((test_df["dataset"] == s["dataset"]) & (test_df["split"] == s["split"])).to_numpy()
+        y, prob = test_df["y"].to_numpy()[idx], test_prob[idx]
+        decisions = decision_metrics(y, prob >= meta["malignant_threshold"])
+        row |= {f"{prefix}_{k}": v for k, v in auc_cell(y, prob).items()}
+        row |= {f"{prefix}_{k}": decisions[k] for k in ("sensitivity", "specificity")}
+    return row
+
+
+def run_summary(runs: Path, names: list[str], tta_evaluation: str | None = None,
+                extra_rows: list[dict] | None = None) -> pd.DataFrame:
     """Every finished run (and its flip-TTA scoring where one exists): best epoch, val AUCs, and per evaluation
     set AUC (CI) with sensitivity/specificity at the val-chosen threshold; then the all-malignant baseline."""
     rows = []
@@ -170,6 +200,7 @@ def run_summary(runs: Path, names: list[str], tta_evaluation: str | None = None)
             row |= {f"{prefix}_{k}": v for k, v in auc_cell(part["y"], part["prob_malignant"]).items()}
             row |= {f"{prefix}_{k}": decisions[k] for k in ("sensitivity", "specificity")}
         rows.append(row)
+    rows += extra_rows or []
     if rows:
         baseline = {"run": "all-malignant baseline"}
         for prefix in EVAL_NAMES:
@@ -179,9 +210,10 @@ def run_summary(runs: Path, names: list[str], tta_evaluation: str | None = None)
 
 
 def report(runs: Path, run_names: list[str], sources: dict[str, str], variants: dict[str, str], reference: str,
-           out: Path, tta_evaluation: str | None = None, ensemble_runs: list[str] | None = None) -> list[Path]:
+           out: Path, tta_evaluation: str | None = None, ensemble_runs: list[str] | None = None,
+           extra_rows: list[dict] | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    summary = run_summary(runs, run_names, tta_evaluation)
+    summary = run_summary(runs, run_names, tta_evaluation, extra_rows)
     if summary.empty:
         raise ReportError(f"no finished run in {runs}; train some first")
     write_rows(out / "runs.csv", summary.to_dict("records"))

@@ -28,6 +28,7 @@ import pandas as pd  # noqa: E402
 
 from classifiers import cross_dataset, grid, train  # noqa: E402
 from classifiers.evaluate import evaluate  # noqa: E402
+from data.checkpoint import CheckpointError  # noqa: E402
 from data.manifest import read_manifest, stratified_subset  # noqa: E402
 from data.runtime import pick_device, setup_cpu  # noqa: E402
 from scripts.presets import flags  # noqa: E402
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report-only", action="store_true", help="skip training; report the finished runs")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="change a train.py option in every run, e.g. --set img_size=32 epochs=1 (quick checks)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="LABEL=CHECKPOINT",
+                   help="also score these checkpoints (e.g. the model shipped before) on the same val and evaluation "
+                        "sets, as extra rows of runs.csv")
     p.add_argument("--limit", type=int, default=None,
                    help="quick runs: at most this many fit images per run and images per evaluation set")
     p.add_argument("--seed", type=int, default=0, help="training seed of every run")
@@ -118,8 +122,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {manifest} not found; build it with python scripts/01_prepare_data.py --mixed")
     try:
         changes = dict(item.split("=", 1) for item in a.set)
+        compare = dict(item.split("=", 1) for item in a.compare)
     except ValueError:
-        sys.exit(f"error: --set takes KEY=VALUE items, got {a.set}")
+        sys.exit(f"error: --set and --compare take KEY=VALUE items, got {a.set + a.compare}")
     runtime = ["--device", a.device] + (["--threads", str(a.threads)] if a.threads else []) + \
               (["--no-progress"] if a.no_progress else [])
     try:
@@ -129,10 +134,15 @@ def main(argv: list[str] | None = None) -> None:
         for name in (n for n in TTA_RUNS if grid.is_done(runs / n) and not (runs / n / "evaluation_tta").is_dir()):
             evaluate([str(runs / name / "best.safetensors")], eval_sets(manifest, a.limit, a.seed),
                      runs / name / "evaluation_tta", device, tta=True, model_name=f"{name}+tta", plot=False)
+        df = read_manifest(manifest)
+        val = df[df["split"] == "val"]
+        val = stratified_subset(val, a.limit, a.seed) if a.limit else val
+        extra = [cross_dataset.checkpoint_row(label, Path(path), val, eval_sets(manifest, a.limit, a.seed), device)
+                 for label, path in compare.items()]
         both_sources = [n for n in RUNS if n not in (MATRIX["ham10000"], MATRIX["isic2017"])]
         written = cross_dataset.report(runs, list(RUNS), MATRIX, ABLATION, ABLATION_REFERENCE, Path(a.out),
-                                       "evaluation_tta", both_sources)
-    except (grid.GridError, cross_dataset.ReportError) as exc:
+                                       "evaluation_tta", both_sources, extra)
+    except (grid.GridError, cross_dataset.ReportError, CheckpointError) as exc:
         sys.exit(f"error: {exc}")
     for path in written:
         print(f"wrote {path}")

@@ -157,7 +157,11 @@ def test_matrix_cli_runs_on_a_small_real_subset(tmp_path: Path, original: pd.Dat
     assert "all-malignant baseline" in set(runs["run"])
     trained_on = pd.read_json(tmp_path / "runs" / "short" / "isic_only" / "best.json", typ="series")["train_args"]
     assert trained_on["datasets"] == ["isic2017"] and trained_on["color_constancy"] == "shades_of_gray"
-    step9.main(["--report-only", *quick])  # a finished set re-reports without training
+    shipped = tmp_path / "runs" / "short" / "ham_only" / "best.safetensors"
+    step9.main(["--report-only", "--compare", f"shipped before={shipped}", *quick])  # re-reports without training
+    rows = pd.read_csv(tmp_path / "out" / "runs.csv").set_index("run")
+    assert rows.loc["shipped before", "ham10000_test_auc"] == pytest.approx(rows.loc["short/ham_only",
+                                                                                     "ham10000_test_auc"], abs=1e-3)
 
 
 @pytest.mark.real_data
