@@ -6,9 +6,15 @@
     python classifiers/train.py --arch densenet121 --img-size 224 --batch-size 64 --device cuda
     # several GPUs or nodes (DDP through accelerate; the script is unchanged):
     accelerate launch --multi_gpu --num_processes 4 classifiers/train.py --arch swin --img-size 224
+    # two image sources, Shades-of-Gray colour constancy, source/class-balanced sampling (scripts/09 runs these):
+    python classifiers/train.py --manifest data/manifests/mixed.csv --config mixed --color-constancy shades_of_gray \
+        --balance source_class --class-weights none --epoch-size 6000
+    # 5-fold cross-validation over fit+val, grouped by lesion (mean and spread of the fold val AUCs):
+    python classifiers/train.py --folds 5 --epochs 4
 
 Each epoch: train on `fit` with batched augmentation from the preprocessing cache, evaluate the EMA weights on
-`val`, append a row to `metrics.csv`, write `state.pt` atomically. The best epoch by val AUC is saved as
+`val` (when val holds several sources, the mean of their AUCs, so the larger one does not decide alone), append a
+row to `metrics.csv`, write `state.pt` atomically. The best epoch by val AUC is saved as
 `best.safetensors` + `best.json` (the checkpoint contract); training stops early after `--patience` epochs without
 improvement. A killed run continues from its last finished epoch with `--resume` and ends with the same numbers as
 an uninterrupted one (every epoch's randomness is seeded from --seed and the epoch number).
