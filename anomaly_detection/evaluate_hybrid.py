@@ -35,7 +35,12 @@ from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from anomaly_detection.hybrid import HybridPredictor, rescue  # noqa: E402
-from classifiers.evaluate import evaluation_groups  # noqa: E402
+from classifiers.evaluate import (  # noqa: E402
+    TrainingOverlap,
+    check_no_training_overlap,
+    evaluation_groups,
+    training_manifest,
+)
 from data.atomic import atomic_write_csv  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import CheckpointError  # noqa: E402
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         "--classifier", default=str(ROOT / "checkpoints" / "densenet121.safetensors"), help="classifier checkpoint"
     )
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "convvae.safetensors"), help="calibrated VAE checkpoint")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
+    p.add_argument("--manifest", default=None,
+                   help="manifest CSV (default: the classifier's training manifest: its splits are held out)")
     p.add_argument("--splits", nargs="+", default=["test", "external"], help="splits to report on")
     p.add_argument("--out", default=str(ROOT / "results" / "hybrid"), help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
@@ -152,7 +158,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         predictor = HybridPredictor(a.classifier, a.vae, device)
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
-    df = read_manifest(a.manifest)
+    df = read_manifest(a.manifest or training_manifest(predictor.cls_meta))
+    try:
+        check_no_training_overlap(predictor.cls_meta, df[df["split"].isin([*a.splits, "calib"])])
+    except TrainingOverlap as exc:
+        sys.exit(f"error: {exc}")
     rules = Rules(predictor, score_split(predictor, df[df["split"] == "calib"]))
     out = Path(a.out)
     rows, details = [], []

@@ -53,6 +53,13 @@ class TrainingOverlap(ValueError):
     """Evaluation rows that the checkpoint was trained or selected on."""
 
 
+def training_manifest(meta: dict, manifests: Path = ROOT / "data" / "manifests") -> Path:
+    """The manifest the checkpoint was trained on (when it is here), else `original.csv`: the default evaluation
+    manifest of every CLI, so that its held-out splits are the checkpoint's own."""
+    own = manifests / str(meta.get("manifest", ""))
+    return own if meta.get("manifest") and own.is_file() else manifests / "original.csv"
+
+
 def check_no_training_overlap(meta: dict, df: pd.DataFrame, manifests: Path = ROOT / "data" / "manifests") -> None:
     """Refuse to score images the checkpoint saw in `fit` or `val` (e.g. ISIC 2017 train rows, `external` in the
     original manifest, scored by a model trained on the mixed one). Checked when the training manifest named in

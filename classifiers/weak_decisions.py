@@ -31,6 +31,7 @@ import pandas as pd  # noqa: E402
 from anomaly_detection.evaluate_hybrid import score_split  # noqa: E402
 from anomaly_detection.hybrid import HybridPredictor, rescue  # noqa: E402
 from classifiers import grid  # noqa: E402
+from classifiers.evaluate import check_no_training_overlap, training_manifest  # noqa: E402
 from classifiers.gradcam import gradcam_map, overlay  # noqa: E402
 from classifiers.predict import predict_proba  # noqa: E402
 from data.atomic import write_rows  # noqa: E402
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--classifier", default=str(ROOT / "checkpoints" / "densenet121.safetensors"),
                    help="classifier checkpoint (its sidecar's val threshold makes the decisions)")
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "convvae.safetensors"), help="calibrated VAE")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
+    p.add_argument("--manifest", default=None, help="manifest CSV (default: the classifier's training manifest)")
     p.add_argument("--band", type=float, nargs=2, default=(0.45, 0.55), metavar=("LOW", "HIGH"),
                    help="the fixed band of weak decisions")
     p.add_argument("--gallery", type=int, default=16, help="weak cases shown with Grad-CAM (0: no gallery)")
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     device = init_device(a.device)
     try:
         predictor = HybridPredictor(a.classifier, a.vae, device)
-        df = read_manifest(a.manifest)
+        df = read_manifest(a.manifest or training_manifest(predictor.cls_meta))
+        check_no_training_overlap(predictor.cls_meta, grid.select_eval_sets(df, [s["group"] for s in
+                                                                               grid.EVAL_SETS.values()]))
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     out = Path(a.out)

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     cls_path, vae_path = out / "densenet121.safetensors", out / "convvae.safetensors"
     ship(a.classifier, cls_path, load_classifier)
     ship(a.vae, vae_path, load_vae)
-    manifest = a.manifest or str(ROOT / "data" / "manifests" / load_classifier(a.classifier)[1]["manifest"])
+    manifest = a.manifest or str(evaluate.training_manifest(load_classifier(a.classifier)[1]))
     results, data = Path(a.results_dir), ["--manifest", manifest]
     calibration = calibrate.main(
         ["--vae", str(vae_path), "--device", a.device, "--out", str(results / "vae_calibration"), *data]
