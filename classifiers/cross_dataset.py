@@ -112,16 +112,18 @@ def ablation(runs: Path, variants: dict[str, str], reference: str, tta_evaluatio
 
 def ablation_plot(table: pd.DataFrame, path: Path) -> Path:
     rows = table.iloc[1:]
-    fig, axes = plt.subplots(1, len(EVAL_NAMES), figsize=(10, 0.45 * len(rows) + 1.4), sharey=True)
+    fig, axes = plt.subplots(1, len(EVAL_NAMES), figsize=(14, 0.5 * len(rows) + 1.8), sharey=True)
     for ax, (prefix, title) in zip(axes, EVAL_NAMES.items()):
         y = np.arange(len(rows))[::-1]
         change = rows[f"{prefix}_change"].to_numpy()
         err = np.stack([change - rows[f"{prefix}_change_ci_low"], rows[f"{prefix}_change_ci_high"] - change])
         ax.errorbar(change, y, xerr=err, fmt="o", capsize=3)
         ax.axvline(0, color="grey", lw=1)
-        ax.set_title(f"{title}: AUC change vs reference")
-        ax.set_xlabel("AUC(variant) - AUC(reference), paired 95% CI")
+        ax.set_title(title)
+        ax.set_xlabel("AUC(variant) - AUC(reference)")
     axes[0].set_yticks(np.arange(len(rows))[::-1], rows["variant"])
+    fig.suptitle("Ablation: AUC change against the reference (all techniques on), paired bootstrap 95% CI")
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
