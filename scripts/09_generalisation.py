@@ -81,6 +81,12 @@ def eval_sets(manifest: Path, limit: int | None, seed: int) -> pd.DataFrame:
     return pd.concat([stratified_subset(g, limit, seed) if limit else g for g in groups])
 
 
+def stale(evaluation: Path, run: Path) -> bool:
+    """True when the evaluation is missing or older than the run's best checkpoint (a retrained run)."""
+    predictions = evaluation / "predictions.csv"
+    return not predictions.is_file() or predictions.stat().st_mtime < (run / "best.safetensors").stat().st_mtime
+
+
 def train_and_evaluate(name: str, manifest: Path, runs: Path, device, runtime: list[str], seed: int,
                        changes: dict[str, str], limit: int | None) -> None:
     run = runs / name
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         if not a.report_only:
             for name in a.runs:
                 train_and_evaluate(name, manifest, runs, device, runtime, a.seed, changes, a.limit)
-        for name in (n for n in TTA_RUNS if grid.is_done(runs / n) and not (runs / n / "evaluation_tta").is_dir()):
+        for name in (n for n in TTA_RUNS if grid.is_done(runs / n) and stale(runs / n / "evaluation_tta", runs / n)):
             evaluate([str(runs / name / "best.safetensors")], eval_sets(manifest, a.limit, a.seed),
                      runs / name / "evaluation_tta", device, tta=True, model_name=f"{name}+tta", plot=False)
         df = read_manifest(manifest)
