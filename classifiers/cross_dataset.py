@@ -22,6 +22,7 @@ import pandas as pd  # noqa: E402
 from classifiers import grid  # noqa: E402
 from classifiers.models import load_classifier  # noqa: E402
 from classifiers.predict import predict_proba  # noqa: E402
+from classifiers.train import source_aucs  # noqa: E402
 from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.transforms import Preprocess  # noqa: E402
@@ -55,6 +56,22 @@ def predictions(runs: Path, name: str, evaluation: str = "evaluation") -> dict[s
 def auc_cell(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
     point, lo, hi = auc_ci(y, score)
     return {"auc": point, "ci_low": lo, "ci_high": hi}
+
+
+def against(part: pd.DataFrame, base: pd.DataFrame, prefix: str) -> dict[str, float]:
+    """AUC (CI) of `part` and AUC(part) - AUC(base) with a paired 95% CI; the two must hold the same images."""
+    if not part["path"].equals(base["path"]):
+        raise ReportError(f"{prefix}: the compared predictions are on different images; re-run their evaluation")
+    diff, lo, hi = paired_auc_difference(part["y"], part["prob_malignant"], base["prob_malignant"])
+    return {**{f"{prefix}_{k}": v for k, v in auc_cell(part["y"], part["prob_malignant"]).items()},
+            f"{prefix}_change": diff, f"{prefix}_change_ci_low": lo, f"{prefix}_change_ci_high": hi}
+
+
+def set_metrics(prefix: str, y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """AUC (CI) and sensitivity/specificity of the decisions `pred`, keyed by evaluation set."""
+    decisions = decision_metrics(y, pred)
+    return {**{f"{prefix}_{k}": v for k, v in auc_cell(y, prob).items()},
+            **{f"{prefix}_{k}": decisions[k] for k in ("sensitivity", "specificity")}}
 
 
 def matrix(runs: Path, sources: dict[str, str]) -> pd.DataFrame:
@@ -99,13 +116,7 @@ def ablation(runs: Path, variants: dict[str, str], reference: str, tta_evaluatio
     for label, sets in compared.items():
         row: dict = {"variant": label, "run": variants.get(label, reference)}
         for prefix in EVAL_NAMES:
-            part, base = sets[prefix], ref[prefix]
-            if not part["path"].equals(base["path"]):
-                raise ReportError(f"{label}: its {prefix} images differ from the reference's")
-            cell = auc_cell(part["y"], part["prob_malignant"])
-            diff, lo, hi = paired_auc_difference(part["y"], part["prob_malignant"], base["prob_malignant"])
-            row |= {f"{prefix}_{k}": v for k, v in cell.items()}
-            row |= {f"{prefix}_change": diff, f"{prefix}_change_ci_low": lo, f"{prefix}_change_ci_high": hi}
+            row |= against(sets[prefix], ref[prefix], prefix)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -136,8 +147,9 @@ def ensemble(runs: Path, names: list[str], tta_evaluation: str | None) -> pd.Dat
     val = {n: pd.read_json(runs / n / "best.json", typ="series")["metrics"]["val"]["auc"] for n in done}
     best = max(val, key=val.get)
     preds = {n: predictions(runs, n) for n in done}
-    if any(not preds[n][k]["path"].equals(preds[best][k]["path"]) for n in done for k in preds[best]):
-        raise ReportError(f"the runs {done} were evaluated on different images; re-run their evaluation")
+    for n in done:  # the mean below needs every run's predictions in the same image order
+        for k in preds[best]:
+            against(preds[n][k], preds[best][k], k)
     candidates = {f"best single by val AUC ({best})": preds[best],
                   f"mean of {len(done)} runs": {k: preds[best][k].assign(prob_malignant=np.mean(
                       [preds[n][k]["prob_malignant"].to_numpy() for n in done], axis=0)) for k in preds[best]}}
@@ -147,10 +159,7 @@ def ensemble(runs: Path, names: list[str], tta_evaluation: str | None) -> pd.Dat
     for label, sets in candidates.items():
         row: dict = {"model": label, "members": ", ".join(done) if label.startswith("mean") else best}
         for prefix in EVAL_NAMES:
-            part, base = sets[prefix], preds[best][prefix]
-            row |= {f"{prefix}_{k}": v for k, v in auc_cell(part["y"], part["prob_malignant"]).items()}
-            diff, lo, hi = paired_auc_difference(part["y"], part["prob_malignant"], base["prob_malignant"])
-            row |= {f"{prefix}_change": diff, f"{prefix}_change_ci_low": lo, f"{prefix}_change_ci_high": hi}
+            row |= against(sets[prefix], preds[best][prefix], prefix)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -166,17 +175,15 @@ def checkpoint_row(label: str, checkpoint: Path, val: pd.DataFrame, eval_sets: p
         return data.df.assign(y=data.targets.numpy()), predict_proba(model, data.images, prep, device)[:, 1]
 
     val_df, val_prob = scored(val)
-    per_source = {k: auc_cell(val_df["y"].to_numpy()[i], val_prob[i])["auc"]
-                  for k, i in val_df.groupby("dataset").indices.items()}
+    per_source = source_aucs(val_df, val_df["y"].to_numpy(), val_prob)
+    val_auc = float(np.mean(list(per_source.values()))) if per_source else auc_cell(val_df["y"], val_prob)["auc"]
     row = {"run": label, "best_epoch": meta.get("epoch"), "threshold": meta["malignant_threshold"],
-           "val_auc": float(np.mean(list(per_source.values()))), **{f"val_auc_{k}": v for k, v in per_source.items()}}
+           "val_auc": val_auc, **{f"val_auc_{k}": v for k, v in per_source.items()}}
     test_df, test_prob = scored(eval_sets)
     for prefix, s in grid.EVAL_SETS.items():
         idx = ((test_df["dataset"] == s["dataset"]) & (test_df["split"] == s["split"])).to_numpy()
         y, prob = test_df["y"].to_numpy()[idx], test_prob[idx]
-        decisions = decision_metrics(y, prob >= meta["malignant_threshold"])
-        row |= {f"{prefix}_{k}": v for k, v in auc_cell(y, prob).items()}
-        row |= {f"{prefix}_{k}": decisions[k] for k in ("sensitivity", "specificity")}
+        row |= set_metrics(prefix, y, prob, prob >= meta["malignant_threshold"])
     return row
 
 
@@ -196,11 +203,8 @@ def run_summary(runs: Path, names: list[str], tta_evaluation: str | None = None,
                "train_seconds": round(float(history["epoch_seconds"].sum())), "threshold": best["malignant_threshold"]}
         row |= {f"val_{k}": v for k, v in best["metrics"]["val"].items() if k.startswith("auc")}
         for prefix, part in predictions(runs, name, evaluation).items():
-            if prefix == "both":
-                continue
-            decisions = decision_metrics(part["y"], part["pred"])
-            row |= {f"{prefix}_{k}": v for k, v in auc_cell(part["y"], part["prob_malignant"]).items()}
-            row |= {f"{prefix}_{k}": decisions[k] for k in ("sensitivity", "specificity")}
+            if prefix != "both":
+                row |= set_metrics(prefix, part["y"], part["prob_malignant"], part["pred"])
         rows.append(row)
     rows += extra_rows or []
     if rows:
