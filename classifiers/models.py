@@ -20,7 +20,8 @@ import torchvision
 from torch import nn
 
 from classifiers.medvit import MedViT
-from data.checkpoint import load_checkpoint
+from data.checkpoint import CheckpointError, load_checkpoint
+from data.manifest import LABELS
 
 log = logging.getLogger(__name__)
 MODELS: dict[str, Callable[..., Classifier]] = {}
@@ -221,5 +222,10 @@ def build_from_meta(meta: dict[str, Any]) -> Classifier:
     return create_model(meta["arch"], num_classes=len(meta["class_names"]), img_size=meta["input_size"], **kwargs)
 
 
-def load_classifier(path: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
-    return load_checkpoint(path, build_from_meta, kind="classifier")
+def load_classifier(path: str | os.PathLike, classes: tuple[str, ...] = LABELS) -> tuple[Classifier, dict[str, Any]]:
+    """A classifier checkpoint, loaded strictly; refused when it predicts other classes than `classes` (the
+    benign/malignant consumers must not read a seven-class model's second output as P(malignant))."""
+    model, meta = load_checkpoint(path, build_from_meta, kind="classifier")
+    if tuple(meta["class_names"]) != tuple(classes):
+        raise CheckpointError(f"{path}: predicts {meta['class_names']}, expected {list(classes)}")
+    return model, meta

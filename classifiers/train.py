@@ -11,9 +11,12 @@
         --balance source_class --class-weights none --epoch-size 6000
     # 5-fold cross-validation over fit+val, grouped by lesion (mean and spread of the fold val AUCs):
     python classifiers/train.py --folds 5 --epochs 4
+    # the seven HAM10000 diagnoses instead of benign/malignant (classifiers/seven_class.py runs the experiment):
+    python classifiers/train.py --target dx --epochs 6
 
 Each epoch: train on `fit` with batched augmentation from the preprocessing cache, evaluate the EMA weights on
-`val` (when val holds several sources, the mean of their AUCs, so the larger one does not decide alone), append a
+`val` (when val holds several sources, the mean of their AUCs, so the larger one does not decide alone; with
+`--target dx`, the macro one-vs-rest AUC over the seven diagnoses, whose decisions are the argmax), append a
 row to `metrics.csv`, write `state.pt` atomically. The best epoch by val AUC is saved as
 `best.safetensors` + `best.json` (the checkpoint contract); training stops early after `--patience` epochs without
 improvement. A killed run continues from its last finished epoch with `--resume` and ends with the same numbers as
@@ -43,7 +46,7 @@ from classifiers.predict import predict_proba  # noqa: E402
 from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
-from data.manifest import LABELS, ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
+from data.manifest import TARGETS, ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
 from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
 from data.splits import grouped_folds  # noqa: E402
 from data.training import EMA, load_state, save_state, warmup_cosine  # noqa: E402
@@ -68,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         help="train and select only on these sources of the manifest's `dataset` column (e.g. ham10000)",
+    )
+    p.add_argument(
+        "--target",
+        default="label",
+        choices=sorted(TARGETS),
+        help="what to predict: label (benign/malignant) or dx (the seven HAM10000 diagnoses, argmax decisions)",
     )
     p.add_argument("--img-size", type=int, default=128, help="square input size in pixels")
     p.add_argument("--resize", default="squash", choices=("squash", "center_crop"), help="resize rule")
@@ -161,11 +170,11 @@ def class_weights(targets: torch.Tensor, rule: str, n_classes: int) -> torch.Ten
     return w / w.mean()
 
 
-def stratum_weights(df, balance: str, power: float) -> torch.Tensor | None:
-    """Per-image sampling weights count(stratum)^-power, strata = label or (dataset, label); None: no balancing."""
+def stratum_weights(df, balance: str, power: float, target: str = "label") -> torch.Tensor | None:
+    """Per-image sampling weights count(stratum)^-power, strata = class or (dataset, class); None: no balancing."""
     if balance == "none":
         return None
-    keys = df["label"].astype(str)
+    keys = df[target].astype(str)
     if balance == "source_class" and "dataset" in df:
         keys = df["dataset"].fillna("").astype(str) + ":" + keys
     counts = keys.map(keys.value_counts())
@@ -178,6 +187,15 @@ def source_aucs(df, y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     if "dataset" not in df or df["dataset"].nunique() < 2:
         return {}
     return {name: auc(y[idx], probs[idx]) for name, idx in df.groupby("dataset").indices.items()}
+
+
+def val_score(df, y: np.ndarray, probs: np.ndarray) -> tuple[float, dict[str, float]]:
+    """The number model selection maximises and its per-source parts: binary, P(malignant)'s AUC (the mean over
+    sources when there are several); multi-class, the macro one-vs-rest AUC."""
+    if probs.shape[1] > 2:
+        return float(np.nanmean([auc(y == c, probs[:, c]) for c in range(probs.shape[1])])), {}
+    per_source = source_aucs(df, y, probs[:, 1])
+    return (float(np.nanmean(list(per_source.values()))) if per_source else auc(y, probs[:, 1])), per_source
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.Tensor:
@@ -248,8 +266,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stratified_subset(fit_df, args.limit, args.seed),
             stratified_subset(val_df, max(8, args.limit // 4), args.seed),
         )
-    fit = CachedImages(fit_df, args.img_size, args.resize)
-    val = CachedImages(val_df, args.img_size, args.resize)
+    try:
+        fit = CachedImages(fit_df, args.img_size, args.resize, target=args.target)
+        val = CachedImages(val_df, args.img_size, args.resize, target=args.target)
+    except ManifestError as exc:
+        sys.exit(f"error: {manifest_path}: {exc}")
+    classes = TARGETS[args.target]
     prep_meta = preprocess_meta(args.img_size, args.resize, "imagenet", args.color_constancy)
     preprocess = Preprocess.from_meta(prep_meta)
 
@@ -259,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     arch_kwargs = {"drop": args.dropout} if args.dropout is not None else {}
     model = create_model(
-        args.arch, num_classes=len(LABELS), img_size=args.img_size, pretrained=pretrained, **arch_kwargs
+        args.arch, num_classes=len(classes), img_size=args.img_size, pretrained=pretrained, **arch_kwargs
     )
     accelerator.print(
         f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -271,11 +293,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     world = accelerator.num_processes
     epoch_size = args.epoch_size or len(fit)
     steps_per_epoch = epoch_size // (args.batch_size * world)
-    sample_weights = stratum_weights(fit.df, args.balance, args.balance_power)
+    sample_weights = stratum_weights(fit.df, args.balance, args.balance_power, args.target)
     scheduler = warmup_cosine(
         optimizer, steps_per_epoch * args.epochs, max(1, int(args.warmup_epochs * steps_per_epoch))
     )
-    weight = class_weights(fit.targets, args.class_weights, len(LABELS))
+    weight = class_weights(fit.targets, args.class_weights, len(classes))
     weight = weight.to(device) if weight is not None else None
 
     state_path, history, best, start_epoch = out / "state.pt", [], {"auc": -1.0, "epoch": -1}, 0
@@ -333,13 +355,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.kill_after_steps is not None and steps_done >= args.kill_after_steps:
                 os._exit(137)
         train_seconds = time.perf_counter() - t0
-        probs = predict_proba(ema.module, val.images, preprocess, device, autocast=autocast["enabled"])[:, 1]
+        probs = predict_proba(ema.module, val.images, preprocess, device, autocast=autocast["enabled"])
         y_val = val.targets.numpy()
-        per_source = source_aucs(val.df, y_val, probs)
+        val_auc, per_source = val_score(val.df, y_val, probs)
         row = {
             "epoch": epoch + 1,
             "train_loss": total_loss / max(1, len(loader)),
-            "val_auc": float(np.nanmean(list(per_source.values()))) if per_source else auc(y_val, probs),
+            "val_auc": val_auc,
             **{f"val_auc_{name}": value for name, value in per_source.items() if len(per_source) > 1},
             "lr": scheduler.get_last_lr()[0],
             "images_per_s": seen / train_seconds,
@@ -373,10 +395,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     result = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else {}
     if accelerator.is_main_process and result:
-        accelerator.print(
-            f"best epoch {result['epoch']}: val AUC {result['metrics']['val']['auc']:.4f}, "
-            f"threshold {result['malignant_threshold']:.4f} ({args.threshold_rule} on val) -> {out}"
-        )
+        decision = (f"threshold {result['malignant_threshold']:.4f} ({args.threshold_rule} on val)"
+                    if "malignant_threshold" in result else "argmax decisions")
+        accelerator.print(f"best epoch {result['epoch']}: val AUC {result['metrics']['val']['auc']:.4f}, {decision} "
+                          f"-> {out}")
     return result
 
 
@@ -390,17 +412,24 @@ def save_best(
     probs: np.ndarray,
     row: dict[str, Any],
 ) -> None:
-    threshold = choose_threshold(y_val, probs, args.threshold_rule, "val", args.threshold_target)
+    classes = TARGETS[args.target]
+    if len(classes) == 2:
+        threshold = choose_threshold(y_val, probs[:, 1], args.threshold_rule, "val", args.threshold_target)
+        decision = {"malignant_threshold": threshold, "threshold_rule": args.threshold_rule,
+                    "threshold_target": args.threshold_target, "threshold_split": "val"}
+        val_decisions = decision_metrics(y_val, probs[:, 1] >= threshold)
+    else:
+        decision = {"decision": "argmax"}
+        val_decisions = {"balanced_accuracy": float(np.mean([(probs.argmax(1)[y_val == c] == c).mean()
+                                                             for c in np.unique(y_val)]))}
     meta = {
         "kind": "classifier",
         "arch": args.arch,
         "arch_kwargs": {"drop": args.dropout} if args.dropout is not None else {},
         **prep_meta,
-        "class_names": list(LABELS),
-        "malignant_threshold": threshold,
-        "threshold_rule": args.threshold_rule,
-        "threshold_target": args.threshold_target,
-        "threshold_split": "val",
+        "class_names": list(classes),
+        "target": args.target,
+        **decision,
         "epoch": row["epoch"],
         "config": args.config,
         "manifest": str(manifest_path.name),
@@ -412,7 +441,7 @@ def save_best(
                 "auc": row["val_auc"],
                 "n": len(y_val),
                 **{k.removeprefix("val_"): v for k, v in row.items() if k.startswith("val_auc_")},
-                **decision_metrics(y_val, probs >= threshold),
+                **val_decisions,
             }
         },
     }

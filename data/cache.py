@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from data.images import ImageError, load_uint8
-from data.manifest import label_index
+from data.manifest import class_index
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("MELANOMA_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
 
@@ -97,10 +97,7 @@ class CachedImages(torch.utils.data.Dataset):
         self.df = df.iloc[keep].reset_index(drop=True)
         self.images = np.ascontiguousarray(cache.images[keep]) if in_memory else cache.images
         self._rows = None if in_memory else keep
-        if target == "label":
-            self.targets = torch.as_tensor(label_index(self.df["label"]).to_numpy(), dtype=torch.long)
-        else:
-            self.targets = torch.as_tensor(self.df[target].to_numpy(), dtype=torch.long)
+        self.targets = torch.as_tensor(class_index(self.df, target).to_numpy(), dtype=torch.long)
         self.skipped = cache.errors
 
     def __len__(self) -> int:

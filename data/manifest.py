@@ -22,6 +22,8 @@ SOURCES = ("real", "dcgan", "ddpm", "dcgan_up", "ddpm_up")
 DX_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 MALIGNANT_DX = ("mel", "bcc", "akiec")
 REQUIRED = ("path", "label", "split", "source")
+# What a classifier or generator can be trained to predict: the manifest column and its class names, in index order.
+TARGETS = {"label": LABELS, "dx": DX_CLASSES}
 OPTIONAL = ("dx", "lesion_id", "patient_id", "age", "sex", "site", "dataset")
 
 
@@ -31,6 +33,15 @@ class ManifestError(ValueError):
 
 def label_index(labels: pd.Series) -> pd.Series:
     return (labels == "malignant").astype(int)
+
+
+def class_index(df: pd.DataFrame, target: str = "label") -> pd.Series:
+    """Class indices of `target` (a TARGETS key): benign|malignant -> 0|1, or the seven dx classes -> 0..6."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose from {sorted(TARGETS)}")
+    if target not in df or df[target].isna().any():
+        raise ManifestError(f"target {target!r} needs a {target!r} value on every row")
+    return df[target].map({name: i for i, name in enumerate(TARGETS[target])}).astype(int)
 
 
 def validate(df: pd.DataFrame, name: str = "manifest") -> pd.DataFrame:

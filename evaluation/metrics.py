@@ -40,11 +40,12 @@ def _rank_aucs(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_indices(y_true, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """n_boot x N resample indices, stratified by class so every resample holds both classes."""
+    """n_boot x N resample indices, stratified by class so every resample holds every class (drawn from the
+    highest class index down, which for binary labels is malignant first, then benign)."""
     y = np.asarray(y_true).astype(int)
     rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    return np.concatenate([rng.choice(pos, (n_boot, len(pos))), rng.choice(neg, (n_boot, len(neg)))], axis=1)
+    members = [np.flatnonzero(y == c) for c in np.unique(y)[::-1]]
+    return np.concatenate([rng.choice(m, (n_boot, len(m))) for m in members], axis=1)
 
 
 def bootstrap_aucs(y_true, score, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
@@ -168,3 +169,38 @@ def baseline_row(y_true, *, config: str, dataset: str, split: str) -> dict[str, 
            **decision_metrics(y, np.ones_like(y)), "threshold": float("nan"), "threshold_rule": "constant",
            "threshold_split": "none", "ece": float("nan")}
     return row
+
+
+def multiclass_bootstrap(y_true, probs, n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Multi-class metrics of argmax decisions and one-vs-rest AUCs: the point estimates (key -> array of shape
+    (K,) or scalar) and, under `boot_<key>`, their values on n_boot class-stratified resamples (shape (B, K) or (B,)).
+    The same seed gives the same resamples for any model, so two models' arrays can be subtracted (paired)."""
+    y = np.asarray(y_true).astype(int).ravel()
+    p = np.asarray(probs, dtype=float)
+    k = p.shape[1]
+    if p.shape[0] != len(y):
+        raise ValueError(f"labels ({len(y)}) and probabilities ({p.shape[0]}) differ in length")
+    missing = sorted(set(range(k)) - set(y))
+    if missing:
+        raise ValueError(f"classes {missing} have no images: per-class metrics and macro AUC need every class")
+    pred = p.argmax(1)
+
+    def scores(idx: np.ndarray) -> dict[str, np.ndarray]:
+        yy, pp = y[idx], pred[idx]  # B x N
+        counts = np.stack([np.bincount(a * k + b, minlength=k * k).reshape(k, k) for a, b in zip(yy, pp)])
+        tp = counts[:, np.arange(k), np.arange(k)].astype(float)
+        recall, precision = tp / counts.sum(2), tp / np.maximum(counts.sum(1), 1)
+        f1 = np.where(recall + precision > 0, 2 * recall * precision / np.maximum(recall + precision, 1e-12), 0.0)
+        aucs = np.stack([_rank_aucs((yy == c).astype(int), p[idx, c]) for c in range(k)], axis=1)
+        return {"recall": recall, "precision": precision, "f1": f1, "auc": aucs,
+                "balanced_accuracy": recall.mean(1), "macro_auc": aucs.mean(1), "accuracy": (yy == pp).mean(1)}
+
+    point = {key: v[0] for key, v in scores(np.arange(len(y))[None]).items()}
+    boots = scores(bootstrap_indices(y, n_boot, seed))
+    return {**point, **{f"boot_{key}": v for key, v in boots.items()}}
+
+
+def ci(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile interval of bootstrap values (along the first axis)."""
+    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2], axis=0)
+    return lo, hi

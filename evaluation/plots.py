@@ -91,3 +91,35 @@ def operating_points(curves: dict[str, tuple], points: dict[str, tuple[float, fl
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+def multiclass_confusion(panels: dict[str, tuple], class_names, path: str | os.PathLike) -> Path:
+    """panels: title -> (y_true, pred) class indices. Rows normalised to recall (colour), counts written in."""
+    k = len(class_names)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    for ax, (title, (y, pred)) in zip(axes[0], panels.items()):
+        m = np.bincount(np.asarray(y) * k + np.asarray(pred), minlength=k * k).reshape(k, k)
+        ax.imshow(m / np.maximum(m.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v}", ha="center", va="center", fontsize=7,
+                    color="white" if v > 0.5 * max(1, m[i].sum()) else "black")
+        ax.set(xticks=range(k), yticks=range(k), xticklabels=class_names, yticklabels=class_names,
+               xlabel="predicted", ylabel="true", title=title)
+        ax.tick_params(axis="x", labelrotation=45)
+    return save_figure(fig, path)
+
+
+def grouped_bars(table, group: str, series: str, value: str, path: str | os.PathLike, title: str = "") -> Path:
+    """One bar per (group, series) row of `table`, with error bars from `<value>_ci_low`/`<value>_ci_high`."""
+    groups, names = list(dict.fromkeys(table[group])), list(dict.fromkeys(table[series]))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 2, 4))
+    for n, name in enumerate(names):
+        part = table[table[series] == name].set_index(group).loc[groups]
+        x = np.arange(len(groups)) + (n - (len(names) - 1) / 2) * width
+        err = [part[value] - part[f"{value}_ci_low"], part[f"{value}_ci_high"] - part[value]]
+        ax.bar(x, part[value], width, yerr=err, capsize=2, label=name)
+    ax.set(xticks=range(len(groups)), xticklabels=groups, ylabel=value, title=title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)

@@ -15,32 +15,34 @@ from typing import Any
 
 import pandas as pd
 
-from data.manifest import LABELS, file_sha256, read_manifest, write_manifest
+from data.manifest import TARGETS, file_sha256, read_manifest, write_manifest
 
 CONFIGS: dict[str, str | None] = {"original": None, "dcgan_aug": "dcgan", "dcgan_up": "dcgan_up",
                                   "ddpm_aug": "ddpm", "ddpm_up": "ddpm_up"}
 
 
-def needed(original: pd.DataFrame, ratio: float = 1.0) -> dict[str, int]:
-    """Synthetic images to add per class: up to ceil(ratio * the largest class's real fit count)."""
+def needed(original: pd.DataFrame, ratio: float = 1.0, column: str = "label") -> dict[str, int]:
+    """Synthetic images to add per class of `column` (label or dx): up to ceil(ratio * the largest class's real fit
+    count)."""
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    counts = original.loc[original["split"] == "fit", "label"].value_counts()
+    counts = original.loc[original["split"] == "fit", column].value_counts()
     target = math.ceil(ratio * counts.max())
-    return {label: max(0, target - int(counts.get(label, 0))) for label in LABELS}
+    return {name: max(0, target - int(counts.get(name, 0))) for name in TARGETS[column]}
 
 
 def add_synthetic(original: pd.DataFrame, synthetic: pd.DataFrame, source: str, ratio: float = 1.0,
-                  seed: int = 0) -> pd.DataFrame:
-    """The original rows plus a seeded choice of `source` rows from `synthetic`, in `fit`, balancing the classes."""
+                  seed: int = 0, column: str = "label") -> pd.DataFrame:
+    """The original rows plus a seeded choice of `source` rows from `synthetic`, in `fit`, balancing the classes
+    of `column` (label, or dx for the seven-class experiment)."""
     if (original["source"] != "real").any():
         raise ValueError("the base manifest must hold real images only")
     picks = []
-    for label, n in needed(original, ratio).items():
-        pool = synthetic[(synthetic["source"] == source) & (synthetic["label"] == label)]
+    for name, n in needed(original, ratio, column).items():
+        pool = synthetic[(synthetic["source"] == source) & (synthetic.get(column) == name)]
         if n > len(pool):
-            raise ValueError(f"{source}: {n} synthetic {label} images are needed and only {len(pool)} are listed; "
-                             f"sample more (generators/sample.py --n {n} --classes {label})")
+            raise ValueError(f"{source}: {n} synthetic {name} images are needed and only {len(pool)} are listed; "
+                             f"sample more (generators/sample.py --n {n} --classes {name})")
         picks.append(pool.sample(n=n, random_state=seed))
     added = pd.concat(picks, ignore_index=True).assign(split="fit", source=source)
     missing = [p for p in added["path"] if not os.path.isfile(p)]

@@ -10,10 +10,12 @@
     python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 8 --sampler ddpm
     # one GPU: add --device cuda --batch-size 256; several GPUs: one generator or class per GPU, each its own --out
 
-Images go to <out>/<label>/<source>_<label>_<index>.png and are listed in <out>/samples.csv, a manifest (rows with
-split=fit and source dcgan|ddpm|dcgan_up|ddpm_up) that scripts/03_build_configs.py reads. Every batch draws its
-noise from a seed derived from (--seed, class, first index), so the same --seed and --batch-size give the same
-images, and an interrupted run continues where it stopped: batches whose files all exist are skipped.
+Images go to <out>/<class>/<source>_<class>_<index>.png and are listed in <out>/samples.csv, a manifest (rows with
+split=fit and source dcgan|ddpm|dcgan_up|ddpm_up) that scripts/03_build_configs.py reads; a generator conditioned on
+the seven diagnoses (train.py --target dx) writes their dx and the benign/malignant label that follows from it.
+Every batch draws its noise from a seed derived from (--seed, class, first index), so the same --seed and
+--batch-size give the same images, and an interrupted run continues where it stopped: batches whose files all exist
+are skipped.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 from data.checkpoint import CheckpointError, load_checkpoint, read_sidecar  # noqa: E402
 from data.images import load_rgb  # noqa: E402
-from data.manifest import LABELS, file_sha256, write_manifest  # noqa: E402
+from data.manifest import MALIGNANT_DX, file_sha256, write_manifest  # noqa: E402
 from data.runtime import init_device  # noqa: E402
 from generators import dcgan, ddpm, from_signed, save_grid, save_png  # noqa: E402
 from generators.upscaler import Upscaler, load_upscaler, upscale  # noqa: E402
@@ -72,6 +74,13 @@ def batch_seed(seed: int, label: int, start: int) -> int:
     return int(np.random.SeedSequence([seed, label, start]).generate_state(1)[0])
 
 
+def class_columns(meta: dict[str, Any], name: str) -> dict[str, str]:
+    """The manifest columns of one generated class: its label, and for a dx-conditioned generator its dx too."""
+    if meta.get("target", "label") == "label":
+        return {"label": name}
+    return {"label": "malignant" if name in MALIGNANT_DX else "benign", "dx": name}
+
+
 def sample_to_folder(model: torch.nn.Module, meta: dict[str, Any], counts: dict[str, int], out: Path,
                      upscaler: Upscaler | None = None, sampler: str = "ddim", steps: int | None = None,
                      batch_size: int = 64, seed: int = 0, autocast: bool = False, progress: bool = True,
@@ -90,7 +99,7 @@ def sample_to_folder(model: torch.nn.Module, meta: dict[str, Any], counts: dict[
                     images = upscale(upscaler, images)
                 for image, path in zip(images, paths):
                     save_png(image, path)
-            rows += [{"path": str(p.resolve()), "label": label, "split": "fit", "source": source,
+            rows += [{"path": str(p.resolve()), **class_columns(meta, label), "split": "fit", "source": source,
                       "lesion_id": p.stem, "dataset": "synthetic"} for p in paths]
     df = pd.DataFrame(rows)
     write_manifest(df, out / "samples.csv", {"seed": seed, **(info or {})})
@@ -101,7 +110,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="DCGAN or DDPM .safetensors (with its .json sidecar)")
     p.add_argument("--n", type=int, required=True, help="images per class")
-    p.add_argument("--classes", nargs="+", default=list(LABELS), choices=LABELS, help="classes to sample")
+    p.add_argument("--classes", nargs="+", default=None,
+                   help="classes to sample (default: every class of the checkpoint, e.g. benign malignant)")
     p.add_argument("--sampler", default="ddim", choices=ddpm.SAMPLERS, help="DDPM only: DDIM or the ancestral chain")
     p.add_argument("--steps", type=int, default=None,
                    help="DDPM only: denoising steps (default 50 for DDIM, all 1000 training steps for DDPM)")
@@ -117,6 +127,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     a = p.parse_args(argv)
     device = init_device(a.device, a.threads)
     model, meta = load_generator(a.checkpoint)
+    classes = a.classes or list(meta["class_names"])
+    unknown = sorted(set(classes) - set(meta["class_names"]))
+    if unknown:
+        sys.exit(f"error: {a.checkpoint} generates {meta['class_names']}, not {unknown}")
     upscaler = None
     if a.upscale:
         upscaler, up_meta = load_upscaler(a.upscale)
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     info = provenance(a.checkpoint, meta, a.sampler, a.steps, a.upscale)
     source = meta["kind"] + ("_up" if upscaler is not None else "")
     out = Path(a.out or ROOT / "runs" / "generators" / "synthetic" / source)
-    df = sample_to_folder(model.to(device), meta, {c: a.n for c in a.classes}, out, upscaler, a.sampler, a.steps,
+    df = sample_to_folder(model.to(device), meta, {c: a.n for c in classes}, out, upscaler, a.sampler, a.steps,
                           a.batch_size, a.seed, a.bf16, not a.no_progress, info)
     if a.grid:
         first = df.groupby("label", sort=False).head(8)

@@ -5,6 +5,7 @@
     python generators/train.py --model dcgan --preset cpu --ship checkpoints/generators/dcgan
     python generators/train.py --model upscaler --preset cpu --ship checkpoints/generators/upscaler
     python generators/train.py --model ddpm --preset cpu --resume        # continue after a kill
+    python generators/train.py --model dcgan --preset cpu --target dx    # conditioned on the seven diagnoses
     # one GPU: the paper-scale preset
     python generators/train.py --model ddpm --preset full --device cuda
     # several GPUs: one generator per GPU side by side (each run is single-device)
@@ -38,7 +39,7 @@ from tqdm import tqdm  # noqa: E402
 from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import save_checkpoint  # noqa: E402
-from data.manifest import LABELS, file_sha256, read_manifest, stratified_subset  # noqa: E402
+from data.manifest import TARGETS, file_sha256, read_manifest, stratified_subset  # noqa: E402
 from data.runtime import init_device, seed_everything  # noqa: E402
 from data.training import load_state, save_state  # noqa: E402
 from data.transforms import augment  # noqa: E402
@@ -81,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="smoke: seconds (tests); cpu: a 2-core machine, minutes to hours; full: one GPU")
     p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"),
                    help="manifest whose real fit rows are the training images")
+    p.add_argument("--target", default="label", choices=sorted(TARGETS),
+                   help="generators: the classes they are conditioned on, label (benign/malignant) or dx (the seven "
+                        "HAM10000 diagnoses)")
     p.add_argument("--img-size", type=int, default=64, help="generated image size; the upscaler's input size")
     p.add_argument("--scale", type=int, default=2, help="upscaler factor (64 -> 128 px by default)")
     p.add_argument("--resize", default="squash", choices=("squash", "center_crop"), help="resize rule of the cache")
@@ -98,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling, noise")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
-    p.add_argument("--out", default=None, help="run folder (default runs/generators/<model>_<preset>_s<seed>)")
+    p.add_argument("--out", default=None,
+                   help="run folder (default runs/generators/<model>_<preset>_s<seed>, <model>_dx_... for --target dx)")
     p.add_argument("--ship", default=None,
                    help="also write the final model as fp16 safetensors + sidecar at this path "
                         "(e.g. checkpoints/generators/dcgan)")
@@ -127,16 +132,15 @@ def fit_images(args: argparse.Namespace) -> tuple[CachedImages, CachedImages | N
     if args.model == "upscaler":
         val_df = df[(df["split"] == "val") & (df["source"] == "real")]
         val = CachedImages(val_df.iloc[: max(8, args.limit // 4) if args.limit else 128], size, args.resize)
-    return CachedImages(fit, size, args.resize), val
+    return CachedImages(fit, size, args.resize, target=args.target), val
 
 
 def build_trainer(args: argparse.Namespace, device: torch.device, total_steps: int):
+    arch = {**args.arch, "image_size": args.img_size, "num_classes": len(TARGETS[args.target])}
     if args.model == "dcgan":
-        return DCGANTrainer({**args.arch, "image_size": args.img_size, "num_classes": len(LABELS)}, args.lr, device,
-                            autocast=args.bf16)
+        return DCGANTrainer(arch, args.lr, device, autocast=args.bf16)
     if args.model == "ddpm":
-        return DDPMTrainer({**args.arch, "image_size": args.img_size, "num_classes": len(LABELS)}, args.lr, device,
-                           total_steps, ema_decay=args.ema_decay, autocast=args.bf16)
+        return DDPMTrainer(arch, args.lr, device, total_steps, ema_decay=args.ema_decay, autocast=args.bf16)
     return UpscalerTrainer({**args.arch, "scale": args.scale}, args.lr, device, total_steps, args.patch)
 
 
@@ -148,7 +152,7 @@ def preview(trainer, args: argparse.Namespace, val: CachedImages | None, path: P
         plain = from_unit(bicubic(lr.float() / 255.0, hr.shape[-1]))
         save_grid(torch.cat([plain, upscale(trainer.model, lr), hr]), path, nrow=8)
         return
-    labels = torch.arange(len(LABELS)).repeat_interleave(8)
+    labels = torch.arange(len(TARGETS[args.target])).repeat_interleave(8)
     gen = torch.Generator().manual_seed(12345)
     kwargs = {"steps": args.preview_steps} if args.model == "ddpm" else {}
     save_grid(from_signed(trainer.generate(labels, gen, **kwargs)), path, nrow=8)
@@ -161,7 +165,7 @@ def mean_row(window: list[dict[str, float]], step: int, epoch: int) -> dict[str,
 def checkpoint_meta(args: argparse.Namespace, trainer, fit_df: pd.DataFrame,
                     epochs: list[dict[str, Any]]) -> dict[str, Any]:
     meta: dict[str, Any] = {"kind": args.model, "arch": type(trainer.export()).__name__, "arch_kwargs": trainer.arch,
-                            "resize": args.resize, "class_names": list(LABELS)}
+                            "resize": args.resize, "class_names": list(TARGETS[args.target]), "target": args.target}
     if args.model == "upscaler":
         meta |= {"input_size": args.img_size, "output_size": args.img_size * args.scale, "normalization": "unit"}
     else:
@@ -199,7 +203,8 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = init_device(args.device, args.threads)
-    out = Path(args.out or ROOT / "runs" / "generators" / f"{args.model}_{args.preset}_s{args.seed}")
+    name = f"{args.model}{'_dx' if args.target == 'dx' else ''}_{args.preset}_s{args.seed}"
+    out = Path(args.out or ROOT / "runs" / "generators" / name)
     out.mkdir(parents=True, exist_ok=True)
     fit, val = fit_images(args)
     steps_per_epoch = len(fit) // args.batch_size

@@ -1,0 +1,206 @@
+"""Seven-class HAM10000 (akiec, bcc, bkl, df, mel, nv, vasc): a baseline classifier against the same classifier
+trained with per-class synthetic images for the minority diagnoses, from generators conditioned on the diagnosis.
+
+    # CPU (2 cores): a DCGAN conditioned on dx (about 40 minutes on one thread), then the arms side by side
+    python generators/train.py --model dcgan --preset cpu --target dx --threads 1
+    python classifiers/seven_class.py --arms baseline --threads 1 &
+    python classifiers/seven_class.py --arms dcgan --threads 1 &
+    python classifiers/seven_class.py --report-only            # once both are done: the tables and figures
+    # a DDPM arm: train it with --target dx, then add --generator ddpm=runs/generators/ddpm_dx_cpu_s0/model.safetensors
+    # one GPU: the same with --device cuda --img-size 224 --epochs 20; several GPUs: one --arms process per GPU
+
+Arms: `baseline` trains on HAM10000's real `fit` images. Each generator arm adds to `fit` (only) synthetic images of
+every diagnosis with fewer than --ratio times the largest class's (nv) real fit count, up to that count
+(generators/configs.py, with dx as the class column). Every arm has the same architecture and recipe and sees the
+same number of images (--epochs x --epoch-size); each selects its epoch on the macro one-vs-rest val AUC, decides by
+argmax, and is scored once on HAM10000 `test`: per-class recall, precision, F1 and one-vs-rest AUC with bootstrap 95%
+CIs, balanced accuracy and macro AUC, and each generator arm's paired bootstrap change against the baseline. The
+trivial majority-class rule (always nv) is listed beside them. Runs go to runs/seven_class/<arm>/ (resumable; a
+finished arm is not retrained), results to results/seven_class/: summary.csv, per_class.csv, confusion.png and
+per_class_f1.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from classifiers import grid, train  # noqa: E402
+from classifiers.evaluate import check_no_training_overlap  # noqa: E402
+from classifiers.models import load_classifier  # noqa: E402
+from classifiers.predict import predict_proba  # noqa: E402
+from data.atomic import write_rows  # noqa: E402
+from data.cache import CachedImages  # noqa: E402
+from data.manifest import DX_CLASSES, read_manifest, write_manifest  # noqa: E402
+from data.runtime import init_device  # noqa: E402
+from data.transforms import Preprocess  # noqa: E402
+from evaluation import plots  # noqa: E402
+from evaluation.metrics import ci, multiclass_bootstrap  # noqa: E402
+from generators import configs, sample  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MAJORITY_RULE = "always_nv (majority class)"
+DCGAN_DX_RUN = "dcgan_dx_cpu_s0/model.safetensors"  # where generators/train.py --target dx --preset cpu writes
+
+
+def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, ratio: float, seed: int,
+                 device) -> Path:
+    """The baseline's manifest (HAM10000 rows of `original`), or it plus `checkpoint`'s samples in fit."""
+    base = read_manifest(original)
+    base = base[base["dataset"] == "ham10000"] if "dataset" in base else base
+    path = work / "manifests" / f"dx7_{arm}.csv"
+    if checkpoint is None:
+        write_manifest(base, path, {"experiment": "seven_class", "arm": arm, "base_manifest": original.name})
+        return path
+    model, meta = sample.load_generator(checkpoint)
+    if list(meta["class_names"]) != list(DX_CLASSES):
+        raise SystemExit(f"error: {checkpoint} generates {meta['class_names']}; train one conditioned on the seven "
+                         f"diagnoses (generators/train.py --target dx)")
+    counts = {k: n for k, n in configs.needed(base, ratio, "dx").items() if n > 0}
+    if not counts:
+        raise SystemExit(f"error: every diagnosis of {original.name} already has {ratio} x the largest class's fit "
+                         f"count: no synthetic images to add")
+    print(f"{arm}: sampling {counts}")
+    info = sample.provenance(checkpoint, meta, "ddim", None, None)
+    synthetic = sample.sample_to_folder(model.to(device), meta, counts, work / "synthetic" / arm, seed=seed, info=info)
+    df = configs.add_synthetic(base, synthetic, meta["kind"], ratio, seed, column="dx")
+    write_manifest(df, path, {"experiment": "seven_class", "arm": arm, "base_manifest": original.name, **info,
+                              "ratio": ratio, "added": counts})
+    return path
+
+
+def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace) -> None:
+    """Train (or resume) one arm; a finished arm with unchanged weights is left alone."""
+    train_args = ["--target", "dx", "--manifest", str(manifest), "--config", f"dx7_{arm}", "--out", str(run),
+                  "--arch", a.arch, "--img-size", str(a.img_size), "--epochs", str(a.epochs), "--patience",
+                  str(a.epochs), "--epoch-size", str(a.epoch_size), "--seed", str(a.seed),
+                  *(["--limit", str(a.limit)] if a.limit else [])]
+    status = grid.run_status(run, train_args)
+    print(f"== {arm}: {status}")
+    if status == "done":
+        return
+    grid.mark(run, train_args, a.arch, f"dx7_{arm}", a.seed)
+    train.main([*train_args, "--resume", "--device", a.device,
+                *(["--threads", str(a.threads)] if a.threads else []), *(["--no-progress"] if a.no_progress else [])])
+    predictions(run, manifest, a.device, a.threads)
+    grid.mark(run, train_args, a.arch, f"dx7_{arm}", a.seed, done=True)
+
+
+def predictions(run: Path, manifest: Path, device_name: str, threads: int | None) -> pd.DataFrame:
+    """Class probabilities of the arm's best checkpoint on HAM10000 test (written to <run>/evaluation/)."""
+    model, meta = load_classifier(run / "best.safetensors", classes=DX_CLASSES)
+    test = read_manifest(manifest).query("split == 'test'")
+    check_no_training_overlap(meta, test, manifest.parent)
+    device = init_device(device_name, threads)
+    data = CachedImages(test, meta["input_size"], meta["resize"], target="dx")
+    probs = predict_proba(model.to(device), data.images, Preprocess.from_meta(meta), device)
+    out = data.df[["path", "dx"]].assign(y=data.targets.numpy(), **{f"p_{c}": probs[:, i]
+                                                                    for i, c in enumerate(DX_CLASSES)})
+    write_rows(run / "evaluation" / "predictions.csv", out.to_dict("records"))
+    write_rows(run / "evaluation" / "metrics.csv", [{"best_epoch": meta["epoch"],
+                                                      "val_macro_auc": meta["metrics"]["val"]["auc"]}])
+    return out
+
+
+def _with_ci(prefix: str, point, boots) -> dict[str, float]:
+    lo, hi = ci(boots)
+    return {prefix: float(point), f"{prefix}_ci_low": float(lo), f"{prefix}_ci_high": float(hi)}
+
+
+def report(arms: dict[str, pd.DataFrame], out: Path, n_boot: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """summary.csv (one row per arm) and per_class.csv (one row per arm and diagnosis), with paired changes."""
+    first = next(iter(arms.values()))
+    y = first["y"].to_numpy()
+    if any(not np.array_equal(df["path"].to_numpy(), first["path"].to_numpy()) for df in arms.values()):
+        raise ValueError("the arms were scored on different test images")
+    majority = np.zeros((len(y), len(DX_CLASSES)))
+    majority[:, DX_CLASSES.index("nv")] = 1.0
+    scores = {name: multiclass_bootstrap(y, df[[f"p_{c}" for c in DX_CLASSES]].to_numpy(), n_boot)
+              for name, df in arms.items()}
+    scores[MAJORITY_RULE] = multiclass_bootstrap(y, majority, n_boot)
+    base = scores.get("baseline")
+    summary, per_class = [], []
+    for name, s in scores.items():
+        row = {"arm": name, "n_test": len(y)}
+        for key in ("balanced_accuracy", "macro_auc", "accuracy"):
+            row |= _with_ci(key, s[key], s[f"boot_{key}"])
+            if base is not None and name not in ("baseline", MAJORITY_RULE):
+                row |= _with_ci(f"{key}_change", s[key] - base[key], s[f"boot_{key}"] - base[f"boot_{key}"])
+        summary.append(row)
+        for i, c in enumerate(DX_CLASSES):
+            cls = {"arm": name, "dx": c, "n_test": int((y == i).sum())}
+            for key in ("recall", "precision", "f1", "auc"):
+                cls |= _with_ci(key, s[key][i], s[f"boot_{key}"][:, i])
+            if base is not None and name not in ("baseline", MAJORITY_RULE):
+                cls |= _with_ci("f1_change", s["f1"][i] - base["f1"][i],
+                                s["boot_f1"][:, i] - base["boot_f1"][:, i])
+            per_class.append(cls)
+    summary, per_class = pd.DataFrame(summary), pd.DataFrame(per_class)  # arms differ in columns: NaN-filled
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(out / "summary.csv", summary.to_dict("records"))
+    write_rows(out / "per_class.csv", per_class.to_dict("records"))
+    plots.multiclass_confusion({name: (y, df[[f"p_{c}" for c in DX_CLASSES]].to_numpy().argmax(1))
+                                for name, df in arms.items()}, DX_CLASSES, out / "confusion.png")
+    plots.grouped_bars(per_class[per_class["arm"] != MAJORITY_RULE], "dx", "arm", "f1", out / "per_class_f1.png",
+                       title="HAM10000 test: F1 per diagnosis (95% bootstrap CI)")
+    return summary, per_class
+
+
+def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--original", default=str(ROOT / "data" / "manifests" / "original.csv"),
+                   help="real manifest whose HAM10000 rows (with dx) every arm trains, selects and tests on")
+    p.add_argument("--generator", nargs="+", default=[f"dcgan={ROOT / 'runs' / 'generators' / DCGAN_DX_RUN}"],
+                   metavar="ARM=CHECKPOINT", help="generator arms: name=checkpoint conditioned on dx")
+    p.add_argument("--arms", nargs="+", default=None,
+                   help="arms to train now (default: baseline and every --generator arm); others are only reported")
+    p.add_argument("--ratio", type=float, default=0.5,
+                   help="top minority diagnoses up to this fraction of the largest class's real fit count")
+    p.add_argument("--arch", default="densenet121", help="architecture (classifiers/models.py registry)")
+    p.add_argument("--img-size", type=int, default=128, help="input size in pixels")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per arm (the epoch is chosen on val)")
+    p.add_argument("--epoch-size", type=int, default=6400, help="images per epoch, the same for every arm")
+    p.add_argument("--limit", type=int, default=None,
+                   help="train on at most this many fit images and a quarter as many val images (quick runs, tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and of sampling")
+    p.add_argument("--work", default=str(ROOT / "runs" / "seven_class"), help="runs, manifests and synthetic images")
+    p.add_argument("--out", default=str(ROOT / "results" / "seven_class"), help="tables and figures")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report the arms that are done")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the CIs")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    a = p.parse_args(argv)
+    generators = dict(g.split("=", 1) for g in a.generator)
+    all_arms = ["baseline", *generators]
+    unknown = sorted(set(a.arms or []) - set(all_arms))
+    if unknown:
+        p.error(f"unknown arms {unknown}; known: {all_arms}")
+    work = Path(a.work)
+    for arm in ([] if a.report_only else a.arms or all_arms):
+        checkpoint = Path(generators[arm]) if arm != "baseline" else None
+        if checkpoint is not None and not checkpoint.is_file():
+            sys.exit(f"error: {checkpoint}: no generator checkpoint for arm {arm!r} (see the commands above)")
+        device = init_device(a.device, a.threads)
+        manifest = arm_manifest(Path(a.original), arm, checkpoint, work, a.ratio, a.seed, device)
+        train_arm(arm, manifest, work / arm, a)
+    done = {arm: pd.read_csv(work / arm / "evaluation" / "predictions.csv") for arm in all_arms
+            if grid.is_done(work / arm)}
+    if "baseline" not in done:
+        print("the baseline arm is not done yet: nothing to report")
+        return None
+    summary, per_class = report(done, Path(a.out), a.n_boot)
+    cols = ["arm", "balanced_accuracy", "balanced_accuracy_ci_low", "balanced_accuracy_ci_high", "macro_auc",
+            "macro_auc_ci_low", "macro_auc_ci_high"]
+    print(summary[cols].round(3).to_string(index=False))
+    print(f"-> {a.out}")
+    return summary, per_class
+
+
+if __name__ == "__main__":
+    main()

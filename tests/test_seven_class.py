@@ -1,0 +1,139 @@
+"""Seven-class HAM10000: multi-class metrics, dx-conditioned generators and classifiers, and the experiment CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, precision_score, recall_score, roc_auc_score
+
+import data.cache
+from classifiers import seven_class
+from classifiers.models import create_model, load_classifier
+from data.checkpoint import CheckpointError, save_checkpoint
+from data.manifest import DX_CLASSES, MALIGNANT_DX, ManifestError, class_index, read_manifest, write_manifest
+from data.transforms import preprocess_meta
+from evaluation.metrics import bootstrap_indices, multiclass_bootstrap
+from generators import configs, sample
+from generators import train as gen_train
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.cache, "DEFAULT_CACHE_DIR", tmp_path / "cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_multiclass_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(7), [5, 9, 20, 3, 20, 80, 4])
+    logits = rng.normal(size=(len(y), 7)) + 1.5 * np.eye(7)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = multiclass_bootstrap(y, probs, n_boot=50)
+    pred = probs.argmax(1)
+    np.testing.assert_allclose(m["recall"], recall_score(y, pred, average=None))
+    np.testing.assert_allclose(m["precision"], precision_score(y, pred, average=None, zero_division=0))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["macro_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert m["boot_f1"].shape == (50, 7) and m["boot_macro_auc"].shape == (50,)
+    lo, hi = np.quantile(m["boot_macro_auc"], [0.025, 0.975])
+    assert lo < m["macro_auc"] < hi
+    # paired resamples: the same seed draws the same images for any model
+    assert np.array_equal(multiclass_bootstrap(y, probs[::-1][::-1], 50)["boot_recall"], m["boot_recall"])
+    with pytest.raises(ValueError, match="classes \\[3\\] have no images"):
+        multiclass_bootstrap(y[y != 3], probs[y != 3], 10)
+
+
+def test_binary_bootstrap_resamples_are_unchanged():
+    """The multi-class stratification draws malignant first, as the binary one always did: committed CIs hold."""
+    y = np.array([0, 1, 0, 0, 1, 0, 1, 0])
+    rng = np.random.default_rng(3)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    expected = np.concatenate([rng.choice(pos, (20, len(pos))), rng.choice(neg, (20, len(neg)))], axis=1)
+    assert np.array_equal(bootstrap_indices(y, 20, 3), expected)
+
+
+def test_class_index_and_dx_balancing(original):
+    ham = original[original["dataset"] == "ham10000"]
+    idx = class_index(ham, "dx")
+    assert sorted(idx.unique()) == list(range(7))
+    assert (ham["dx"].to_numpy() == np.array(DX_CLASSES)[idx.to_numpy()]).all()
+    with pytest.raises(ManifestError, match="'dx' value on every row"):
+        class_index(original, "dx")  # ISIC 2017 rows have no dx
+    fit_counts = ham.loc[ham["split"] == "fit", "dx"].value_counts()
+    need = configs.needed(ham, 0.5, "dx")
+    assert need["nv"] == 0
+    for dx, n in need.items():
+        assert n == max(0, int(np.ceil(0.5 * fit_counts.max())) - fit_counts[dx])
+
+
+def test_dx_generator_samples_dx_and_the_label_that_follows(original, tmp_path):
+    ham = original[(original["dataset"] == "ham10000")]
+    small = pd.concat([ham[ham["split"] != "fit"].groupby("dx").head(2),
+                       ham[ham["split"] == "fit"].groupby("dx").head(3)])
+    manifest = tmp_path / "m.csv"
+    write_manifest(small, manifest)
+    result = gen_train.main(["--model", "dcgan", "--preset", "smoke", "--target", "dx", "--manifest", str(manifest),
+                             "--out", str(tmp_path / "g"), "--limit", "21", "--threads", "1", "--no-progress"])
+    assert result["meta"]["class_names"] == list(DX_CLASSES) and result["meta"]["target"] == "dx"
+    out = tmp_path / "syn"
+    df = sample.main(["--checkpoint", str(tmp_path / "g" / "model.safetensors"), "--n", "2", "--classes", "mel", "df",
+                      "--out", str(out), "--threads", "1", "--no-progress"])
+    back = read_manifest(out / "samples.csv")
+    assert len(df) == 4 and set(back["dx"]) == {"mel", "df"}
+    assert (back["label"] == np.where(back["dx"].isin(MALIGNANT_DX), "malignant", "benign")).all()
+    with pytest.raises(SystemExit, match="not \\['malignant'\\]"):
+        sample.main(["--checkpoint", str(tmp_path / "g" / "model.safetensors"), "--n", "1", "--classes", "malignant",
+                     "--out", str(out), "--threads", "1", "--no-progress"])
+
+
+def test_binary_consumers_refuse_a_seven_class_checkpoint(tmp_path):
+    model = create_model("medvit", num_classes=7, img_size=32)
+    meta = {"kind": "classifier", "arch": "medvit", "arch_kwargs": {}, **preprocess_meta(32, "squash", "imagenet"),
+            "class_names": list(DX_CLASSES), "decision": "argmax"}
+    save_checkpoint(tmp_path / "dx7", model, meta)
+    with pytest.raises(CheckpointError, match="expected \\['benign', 'malignant'\\]"):
+        load_classifier(tmp_path / "dx7.safetensors")
+    loaded, back = load_classifier(tmp_path / "dx7.safetensors", classes=DX_CLASSES)
+    assert back["class_names"] == list(DX_CLASSES)
+
+
+@pytest.mark.real_data
+def test_seven_class_cli_on_real_images(original, tmp_path):
+    """Both arms train on a real subset, are scored on all of HAM10000 test, and the tables hold every class."""
+    ham = original[original["dataset"] == "ham10000"]
+    fit = ham[ham["split"] == "fit"]
+    fit = pd.concat([fit.groupby("dx").head(4), fit[fit["dx"] == "nv"][4:10]])
+    val = ham[ham["split"] == "val"].groupby("dx").head(2)
+    test = ham[ham["split"] == "test"].groupby("dx").head(4)
+    manifest = tmp_path / "original.csv"
+    write_manifest(pd.concat([fit, val, test]), manifest)
+    gen_train.main(["--model", "dcgan", "--preset", "smoke", "--target", "dx", "--manifest", str(manifest),
+                    "--out", str(tmp_path / "g"), "--threads", "1", "--no-progress"])
+    args = ["--original", str(manifest), "--generator", f"dcgan={tmp_path / 'g' / 'model.safetensors'}",
+            "--ratio", "1.0", "--arch", "medvit", "--img-size", "32", "--epochs", "1", "--epoch-size", "32",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results"), "--threads", "1",
+            "--no-progress", "--n-boot", "50"]
+    summary, per_class = seven_class.main(args)
+    assert list(summary["arm"]) == ["baseline", "dcgan", seven_class.MAJORITY_RULE]
+    assert (summary["n_test"] == 28).all() and len(per_class) == 3 * 7
+    majority = summary.set_index("arm").loc[seven_class.MAJORITY_RULE]
+    assert majority["balanced_accuracy"] == pytest.approx(1 / 7) and majority["macro_auc"] == pytest.approx(0.5)
+    assert summary.set_index("arm")["macro_auc_change"].notna().tolist() == [False, True, False]
+    arm = read_manifest(tmp_path / "work" / "manifests" / "dx7_dcgan.csv")
+    synthetic = arm[arm["source"] != "real"]
+    assert (synthetic["split"] == "fit").all() and (synthetic["dx"] != "nv").all()
+    assert arm.query("split == 'fit'")["dx"].value_counts().nunique() == 1  # ratio 1: every diagnosis as nv
+    for name in ("summary.csv", "per_class.csv", "confusion.png", "per_class_f1.png"):
+        assert (tmp_path / "results" / name).is_file()
+    sidecar = json.loads((tmp_path / "work" / "baseline" / "best.json").read_text())
+    assert sidecar["class_names"] == list(DX_CLASSES) and sidecar["decision"] == "argmax"
+    assert "malignant_threshold" not in sidecar
+    # a second call trains nothing (both arms are done) and reports the same numbers
+    again, _ = seven_class.main(args)
+    pd.testing.assert_frame_equal(again, summary)
