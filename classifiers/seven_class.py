@@ -49,7 +49,7 @@ DCGAN_DX_RUN = "dcgan_dx_cpu_s0/model.safetensors"  # where generators/train.py 
 
 
 def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, ratio: float, seed: int,
-                 device) -> Path:
+                 device, progress: bool = True) -> Path:
     """The baseline's manifest (HAM10000 rows of `original`), or it plus `checkpoint`'s samples in fit."""
     base = read_manifest(original)
     base = base[base["dataset"] == "ham10000"] if "dataset" in base else base
@@ -67,7 +67,8 @@ def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, 
                          f"count: no synthetic images to add")
     print(f"{arm}: sampling {counts}")
     info = sample.provenance(checkpoint, meta, "ddim", None, None)
-    synthetic = sample.sample_to_folder(model.to(device), meta, counts, work / "synthetic" / arm, seed=seed, info=info)
+    synthetic = sample.sample_to_folder(model.to(device), meta, counts, work / "synthetic" / arm, seed=seed,
+                                        progress=progress, info=info)
     df = configs.add_synthetic(base, synthetic, meta["kind"], ratio, seed, column="dx")
     write_manifest(df, path, {"experiment": "seven_class", "arm": arm, "base_manifest": original.name, **info,
                               "ratio": ratio, "added": counts})
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
         if checkpoint is not None and not checkpoint.is_file():
             sys.exit(f"error: {checkpoint}: no generator checkpoint for arm {arm!r} (see the commands above)")
         device = init_device(a.device, a.threads)
-        manifest = arm_manifest(Path(a.original), arm, checkpoint, work, a.ratio, a.seed, device)
+        manifest = arm_manifest(Path(a.original), arm, checkpoint, work, a.ratio, a.seed, device, not a.no_progress)
         train_arm(arm, manifest, work / arm, a)
     done = {arm: pd.read_csv(work / arm / "evaluation" / "predictions.csv") for arm in all_arms
             if grid.is_done(work / arm)}

@@ -63,8 +63,9 @@ def build_cache(paths: list[str], size: int, rule: str = "squash", cache_dir: st
         jobs = [(p, size, rule) for p in paths]
         with ProcessPoolExecutor(workers) as pool:
             results = pool.map(_decode, jobs, chunksize=64)
+            # disable=None: the bar shows on a terminal and stays out of redirected logs
             for i, (arr, err) in enumerate(tqdm(results, total=len(jobs), desc=f"caching {size}px",
-                                                disable=not progress, leave=False)):
+                                                disable=None if progress else True, leave=False)):
                 if err is None:
                     out[i] = arr
                 else:
