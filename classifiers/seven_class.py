@@ -16,8 +16,8 @@ same number of images (--epochs x --epoch-size); each selects its epoch on the m
 argmax, and is scored once on HAM10000 `test`: per-class recall, precision, F1 and one-vs-rest AUC with bootstrap 95%
 CIs, balanced accuracy and macro AUC, and each generator arm's paired bootstrap change against the baseline. The
 trivial majority-class rule (always nv) is listed beside them. Runs go to runs/seven_class/<arm>/ (resumable; a
-finished arm is not retrained), results to results/seven_class/: summary.csv, per_class.csv, confusion.png and
-per_class_f1.png.
+finished arm is not retrained), results to results/seven_class/: summary.csv, per_class.csv, tables.md (the same
+as markdown, for the README), confusion.png and per_class_f1.png.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from classifiers import grid, train  # noqa: E402
 from classifiers.evaluate import check_no_training_overlap  # noqa: E402
 from classifiers.models import load_classifier  # noqa: E402
 from classifiers.predict import predict_proba  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
+from data.atomic import atomic_write_text, write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.manifest import DX_CLASSES, read_manifest, write_manifest  # noqa: E402
 from data.runtime import init_device  # noqa: E402
@@ -147,9 +147,34 @@ def report(arms: dict[str, pd.DataFrame], out: Path, n_boot: int = 1000) -> tupl
     write_rows(out / "per_class.csv", per_class.to_dict("records"))
     plots.multiclass_confusion({name: (y, df[[f"p_{c}" for c in DX_CLASSES]].to_numpy().argmax(1))
                                 for name, df in arms.items()}, DX_CLASSES, out / "confusion.png")
+    atomic_write_text(out / "tables.md", tables_md(summary, per_class))
     plots.grouped_bars(per_class[per_class["arm"] != MAJORITY_RULE], "dx", "arm", "f1", out / "per_class_f1.png",
                        title="HAM10000 test: F1 per diagnosis (95% bootstrap CI)")
     return summary, per_class
+
+
+def _cell(df: pd.DataFrame, key: str, signed: bool = False) -> list[str]:
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    return [f"{fmt.format(v)} ({fmt.format(lo)} to {fmt.format(hi)})" if pd.notna(v) else ""
+            for v, lo, hi in zip(df[key], df[f"{key}_ci_low"], df[f"{key}_ci_high"])]
+
+
+def tables_md(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
+    """The two tables of the README section, as markdown (95% bootstrap CIs in brackets)."""
+    names = {"balanced_accuracy": "balanced accuracy", "macro_auc": "macro AUC"}
+    overall = pd.DataFrame({"arm": summary["arm"], **{name: _cell(summary, key) for key, name in names.items()}})
+    for key, name in names.items():
+        if f"{key}_change" in summary:
+            overall[f"{name} change vs baseline"] = _cell(summary, f"{key}_change", signed=True)
+    rows = per_class[per_class["arm"] != MAJORITY_RULE]
+    table = rows[rows["arm"] == "baseline"][["dx", "n_test"]].reset_index(drop=True)
+    for arm, part in rows.groupby("arm", sort=False):
+        part = part.reset_index(drop=True)
+        table[f"{arm} recall"] = [f"{v:.2f}" for v in part["recall"]]
+        table[f"{arm} F1"] = _cell(part, "f1")
+        if arm != "baseline":
+            table[f"{arm} F1 change"] = _cell(part, "f1_change", signed=True)
+    return f"{grid.markdown(overall)}\n\n{grid.markdown(table)}\n"
 
 
 def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | None:

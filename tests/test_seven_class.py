@@ -129,7 +129,7 @@ def test_seven_class_cli_on_real_images(original, tmp_path):
     synthetic = arm[arm["source"] != "real"]
     assert (synthetic["split"] == "fit").all() and (synthetic["dx"] != "nv").all()
     assert arm.query("split == 'fit'")["dx"].value_counts().nunique() == 1  # ratio 1: every diagnosis as nv
-    for name in ("summary.csv", "per_class.csv", "confusion.png", "per_class_f1.png"):
+    for name in ("summary.csv", "per_class.csv", "tables.md", "confusion.png", "per_class_f1.png"):
         assert (tmp_path / "results" / name).is_file()
     sidecar = json.loads((tmp_path / "work" / "baseline" / "best.json").read_text())
     assert sidecar["class_names"] == list(DX_CLASSES) and sidecar["decision"] == "argmax"
