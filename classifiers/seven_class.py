@@ -5,19 +5,21 @@ trained with per-class synthetic images for the minority diagnoses, from generat
     python generators/train.py --model dcgan --preset cpu --target dx --threads 1
     python classifiers/seven_class.py --arms baseline --threads 1 &
     python classifiers/seven_class.py --arms dcgan --threads 1 &
+    python classifiers/seven_class.py --arms baseline_seed1 --threads 1     # the noise floor, when a core is free
     python classifiers/seven_class.py --report-only            # once both are done: the tables and figures
     # a DDPM arm: train it with --target dx, then add --generator ddpm=runs/generators/ddpm_dx_cpu_s0/model.safetensors
     # one GPU: the same with --device cuda --img-size 224 --epochs 20; several GPUs: one --arms process per GPU
 
-Arms: `baseline` trains on HAM10000's real `fit` images. Each generator arm adds to `fit` (only) synthetic images of
-every diagnosis with fewer than --ratio times the largest class's (nv) real fit count, up to that count
-(generators/configs.py, with dx as the class column). Every arm has the same architecture and recipe and sees the
-same number of images (--epochs x --epoch-size); each selects its epoch on the macro one-vs-rest val AUC, decides by
-argmax, and is scored once on HAM10000 `test`: per-class recall, precision, F1 and one-vs-rest AUC with bootstrap 95%
-CIs, balanced accuracy and macro AUC, and each generator arm's paired bootstrap change against the baseline. The
-trivial majority-class rule (always nv) is listed beside them. Runs go to runs/seven_class/<arm>/ (resumable; a
-finished arm is not retrained), results to results/seven_class/: summary.csv, per_class.csv, tables.md (the same
-as markdown, for the README), confusion.png and per_class_f1.png.
+Arms: `baseline` trains on HAM10000's real `fit` images; `baseline_seed1` is the same with another seed (the noise
+floor: at small budgets the seed alone moves the metrics, see README, Generalisation). Each generator arm adds to
+`fit` (only) synthetic images of every diagnosis with fewer than --ratio times the largest class's (nv) real fit
+count, up to that count (generators/configs.py, with dx as the class column). Every arm has the same architecture
+and recipe and sees the same number of images (--epochs x --epoch-size); each selects its epoch on the macro
+one-vs-rest val AUC, decides by argmax, and is scored once on HAM10000 `test`: per-class recall, precision, F1 and
+one-vs-rest AUC with bootstrap 95% CIs, balanced accuracy and macro AUC, and every other arm's paired bootstrap
+change against the baseline. The trivial majority-class rule (always nv) is listed beside them. Runs go to
+runs/seven_class/<arm>/ (resumable; a finished arm is not retrained), results to results/seven_class/: summary.csv,
+per_class.csv, tables.md (the same as markdown, for the README), confusion.png and per_class_f1.png.
 """
 from __future__ import annotations
 
@@ -75,21 +77,21 @@ def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, 
     return path
 
 
-def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace) -> None:
+def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace, seed: int) -> None:
     """Train (or resume) one arm; a finished arm with unchanged weights is left alone."""
     train_args = ["--target", "dx", "--manifest", str(manifest), "--config", f"dx7_{arm}", "--out", str(run),
                   "--arch", a.arch, "--img-size", str(a.img_size), "--epochs", str(a.epochs), "--patience",
-                  str(a.epochs), "--epoch-size", str(a.epoch_size), "--seed", str(a.seed),
+                  str(a.epochs), "--epoch-size", str(a.epoch_size), "--seed", str(seed),
                   *(["--limit", str(a.limit)] if a.limit else [])]
     status = grid.run_status(run, train_args)
     print(f"== {arm}: {status}")
     if status == "done":
         return
-    grid.mark(run, train_args, a.arch, f"dx7_{arm}", a.seed)
+    grid.mark(run, train_args, a.arch, f"dx7_{arm}", seed)
     train.main([*train_args, "--resume", "--device", a.device,
                 *(["--threads", str(a.threads)] if a.threads else []), *(["--no-progress"] if a.no_progress else [])])
     predictions(run, manifest, a.device, a.threads)
-    grid.mark(run, train_args, a.arch, f"dx7_{arm}", a.seed, done=True)
+    grid.mark(run, train_args, a.arch, f"dx7_{arm}", seed, done=True)
 
 
 def predictions(run: Path, manifest: Path, device_name: str, threads: int | None) -> pd.DataFrame:
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     p.add_argument("--limit", type=int, default=None,
                    help="train on at most this many fit images and a quarter as many val images (quick runs, tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of training and of sampling")
+    p.add_argument("--noise-seeds", type=int, nargs="*", default=[1],
+                   help="also train the baseline with these seeds (arms baseline_seed<N>): how far an arm moves with "
+                        "nothing changed but the seed, the noise floor of every other arm's change")
     p.add_argument("--work", default=str(ROOT / "runs" / "seven_class"), help="runs, manifests and synthetic images")
     p.add_argument("--out", default=str(ROOT / "results" / "seven_class"), help="tables and figures")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the arms that are done")
@@ -203,18 +208,20 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     a = p.parse_args(argv)
     generators = dict(g.split("=", 1) for g in a.generator)
-    all_arms = ["baseline", *generators]
+    replicas = {f"baseline_seed{s}": s for s in a.noise_seeds}
+    all_arms = ["baseline", *replicas, *generators]
     unknown = sorted(set(a.arms or []) - set(all_arms))
     if unknown:
         p.error(f"unknown arms {unknown}; known: {all_arms}")
     work = Path(a.work)
     for arm in ([] if a.report_only else a.arms or all_arms):
-        checkpoint = Path(generators[arm]) if arm != "baseline" else None
+        checkpoint = Path(generators[arm]) if arm in generators else None
         if checkpoint is not None and not checkpoint.is_file():
             sys.exit(f"error: {checkpoint}: no generator checkpoint for arm {arm!r} (see the commands above)")
         device = init_device(a.device, a.threads)
-        manifest = arm_manifest(Path(a.original), arm, checkpoint, work, a.ratio, a.seed, device, not a.no_progress)
-        train_arm(arm, manifest, work / arm, a)
+        manifest = arm_manifest(Path(a.original), "baseline" if checkpoint is None else arm, checkpoint, work,
+                                a.ratio, a.seed, device, not a.no_progress)
+        train_arm(arm, manifest, work / arm, a, replicas.get(arm, a.seed))
     done = {arm: pd.read_csv(work / arm / "evaluation" / "predictions.csv") for arm in all_arms
             if grid.is_done(work / arm)}
     if "baseline" not in done:

@@ -120,11 +120,13 @@ def test_seven_class_cli_on_real_images(original, tmp_path):
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results"), "--threads", "1",
             "--no-progress", "--n-boot", "50"]
     summary, per_class = seven_class.main(args)
-    assert list(summary["arm"]) == ["baseline", "dcgan", seven_class.MAJORITY_RULE]
-    assert (summary["n_test"] == 28).all() and len(per_class) == 3 * 7
+    assert list(summary["arm"]) == ["baseline", "baseline_seed1", "dcgan", seven_class.MAJORITY_RULE]
+    assert (summary["n_test"] == 28).all() and len(per_class) == 4 * 7
     majority = summary.set_index("arm").loc[seven_class.MAJORITY_RULE]
     assert majority["balanced_accuracy"] == pytest.approx(1 / 7) and majority["macro_auc"] == pytest.approx(0.5)
-    assert summary.set_index("arm")["macro_auc_change"].notna().tolist() == [False, True, False]
+    assert summary.set_index("arm")["macro_auc_change"].notna().tolist() == [False, True, True, False]
+    records = [json.loads((tmp_path / "work" / a / "grid.json").read_text()) for a in ("baseline", "baseline_seed1")]
+    assert [r["seed"] for r in records] == [0, 1]
     arm = read_manifest(tmp_path / "work" / "manifests" / "dx7_dcgan.csv")
     synthetic = arm[arm["source"] != "real"]
     assert (synthetic["split"] == "fit").all() and (synthetic["dx"] != "nv").all()
