@@ -51,7 +51,7 @@ from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
 from data.splits import grouped_folds  # noqa: E402
 from data.training import EMA, load_state, save_state, warmup_cosine  # noqa: E402
 from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta  # noqa: E402
-from evaluation.metrics import THRESHOLD_RULES, auc, choose_threshold, decision_metrics  # noqa: E402
+from evaluation.metrics import THRESHOLD_RULES, auc, balanced_accuracy, choose_threshold, decision_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -420,8 +420,7 @@ def save_best(
         val_decisions = decision_metrics(y_val, probs[:, 1] >= threshold)
     else:
         decision = {"decision": "argmax"}
-        val_decisions = {"balanced_accuracy": float(np.mean([(probs.argmax(1)[y_val == c] == c).mean()
-                                                             for c in np.unique(y_val)]))}
+        val_decisions = {"balanced_accuracy": balanced_accuracy(y_val, probs.argmax(1))}
     meta = {
         "kind": "classifier",
         "arch": args.arch,

@@ -97,6 +97,12 @@ def decision_metrics(y_true, pred) -> dict[str, float]:
             "balanced_accuracy": (sens + spec) / 2, **c}
 
 
+def balanced_accuracy(y_true, pred) -> float:
+    """Mean recall over the classes present in y_true (any number of classes)."""
+    y, p = np.asarray(y_true).astype(int), np.asarray(pred).astype(int)
+    return float(np.mean([(p[y == c] == c).mean() for c in np.unique(y)]))
+
+
 def expected_calibration_error(y_true, prob, n_bins: int = 15) -> float:
     """ECE of P(malignant) with equal-width bins."""
     y, p = _arrays(y_true, prob)

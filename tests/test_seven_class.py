@@ -15,7 +15,7 @@ from classifiers.models import create_model, load_classifier
 from data.checkpoint import CheckpointError, save_checkpoint
 from data.manifest import DX_CLASSES, MALIGNANT_DX, ManifestError, class_index, read_manifest, write_manifest
 from data.transforms import preprocess_meta
-from evaluation.metrics import bootstrap_indices, multiclass_bootstrap
+from evaluation.metrics import balanced_accuracy, bootstrap_indices, multiclass_bootstrap
 from generators import configs, sample
 from generators import train as gen_train
 
@@ -39,6 +39,7 @@ def test_multiclass_metrics_match_sklearn():
     np.testing.assert_allclose(m["recall"], recall_score(y, pred, average=None))
     np.testing.assert_allclose(m["precision"], precision_score(y, pred, average=None, zero_division=0))
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert balanced_accuracy(y, pred) == pytest.approx(balanced_accuracy_score(y, pred))
     assert m["macro_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
     assert m["boot_f1"].shape == (50, 7) and m["boot_macro_auc"].shape == (50,)
     lo, hi = np.quantile(m["boot_macro_auc"], [0.025, 0.975])
