@@ -77,7 +77,7 @@ def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, 
     return path
 
 
-def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace, seed: int) -> None:
+def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace, seed: int, device) -> None:
     """Train (or resume) one arm; a finished arm with unchanged weights is left alone."""
     train_args = ["--target", "dx", "--manifest", str(manifest), "--config", f"dx7_{arm}", "--out", str(run),
                   "--arch", a.arch, "--img-size", str(a.img_size), "--epochs", str(a.epochs), "--patience",
@@ -90,16 +90,15 @@ def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace, seed: 
     grid.mark(run, train_args, a.arch, f"dx7_{arm}", seed)
     train.main([*train_args, "--resume", "--device", a.device,
                 *(["--threads", str(a.threads)] if a.threads else []), *(["--no-progress"] if a.no_progress else [])])
-    predictions(run, manifest, a.device, a.threads)
+    predictions(run, manifest, device)
     grid.mark(run, train_args, a.arch, f"dx7_{arm}", seed, done=True)
 
 
-def predictions(run: Path, manifest: Path, device_name: str, threads: int | None) -> pd.DataFrame:
+def predictions(run: Path, manifest: Path, device) -> pd.DataFrame:
     """Class probabilities of the arm's best checkpoint on HAM10000 test (written to <run>/evaluation/)."""
     model, meta = load_classifier(run / "best.safetensors", classes=DX_CLASSES)
     test = read_manifest(manifest).query("split == 'test'")
     check_no_training_overlap(meta, test, manifest.parent)
-    device = init_device(device_name, threads)
     data = CachedImages(test, meta["input_size"], meta["resize"], target="dx")
     probs = predict_proba(model.to(device), data.images, Preprocess.from_meta(meta), device)
     out = data.df[["path", "dx"]].assign(y=data.targets.numpy(), **{f"p_{c}": probs[:, i]
@@ -214,14 +213,16 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     if unknown:
         p.error(f"unknown arms {unknown}; known: {all_arms}")
     work = Path(a.work)
+    device = None if a.report_only else init_device(a.device, a.threads)
     for arm in ([] if a.report_only else a.arms or all_arms):
         checkpoint = Path(generators[arm]) if arm in generators else None
-        if checkpoint is not None and not checkpoint.is_file():
-            sys.exit(f"error: {checkpoint}: no generator checkpoint for arm {arm!r} (see the commands above)")
-        device = init_device(a.device, a.threads)
-        manifest = arm_manifest(Path(a.original), "baseline" if checkpoint is None else arm, checkpoint, work,
-                                a.ratio, a.seed, device, not a.no_progress)
-        train_arm(arm, manifest, work / arm, a, replicas.get(arm, a.seed))
+        data_arm = "baseline" if checkpoint is None else arm  # seed replicas share the baseline's manifest
+        manifest = work / "manifests" / f"dx7_{data_arm}.csv"
+        if not grid.is_done(work / arm):  # a finished arm needs neither its generator nor its samples again
+            if checkpoint is not None and not checkpoint.is_file():
+                sys.exit(f"error: {checkpoint}: no generator checkpoint for arm {arm!r} (see the commands above)")
+            arm_manifest(Path(a.original), data_arm, checkpoint, work, a.ratio, a.seed, device, not a.no_progress)
+        train_arm(arm, manifest, work / arm, a, replicas.get(arm, a.seed), device)
     done = {arm: pd.read_csv(work / arm / "evaluation" / "predictions.csv") for arm in all_arms
             if grid.is_done(work / arm)}
     if "baseline" not in done:
