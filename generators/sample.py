@@ -81,20 +81,33 @@ def class_columns(meta: dict[str, Any], name: str) -> dict[str, str]:
     return {"label": "malignant" if name in MALIGNANT_DX else "benign", "dx": name}
 
 
+def load_pngs(paths: list[Path]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(load_rgb(p))).permute(2, 0, 1) for p in paths])
+
+
 def sample_to_folder(model: torch.nn.Module, meta: dict[str, Any], counts: dict[str, int], out: Path,
                      upscaler: Upscaler | None = None, sampler: str = "ddim", steps: int | None = None,
                      batch_size: int = 64, seed: int = 0, autocast: bool = False, progress: bool = True,
-                     info: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Write counts[label] images per class as PNGs and <out>/samples.csv; return the manifest rows."""
+                     info: dict[str, Any] | None = None, upscale_from: Path | None = None) -> pd.DataFrame:
+    """Write counts[label] images per class as PNGs and <out>/samples.csv; return the manifest rows.
+
+    With an upscaler and `upscale_from` (the folder of the same generator's plain samples, same seed), images that
+    already exist there are upscaled from their PNGs instead of generated again: the same uint8 images, so the
+    result is identical, and a DDPM is not run twice for the `_aug` and `_up` configurations."""
     source = meta["kind"] + ("_up" if upscaler is not None else "")
     rows = []
     for label, n in counts.items():
         c = list(meta["class_names"]).index(label)
         for start in tqdm(range(0, n, batch_size), desc=f"{source} {label}", disable=not progress, leave=False):
-            paths = [out / label / f"{source}_{label}_{i:05d}.png" for i in range(start, min(n, start + batch_size))]
+            index = range(start, min(n, start + batch_size))
+            paths = [out / label / f"{source}_{label}_{i:05d}.png" for i in index]
             if not all(p.exists() for p in paths):
-                gen = torch.Generator().manual_seed(batch_seed(seed, c, start))
-                images = generate(model, meta, torch.full((len(paths),), c), gen, sampler, steps, autocast)
+                plain = [Path(upscale_from or "") / label / f"{meta['kind']}_{label}_{i:05d}.png" for i in index]
+                if upscaler is not None and upscale_from is not None and all(p.exists() for p in plain):
+                    images = load_pngs(plain)
+                else:
+                    gen = torch.Generator().manual_seed(batch_seed(seed, c, start))
+                    images = generate(model, meta, torch.full((len(paths),), c), gen, sampler, steps, autocast)
                 if upscaler is not None:
                     images = upscale(upscaler, images)
                 for image, path in zip(images, paths):
@@ -145,8 +158,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                           a.batch_size, a.seed, a.bf16, not a.no_progress, info)
     if a.grid:
         first = df.groupby("label", sort=False).head(8)
-        save_grid(torch.stack([torch.from_numpy(np.array(load_rgb(p))).permute(2, 0, 1) for p in first["path"]]),
-                  a.grid, nrow=8)
+        save_grid(load_pngs(list(first["path"])), a.grid, nrow=8)
     print(f"wrote {len(df)} images ({source}) and {out / 'samples.csv'}")
     return df
 

@@ -11,9 +11,10 @@
 For each generator whose checkpoint exists, as many images per class as balancing the real `fit` split needs
 (configs.needed) are sampled into <synthetic-dir>/<source>/, once as they are (source dcgan|ddpm) and once through
 the learned upscaler (dcgan_up|ddpm_up). Both use the same seed, so an `_up` image is the upscaled version of the
-`_aug` image with the same name: the two configurations differ only by the upscaler. Files already there are
-reused. Then generators/configs.py writes original, dcgan_aug, dcgan_up, ddpm_aug and ddpm_up to --out-dir
-(those whose samples exist); synthetic rows are in `fit` only.
+`_aug` image with the same name: the two configurations differ only by the upscaler. The `_up` images are made
+from the `_aug` PNGs (the generator runs once), and files already there are reused. Then generators/configs.py
+writes original, dcgan_aug, dcgan_up, ddpm_aug and ddpm_up to --out-dir (those whose samples exist); synthetic rows
+are in `fit` only.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def main() -> None:
             out = Path(a.synthetic_dir) / source
             info = sample.provenance(ckpt, meta, a.sampler, a.steps, a.upscaler if upscaler is not None else None)
             sample.sample_to_folder(model, meta, counts, out, upscaler, a.sampler, a.steps, a.batch_size, a.seed,
-                                    a.bf16, info=info)
+                                    a.bf16, info=info, upscale_from=Path(a.synthetic_dir) / kind)
             lists.append(out / "samples.csv")
     for name, path in configs.build_configs(a.original, lists, a.out_dir, a.ratio, a.seed).items():
         df = read_manifest(path)

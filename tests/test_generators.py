@@ -18,7 +18,7 @@ from data.transforms import preprocess_meta
 from generators import configs, ddpm, quality, sample, train
 from generators.dcgan import DCGANTrainer, build_generator
 from generators.ddpm import DDPMTrainer
-from generators.upscaler import Upscaler, UpscalerTrainer, bicubic, build_upscaler, psnr, ssim
+from generators.upscaler import Upscaler, UpscalerTrainer, bicubic, build_upscaler, load_upscaler, psnr, ssim
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_DDPM = {"channels": [8, 16], "attention": [False, True], "norm_groups": 4, "image_size": 32}
@@ -256,6 +256,24 @@ def test_sample_cli_writes_pngs_and_a_manifest(smoke_checkpoints, tmp_path):
                  str(tmp_path / "syn" / "dcgan"), "--threads", "1", "--no-progress"])
     assert first.stat().st_mtime_ns == stamp  # existing batches are skipped on a re-run
 
+
+
+def test_up_images_made_from_the_plain_pngs_equal_generated_ones(smoke_checkpoints, tmp_path, monkeypatch):
+    model, meta = sample.load_generator(smoke_checkpoints["ddpm"])
+    up = load_upscaler(smoke_checkpoints["upscaler"])[0]
+    counts = {"malignant": 3}
+    sample.sample_to_folder(model, meta, counts, tmp_path / "ddpm", steps=2, batch_size=2, progress=False)
+    direct = sample.sample_to_folder(model, meta, counts, tmp_path / "direct", up, steps=2, batch_size=2,
+                                     progress=False)
+    calls = []
+    real_generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    reused = sample.sample_to_folder(model, meta, counts, tmp_path / "reused", up, steps=2, batch_size=2,
+                                     progress=False, upscale_from=tmp_path / "ddpm")
+    assert not calls  # the DDPM did not run again
+    for a, b in zip(direct["path"], reused["path"]):
+        assert Path(a).name == Path(b).name
+        assert np.array_equal(np.array(Image.open(a)), np.array(Image.open(b)))
 
 def fake_synthetic(tmp_path: Path, source: str, n: int, size: int = 64) -> Path:
     rng = np.random.default_rng(1)
