@@ -8,6 +8,8 @@
     # DDPM: DDIM with 50 steps by default (about 0.3 images/s on one CPU thread), or the full 1000-step chain
     python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 100 --steps 25
     python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 8 --sampler ddpm
+    python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 100 \
+        --upscale checkpoints/generators/upscaler.safetensors --upscale-from runs/generators/synthetic/ddpm
     # one GPU: add --device cuda --batch-size 256; several GPUs: one generator or class per GPU, each its own --out
 
 Images go to <out>/<class>/<source>_<class>_<index>.png and are listed in <out>/samples.csv, a manifest (rows with
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--steps", type=int, default=None,
                    help="DDPM only: denoising steps (default 50 for DDIM, all 1000 training steps for DDPM)")
     p.add_argument("--upscale", default=None, help="upscaler checkpoint: save upscaled images (source *_up)")
+    p.add_argument("--upscale-from", default=None,
+                   help="with --upscale: folder of this generator's plain samples (same --seed); images found there "
+                        "are upscaled from their PNGs instead of generated again")
     p.add_argument("--out", default=None, help="folder (default runs/generators/synthetic/<source>)")
     p.add_argument("--batch-size", type=int, default=64, help="images per generator call")
     p.add_argument("--bf16", action="store_true", help="DDPM only: bf16 autocast (faster on recent CPUs and GPUs)")
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     source = meta["kind"] + ("_up" if upscaler is not None else "")
     out = Path(a.out or ROOT / "runs" / "generators" / "synthetic" / source)
     df = sample_to_folder(model.to(device), meta, {c: a.n for c in classes}, out, upscaler, a.sampler, a.steps,
-                          a.batch_size, a.seed, a.bf16, not a.no_progress, info)
+                          a.batch_size, a.seed, a.bf16, not a.no_progress, info,
+                          Path(a.upscale_from) if a.upscale_from else None)
     if a.grid:
         first = df.groupby("label", sort=False).head(8)
         save_grid(load_pngs(list(first["path"])), a.grid, nrow=8)
