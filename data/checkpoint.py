@@ -99,7 +99,10 @@ def load_checkpoint(
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights}: not a safetensors file ({exc})") from None
-    model = build(meta)
+    try:
+        model = build(meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: its sidecar cannot build a model ({type(exc).__name__}: {exc})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -43,14 +43,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ddpm_steps": 50,
         "classifier": {"archs": ALL_ARCHS, "configs": ALL_CONFIGS,
                        "budget": {"img_size": 128, "epochs": 3, "patience": 3, "batch_size": 32}},
-        "vae": {"img_size": 128, "latent_dim": 512, "epochs": 6, "batch_size": 32},
+        "vae": {"img_size": 128, "latent_dim": 128, "epochs": 6, "batch_size": 32},
         "report": {"gradcam_per_group": 6, "n_boot": 1000}},
     "full": {
         "subset": None,
         "ddpm_steps": 50,
         "classifier": {"archs": ALL_ARCHS, "configs": ALL_CONFIGS,
                        "budget": {"img_size": 224, "epochs": 30, "patience": 8, "batch_size": 64}},
-        "vae": {"img_size": 128, "latent_dim": 512, "epochs": 30, "batch_size": 128},
+        "vae": {"img_size": 128, "latent_dim": 128, "epochs": 30, "batch_size": 128},
         "report": {"gradcam_per_group": 8, "n_boot": 1000}},
 }
 

@@ -113,6 +113,12 @@ def test_missing_files_bad_sidecar_and_wrong_kind(tmp_path: Path, trained: Tiny)
     (tmp_path / "m.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="m.json: not valid JSON"):
         load_checkpoint(weights, build)
+    (tmp_path / "m.json").write_text(json.dumps({**META, "arch_kwargs": {"width": 8}}))
+    with pytest.raises(CheckpointError, match="m.safetensors: its sidecar cannot build a model .TypeError"):
+        load_checkpoint(weights, build)
+    (tmp_path / "m.json").write_text(json.dumps({k: v for k, v in META.items() if k != "arch_kwargs"}))
+    with pytest.raises(CheckpointError, match="m.safetensors: its sidecar cannot build a model .KeyError"):
+        load_checkpoint(weights, build)
     (tmp_path / "m.json").unlink()
     with pytest.raises(CheckpointError, match="m.safetensors: its sidecar m.json is missing"):
         load_checkpoint(weights, build)
