@@ -5,10 +5,10 @@
         --out runs/generators/synthetic/dcgan
     python generators/sample.py --checkpoint checkpoints/generators/dcgan.safetensors --n 500 --classes malignant \
         --upscale checkpoints/generators/upscaler.safetensors --out runs/generators/synthetic/dcgan_up
-    # DDPM: DDIM with 50 steps by default (about 0.3 images/s on one CPU thread), or the full 1000-step chain
-    python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 100 --steps 25
-    python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 8 --sampler ddpm
-    python generators/sample.py --checkpoint runs/generators/ddpm_cpu_s0/model.safetensors --n 100 \
+    # DDPM: DDIM with 50 steps by default (1.7 images/s on two CPU threads with --bf16), or the full 1000-step chain
+    python generators/sample.py --checkpoint checkpoints/generators/ddpm.safetensors --n 100 --steps 25
+    python generators/sample.py --checkpoint checkpoints/generators/ddpm.safetensors --n 8 --sampler ddpm
+    python generators/sample.py --checkpoint checkpoints/generators/ddpm.safetensors --n 100 \
         --upscale checkpoints/generators/upscaler.safetensors --upscale-from runs/generators/synthetic/ddpm
     # one GPU: add --device cuda --batch-size 256; several GPUs: one generator or class per GPU, each its own --out
 

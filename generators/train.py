@@ -1,10 +1,11 @@
 """Train a generator (class-conditional DCGAN or DDPM) or the upscaler on the real `fit` images of a manifest.
 
-    # CPU, all resumable. One thread measured: DCGAN about 75 images/s (16 epochs in 33 minutes), upscaler 6 epochs
-    # in 4 minutes, DDPM about 5.5 images/s (its 10 epochs: about 3 hours on one thread, 2 on two: estimated)
+    # CPU, all resumable. Measured: DCGAN about 75 images/s on one thread (16 epochs in 33 minutes), upscaler 6
+    # epochs in 4 minutes, DDPM 23.7 images/s on two threads alone (its 10 epochs in 45 minutes; 5 images/s when
+    # another job shares the two cores)
     python generators/train.py --model dcgan --preset cpu --ship checkpoints/generators/dcgan
     python generators/train.py --model upscaler --preset cpu --ship checkpoints/generators/upscaler
-    python generators/train.py --model ddpm --preset cpu --resume        # continue after a kill
+    python generators/train.py --model ddpm --preset cpu --threads 2 --resume --ship checkpoints/generators/ddpm
     python generators/train.py --model dcgan --preset cpu --target dx    # conditioned on the seven diagnoses
     # one GPU: the paper-scale preset
     python generators/train.py --model ddpm --preset full --device cuda

@@ -1,7 +1,7 @@
 """Step 3: sample the synthetic lesions the configurations need and write the five dataset manifests.
 
-    # CPU: DCGAN configurations in a few minutes; DDPM at DDIM-50 takes hours for ~3,900 images (fewer --steps help)
-    python scripts/03_build_configs.py
+    # CPU: DCGAN configurations in a few minutes; DDPM at DDIM-50: about 40 minutes for ~3,900 images on 2 threads
+    python scripts/03_build_configs.py --bf16 --threads 2
     python scripts/03_build_configs.py --generators dcgan --ratio 0.5 --out-dir runs/generators/manifests
     # one GPU (DDPM sampling becomes minutes)
     python scripts/03_build_configs.py --device cuda --batch-size 256 \
@@ -39,7 +39,7 @@ def main() -> None:
                    help="generators to sample (a missing checkpoint is skipped with a message)")
     p.add_argument("--dcgan", default=str(ROOT / "checkpoints" / "generators" / "dcgan.safetensors"),
                    help="DCGAN checkpoint")
-    p.add_argument("--ddpm", default=str(ROOT / "runs" / "generators" / "ddpm_cpu_s0" / "model.safetensors"),
+    p.add_argument("--ddpm", default=str(ROOT / "checkpoints" / "generators" / "ddpm.safetensors"),
                    help="DDPM checkpoint (EMA weights)")
     p.add_argument("--upscaler", default=str(ROOT / "checkpoints" / "generators" / "upscaler.safetensors"),
                    help="upscaler checkpoint for the *_up configurations")

@@ -159,3 +159,13 @@ def test_no_code_loads_unsafely():
     assert len(files) > 10
     hits = {str(p.relative_to(ROOT)): unsafe_loads(p.read_text()) for p in files}
     assert {k: v for k, v in hits.items() if v} == {}
+
+
+def test_shipped_weights_are_fp16_and_within_the_80_mb_budget():
+    shipped = sorted((ROOT / "checkpoints").rglob("*.safetensors"))
+    assert shipped, "no shipped weights found in checkpoints/"
+    assert sum(f.stat().st_size for f in shipped) < 80e6
+    for f in shipped:
+        with safe_open(str(f), "pt") as weights:
+            dtypes = {weights.get_slice(k).get_dtype() for k in weights.keys()}
+        assert dtypes <= {"F16", "I64"}, f"{f.name}: {dtypes}"  # I64: BatchNorm's num_batches_tracked
