@@ -104,8 +104,9 @@ def sample_to_folder(model: torch.nn.Module, meta: dict[str, Any], counts: dict[
             index = range(start, min(n, start + batch_size))
             paths = [out / label / f"{source}_{label}_{i:05d}.png" for i in index]
             if not all(p.exists() for p in paths):
-                plain = [Path(upscale_from or "") / label / f"{meta['kind']}_{label}_{i:05d}.png" for i in index]
-                if upscaler is not None and upscale_from is not None and all(p.exists() for p in plain):
+                plain = [upscale_from / label / f"{meta['kind']}_{label}_{i:05d}.png" for i in index] \
+                    if upscaler is not None and upscale_from is not None else []
+                if plain and all(p.exists() for p in plain):
                     images = load_pngs(plain)
                 else:
                     gen = torch.Generator().manual_seed(batch_seed(seed, c, start))

@@ -257,7 +257,6 @@ def test_sample_cli_writes_pngs_and_a_manifest(smoke_checkpoints, tmp_path):
     assert first.stat().st_mtime_ns == stamp  # existing batches are skipped on a re-run
 
 
-
 def test_up_images_made_from_the_plain_pngs_equal_generated_ones(smoke_checkpoints, tmp_path, monkeypatch):
     model, meta = sample.load_generator(smoke_checkpoints["ddpm"])
     up = load_upscaler(smoke_checkpoints["upscaler"])[0]
@@ -274,6 +273,7 @@ def test_up_images_made_from_the_plain_pngs_equal_generated_ones(smoke_checkpoin
     for a, b in zip(direct["path"], reused["path"]):
         assert Path(a).name == Path(b).name
         assert np.array_equal(np.array(Image.open(a)), np.array(Image.open(b)))
+
 
 def fake_synthetic(tmp_path: Path, source: str, n: int, size: int = 64) -> Path:
     rng = np.random.default_rng(1)
