@@ -83,6 +83,10 @@ def class_columns(meta: dict[str, Any], name: str) -> dict[str, str]:
     return {"label": "malignant" if name in MALIGNANT_DX else "benign", "dx": name}
 
 
+def png_name(source: str, label: str, index: int) -> str:
+    return f"{source}_{label}_{index:05d}.png"
+
+
 def load_pngs(paths: list[Path]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(load_rgb(p))).permute(2, 0, 1) for p in paths])
 
@@ -102,9 +106,9 @@ def sample_to_folder(model: torch.nn.Module, meta: dict[str, Any], counts: dict[
         c = list(meta["class_names"]).index(label)
         for start in tqdm(range(0, n, batch_size), desc=f"{source} {label}", disable=not progress, leave=False):
             index = range(start, min(n, start + batch_size))
-            paths = [out / label / f"{source}_{label}_{i:05d}.png" for i in index]
+            paths = [out / label / png_name(source, label, i) for i in index]
             if not all(p.exists() for p in paths):
-                plain = [upscale_from / label / f"{meta['kind']}_{label}_{i:05d}.png" for i in index] \
+                plain = [upscale_from / label / png_name(meta["kind"], label, i) for i in index] \
                     if upscaler is not None and upscale_from is not None else []
                 if plain and all(p.exists() for p in plain):
                     images = load_pngs(plain)
