@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from classifiers import grid, train  # noqa: E402
 from classifiers.evaluate import check_no_training_overlap  # noqa: E402
@@ -50,12 +51,16 @@ MAJORITY_RULE = "always_nv (majority class)"
 DCGAN_DX_RUN = "dcgan_dx_cpu_s0/model.safetensors"  # where generators/train.py --target dx --preset cpu writes
 
 
+def manifest_path(work: Path, arm: str) -> Path:
+    return work / "manifests" / f"dx7_{arm}.csv"
+
+
 def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, ratio: float, seed: int,
-                 device, progress: bool = True) -> Path:
+                 device: torch.device, progress: bool = True) -> Path:
     """The baseline's manifest (HAM10000 rows of `original`), or it plus `checkpoint`'s samples in fit."""
     base = read_manifest(original)
     base = base[base["dataset"] == "ham10000"] if "dataset" in base else base
-    path = work / "manifests" / f"dx7_{arm}.csv"
+    path = manifest_path(work, arm)
     if checkpoint is None:
         write_manifest(base, path, {"experiment": "seven_class", "arm": arm, "base_manifest": original.name})
         return path
@@ -77,7 +82,7 @@ def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, 
     return path
 
 
-def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace, seed: int, device) -> None:
+def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace, seed: int, device: torch.device) -> None:
     """Train (or resume) one arm; a finished arm with unchanged weights is left alone."""
     train_args = ["--target", "dx", "--manifest", str(manifest), "--config", f"dx7_{arm}", "--out", str(run),
                   "--arch", a.arch, "--img-size", str(a.img_size), "--epochs", str(a.epochs), "--patience",
@@ -94,7 +99,7 @@ def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace, seed: 
     grid.mark(run, train_args, a.arch, f"dx7_{arm}", seed, done=True)
 
 
-def predictions(run: Path, manifest: Path, device) -> pd.DataFrame:
+def predictions(run: Path, manifest: Path, device: torch.device) -> pd.DataFrame:
     """Class probabilities of the arm's best checkpoint on HAM10000 test (written to <run>/evaluation/)."""
     model, meta = load_classifier(run / "best.safetensors", classes=DX_CLASSES)
     test = read_manifest(manifest).query("split == 'test'")
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     for arm in ([] if a.report_only else a.arms or all_arms):
         checkpoint = Path(generators[arm]) if arm in generators else None
         data_arm = "baseline" if checkpoint is None else arm  # seed replicas share the baseline's manifest
-        manifest = work / "manifests" / f"dx7_{data_arm}.csv"
+        manifest = manifest_path(work, data_arm)
         if not grid.is_done(work / arm):  # a finished arm needs neither its generator nor its samples again
             if checkpoint is not None and not checkpoint.is_file():
                 sys.exit(f"error: {checkpoint}: no generator checkpoint for arm {arm!r} (see the commands above)")
