@@ -159,6 +159,18 @@ def report(arms: dict[str, pd.DataFrame], out: Path, n_boot: int = 1000) -> tupl
     return summary, per_class
 
 
+def fit_counts(manifests: dict[str, Path]) -> pd.DataFrame:
+    """Training images per diagnosis of each arm, real and synthetic (the `fit` split of its manifest)."""
+    rows = []
+    for arm, path in manifests.items():
+        fit = read_manifest(path).query("split == 'fit'")
+        synthetic = fit["source"] != "real"
+        for dx in DX_CLASSES:
+            rows.append({"arm": arm, "dx": dx, "real": int(((fit["dx"] == dx) & ~synthetic).sum()),
+                         "synthetic": int(((fit["dx"] == dx) & synthetic).sum())})
+    return pd.DataFrame(rows)
+
+
 def _cell(df: pd.DataFrame, key: str, signed: bool = False) -> list[str]:
     fmt = "{:+.3f}" if signed else "{:.3f}"
     return [f"{fmt.format(v)} ({fmt.format(lo)} to {fmt.format(hi)})" if pd.notna(v) else ""
@@ -221,7 +233,7 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     device = None if a.report_only else init_device(a.device, a.threads)
     for arm in ([] if a.report_only else a.arms or all_arms):
         checkpoint = Path(generators[arm]) if arm in generators else None
-        data_arm = "baseline" if checkpoint is None else arm  # seed replicas share the baseline's manifest
+        data_arm = arm if arm in generators else "baseline"  # seed replicas share the baseline's manifest
         manifest = manifest_path(work, data_arm)
         if not grid.is_done(work / arm):  # a finished arm needs neither its generator nor its samples again
             if checkpoint is not None and not checkpoint.is_file():
@@ -234,6 +246,8 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
         print("the baseline arm is not done yet: nothing to report")
         return None
     summary, per_class = report(done, Path(a.out), a.n_boot)
+    write_rows(Path(a.out) / "fit_counts.csv", fit_counts({arm: manifest_path(work, arm) for arm in done
+                                                           if arm not in replicas}).to_dict("records"))
     cols = ["arm", "balanced_accuracy", "balanced_accuracy_ci_low", "balanced_accuracy_ci_high", "macro_auc",
             "macro_auc_ci_low", "macro_auc_ci_high"]
     print(summary[cols].round(3).to_string(index=False))

@@ -1,12 +1,12 @@
 """Ship a trained classifier + VAE: fp16 safetensors in checkpoints/, calibrated, evaluated, with a model card.
 
-    python scripts/ship_models.py --classifier runs/classifiers/densenet121_original_s0/best.safetensors
-  -                                 --vae runs/vae/best.safetensors
+    python scripts/ship_models.py --classifier runs/classifiers/densenet121_original_s0/best.safetensors \
+                                    --vae runs/vae/best.safetensors
     # GPU: add --device cuda (evaluation only; the files written are the same).
 
 Steps, all on the fp16 files users will get (not on the fp32 run outputs):
 1. write checkpoints/densenet121.* and checkpoints/convvae.* as fp16 safetensors + sidecars (the sidecar records the
-   run it came from);
+   run it came from), and copy the classifier run's per-epoch training log (its metrics.csv) to results/classifier_training/;
 2. calibrate the VAE's anomaly threshold on `calib` (anomaly_detection/calibrate.py) -> results/vae_calibration/;
 3. evaluate the classifier on HAM10000 `test` and ISIC 2017 (classifiers/evaluate.py) -> results/classifier/;
 4. compare the rescue rules (anomaly_detection/evaluate_hybrid.py) -> results/hybrid/;
@@ -50,6 +50,17 @@ def ship(source: str, target: Path, loader) -> None:
         else str(source),
     }
     save_checkpoint(target, model, meta, dtype=torch.float16)
+
+
+def copy_training_log(classifier: str, results: Path) -> Path:
+    """The shipped classifier's per-epoch log (loss, val AUCs, lr, images/s), from the run folder it was trained in."""
+    log = Path(classifier).parent / "metrics.csv"
+    if not log.is_file():
+        raise FileNotFoundError(f"{log}: the classifier's run folder has no training log (metrics.csv)")
+    out = results / "classifier_training" / "densenet121_metrics.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, log.read_text())
+    return out
 
 
 def training_data(meta: dict, manifests: Path = ROOT / "data" / "manifests") -> str:
@@ -155,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     ship(a.vae, vae_path, load_vae)
     manifest = a.manifest or str(evaluate.training_manifest(load_classifier(a.classifier)[1]))
     results, data = Path(a.results_dir), ["--manifest", manifest]
+    log = copy_training_log(a.classifier, results)
     calibration = calibrate.main(
         ["--vae", str(vae_path), "--device", a.device, "--out", str(results / "vae_calibration"), *data]
     )
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         f for f in out.iterdir() if f.suffix in (".safetensors", ".json") and f.stem in ("densenet121", "convvae")
     )
     atomic_write_text(out / "SHA256SUMS", "".join(f"{file_sha256(f)}  {f.name}\n" for f in shipped))
-    print(f"wrote {cls_path}, {vae_path} and {out / 'MODEL_CARD.md'}")
+    print(f"wrote {cls_path}, {vae_path}, {out / 'MODEL_CARD.md'} and {log}")
 
 
 if __name__ == "__main__":

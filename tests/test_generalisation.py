@@ -189,6 +189,20 @@ def test_model_card_names_the_training_sources_from_the_manifest(original: pd.Da
     assert ship.training_data({"manifest": "original.csv"}) == "HAM10000 `fit` (6,408 images)"
 
 
+def test_shipping_copies_the_classifiers_training_log_and_refuses_a_run_without_one(tmp_path):
+    import importlib
+
+    ship = importlib.import_module("scripts.ship_models")
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match="no training log"):
+        ship.copy_training_log(str(run / "best.safetensors"), tmp_path / "results")
+    (run / "metrics.csv").write_text("epoch,train_loss,val_auc\n1,0.6,0.7\n")
+    out = ship.copy_training_log(str(run / "best.safetensors"), tmp_path / "results")
+    assert out == tmp_path / "results" / "classifier_training" / "densenet121_metrics.csv"
+    assert out.read_text() == (run / "metrics.csv").read_text()
+
+
 @pytest.mark.real_data
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_inference_applies_the_checkpoints_colour_constancy(tiny_checkpoints, real_images, tmp_path, backend):

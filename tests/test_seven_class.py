@@ -132,6 +132,10 @@ def test_seven_class_cli_on_real_images(original, tmp_path):
     synthetic = arm[arm["source"] != "real"]
     assert (synthetic["split"] == "fit").all() and (synthetic["dx"] != "nv").all()
     assert arm.query("split == 'fit'")["dx"].value_counts().nunique() == 1  # ratio 1: every diagnosis as nv
+    counts = pd.read_csv(tmp_path / "results" / "fit_counts.csv").set_index(["arm", "dx"])
+    assert counts.loc["baseline", "real"].sum() == len(fit) and counts.loc["baseline", "synthetic"].sum() == 0
+    assert "baseline_seed1" not in counts.index.get_level_values("arm")  # it trains on the baseline's manifest
+    assert counts.loc["dcgan", "synthetic"].sum() == len(synthetic) and counts.loc[("dcgan", "nv"), "synthetic"] == 0
     for name in ("summary.csv", "per_class.csv", "tables.md", "confusion.png", "per_class_f1.png"):
         assert (tmp_path / "results" / name).is_file()
     sidecar = json.loads((tmp_path / "work" / "baseline" / "best.json").read_text())
