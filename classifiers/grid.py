@@ -267,9 +267,23 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def auc_by_arch(table: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """'AUC (CI)' on one evaluation set, one row per architecture and one column per configuration."""
+    models = table[table["model"] != BASELINE]
+    cells = models.assign(cell=[f"{a:.3f} ({lo:.3f}-{hi:.3f})" for a, lo, hi in
+                                zip(models[f"{prefix}_auc"], models[f"{prefix}_auc_ci_low"],
+                                    models[f"{prefix}_auc_ci_high"])])
+    wide = cells.pivot(index="arch", columns="config", values="cell").fillna("")
+    wide = wide.reindex(index=list(dict.fromkeys(models["arch"])), columns=[c for c in CONFIGS if c in wide.columns])
+    return wide.reset_index().rename_axis(columns=None)
+
+
 def write_report(path: Path, command: str, table: pd.DataFrame, changes: pd.DataFrame) -> None:
-    text = [f"# Classifier grid\n\nCommand: `{command}`\n", markdown(summary(table)), "",
-            "## Change in AUC against `original` (paired bootstrap 95% CI, same images)\n"]
+    text = [f"# Classifier grid\n\nCommand: `{command}`\n", markdown(summary(table)), ""]
+    for prefix, s in EVAL_SETS.items():
+        text += [f"## AUC (95% CI) on {s['group']}, architecture x configuration\n",
+                 markdown(auc_by_arch(table, prefix)), ""]
+    text += ["## Change in AUC against `original` (paired bootstrap 95% CI, same images)\n"]
     cols = ["config", "arch", "eval_set", "n", "auc_original", "auc_augmented", "auc_change", "ci_low", "ci_high"]
     text.append(markdown(changes[cols]) if len(changes) else "No augmented configuration has an `original` twin.")
     atomic_write_text(path, "\n".join(text) + "\n")

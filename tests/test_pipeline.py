@@ -206,6 +206,12 @@ def check_outputs(work: Path) -> None:
             assert table[f"{prefix}_{metric}"].between(0, 1).all()
     assert (table.loc[table["model"] != grid.BASELINE, "threshold_split"] == "val").all()
 
+    report = (results / "models_evaluation" / "grid_report.md").read_text()
+    for prefix in grid.EVAL_SETS:
+        by_arch = grid.auc_by_arch(table, prefix)
+        assert list(by_arch["arch"]) == archs and list(by_arch.columns[1:]) == configs
+        assert grid.markdown(by_arch) in report
+
     changes = pd.read_csv(results / "models_evaluation" / "auc_change_vs_original.csv")
     assert len(changes) == len(grid.EVAL_SETS) * (len(archs) + 1)  # per architecture, and their mean
     assert ((changes["ci_low"] <= changes["auc_change"]) & (changes["auc_change"] <= changes["ci_high"])).all()
