@@ -23,6 +23,7 @@ from PIL import Image
 
 from anomaly_detection.vae import ConvVAE, VAEScorer
 from classifiers.models import load_classifier
+from data.atomic import tmp_path
 from data.cache import DEFAULT_CACHE_DIR
 from data.checkpoint import CheckpointError, load_checkpoint
 from data.images import ImageError, load_rgb
@@ -103,7 +104,7 @@ class _Probabilities(torch.nn.Module):
 def export_onnx(module: torch.nn.Module, size: int, path: Path, outputs: list[str]) -> Path:
     """Export with a dynamic batch axis, atomically (TorchScript-based exporter: no extra dependency)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -28,7 +28,7 @@ from classifiers.evaluate import evaluation_groups  # noqa: E402
 from data.atomic import atomic_write_csv, atomic_write_text  # noqa: E402
 from data.manifest import file_sha256  # noqa: E402
 from evaluation import plots  # noqa: E402
-from evaluation.metrics import auc, bootstrap_aucs  # noqa: E402
+from evaluation.metrics import auc, bootstrap_aucs, ci  # noqa: E402
 from generators.configs import CONFIGS  # noqa: E402
 
 BASELINE = "all_malignant_baseline"
@@ -95,7 +95,7 @@ def collect(runs_dir: Path, out: Path) -> pd.DataFrame:
     parts = []
     for run in sorted(Path(runs_dir).iterdir()) if Path(runs_dir).is_dir() else []:
         record = _record(run)
-        if record and record.get("best_sha256"):
+        if record and is_done(run):
             parts.append(pd.read_csv(run / "evaluation" / "metrics.csv").assign(
                 run=run.name, arch=record["arch"], seed=record["seed"]))
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
@@ -118,6 +118,11 @@ def grid_table(evaluation: pd.DataFrame) -> pd.DataFrame:
                                         "threshold": r.threshold, "threshold_split": r.threshold_split})
             row.update({f"{prefix}_{m}": getattr(r, m) for m in REPORTED})
     table = pd.DataFrame(list(rows.values()))
+    models = table[table["model"] != BASELINE]
+    twins = models[models.duplicated(["arch", "config"], keep=False)]
+    if len(twins):
+        raise GridError(f"several models for one architecture and configuration ({', '.join(twins['model'])}); "
+                        f"the report compares one model per cell: give each training seed its own --runs-dir")
     order = {c: i for i, c in enumerate([*CONFIGS, *dict.fromkeys(evaluation["arch"])])}
     models = table[table["model"] != BASELINE].sort_values(["config", "arch"], key=lambda col: col.map(order))
     return pd.concat([models, table[table["model"] == BASELINE]], ignore_index=True)
@@ -162,15 +167,31 @@ def _change(y: np.ndarray, augmented: list[np.ndarray], original: list[np.ndarra
             boot_aug: list[np.ndarray], boot_orig: list[np.ndarray]) -> dict[str, float]:
     """Mean over architectures of AUC(augmented) - AUC(original), with the 95% CI of the same mean over resamples."""
     a, o = np.mean([auc(y, s) for s in augmented]), np.mean([auc(y, s) for s in original])
-    lo, hi = np.quantile(np.mean(boot_aug, axis=0) - np.mean(boot_orig, axis=0), [0.025, 0.975])
+    lo, hi = ci(np.mean(boot_aug, axis=0) - np.mean(boot_orig, axis=0))
     return {"auc_original": o, "auc_augmented": a, "auc_change": a - o, "ci_low": float(lo), "ci_high": float(hi)}
 
 
+def budget(runs_dir: Path, model: str) -> list[str]:
+    """A grid model's training arguments less the ones naming its data and folder: what must match to compare."""
+    args, named = _record(Path(runs_dir) / model)["train_args"], {"--config", "--manifest", "--out"}
+    return [arg for i, arg in enumerate(args) if arg not in named and (i == 0 or args[i - 1] not in named)]
+
+
 def auc_changes(table: pd.DataFrame, runs_dir: Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """For each augmentation, evaluation set and architecture trained on both it and `original`: AUC(augmented) -
-    AUC(original) on the same images with a paired bootstrap 95% CI; then the mean over those architectures, its CI
-    from the same resamples. Every model's bootstrap AUCs are computed once."""
+    """For each augmentation, evaluation set and architecture trained on both it and `original` with the same
+    budget: AUC(augmented) - AUC(original) on the same images with a paired bootstrap 95% CI; then the mean over the
+    architectures trained on every configuration of the grid (the same ones in every row), its CI from the same
+    resamples. Every model's bootstrap AUCs are computed once."""
     models = table[table["model"] != BASELINE].set_index(["arch", "config"])["model"]
+    configs = set(models.index.get_level_values(1))
+    complete = [a for a in dict.fromkeys(models.index.get_level_values(0))
+                if all((a, c) in models.index for c in configs)]
+    for arch, config in models.index:
+        if config != "original" and (arch, "original") in models.index:
+            aug, orig = (budget(runs_dir, models[(arch, c)]) for c in (config, "original"))
+            if aug != orig:
+                raise GridError(f"{models[(arch, config)]} and {models[(arch, 'original')]} were trained with "
+                                f"different budgets ({' '.join(aug)} vs {' '.join(orig)}): not comparable")
     rows = []
     for prefix, s in EVAL_SETS.items():
         wide = None
@@ -188,16 +209,16 @@ def auc_changes(table: pd.DataFrame, runs_dir: Path, n_boot: int = 1000, seed: i
                 boots[model] = bootstrap_aucs(y, wide[model].to_numpy(), n_boot, seed)
             return wide[model].to_numpy(), boots[model]
 
-        for config in [c for c in CONFIGS if c != "original"]:
+        for config in [c for c in CONFIGS if c != "original" and c in configs]:
             archs = [a for a in dict.fromkeys(models.index.get_level_values(0))
                      if (a, config) in models.index and (a, "original") in models.index]
             pairs = {a: (*scores(models[(a, config)]), *scores(models[(a, "original")])) for a in archs}
             common = {"config": config, "eval_set": s["group"], "n": len(y), "n_malignant": int(y.sum())}
             for arch, (aug, boot_aug, orig, boot_orig) in pairs.items():
                 rows.append({"arch": arch, **common, **_change(y, [aug], [orig], [boot_aug], [boot_orig])})
-            if len(archs) > 1:
-                aug, boot_aug, orig, boot_orig = (list(column) for column in zip(*pairs.values()))
-                rows.append({"arch": f"mean of {len(archs)}", **common,
+            if len(complete) > 1 and "original" in configs:
+                aug, boot_aug, orig, boot_orig = (list(column) for column in zip(*(pairs[a] for a in complete)))
+                rows.append({"arch": f"mean of {len(complete)}", **common,
                              **_change(y, aug, orig, boot_aug, boot_orig)})
     return pd.DataFrame(rows)
 

@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     a = p.parse_args(argv)
+    if any("=" not in g for g in a.generator):
+        p.error(f"--generator expects ARM=CHECKPOINT, got {a.generator}")
     generators = dict(g.split("=", 1) for g in a.generator)
     replicas = {f"baseline_seed{s}": s for s in a.noise_seeds}
     all_arms = ["baseline", *replicas, *generators]

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from data.atomic import tmp_path
 from data.images import ImageError, load_uint8
 from data.manifest import class_index
 
@@ -56,7 +57,7 @@ def build_cache(paths: list[str], size: int, rule: str = "squash", cache_dir: st
     array_path, info_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
     shape = (len(paths), size, size, 3)
     if not (array_path.exists() and info_path.exists()):
-        tmp = cache_dir / f"{key}.u8.tmp"
+        tmp = tmp_path(array_path)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         errors: dict[int, str] = {}
         workers = workers or len(os.sched_getaffinity(0))
@@ -73,7 +74,7 @@ def build_cache(paths: list[str], size: int, rule: str = "squash", cache_dir: st
         out.flush()
         del out
         os.replace(tmp, array_path)
-        tmp_info = cache_dir / f"{key}.json.tmp"
+        tmp_info = tmp_path(info_path)
         tmp_info.write_text(json.dumps({"size": size, "rule": rule, "n": len(paths), "errors": errors}, indent=1))
         os.replace(tmp_info, info_path)
     info = json.loads(info_path.read_text())

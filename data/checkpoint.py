@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from data.atomic import atomic_write_text
+from data.atomic import atomic_write_text, tmp_path
 
 FORMAT_VERSION = 1
 
@@ -58,7 +58,7 @@ def save_checkpoint(
         .cpu()
         for k, v in model.state_dict().items()
     }
-    tmp = weights.with_name(weights.name + ".tmp")
+    tmp = tmp_path(weights)
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, weights)
     full_meta = {

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from data.atomic import tmp_path
 from data.images import list_images
 
 LABELS = ("benign", "malignant")
@@ -83,7 +84,7 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike, info: dict | None 
     df["path"] = [os.path.relpath(p, path.parent) if os.path.isabs(p) else p for p in df["path"]]
     columns = list(REQUIRED) + [c for c in OPTIONAL if c in df.columns]
     columns += [c for c in df.columns if c not in columns]
-    tmp = path.with_suffix(".csv.tmp")
+    tmp = tmp_path(path)
     df[columns].to_csv(tmp, index=False)
     os.replace(tmp, path)
     digest = file_sha256(path)
@@ -91,7 +92,7 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike, info: dict | None 
     summary = {"manifest": path.name, "sha256": digest, "rows": len(df),
                "counts": {s: {k: int(v) for k, v in row.items()} for s, row in counts.iterrows()},
                "sources": {k: int(v) for k, v in df["source"].value_counts().items()}, **(info or {})}
-    tmp_json = path.with_suffix(".json.tmp")
+    tmp_json = tmp_path(path.with_suffix(".json"))
     tmp_json.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp_json, path.with_suffix(".json"))
     return digest

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.atomic import tmp_path
+
 
 class EMA:
     """Exponential moving average of parameters; buffers (BatchNorm statistics) are copied from the live model."""
@@ -58,7 +60,7 @@ def warmup_cosine(
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     torch.save(state, tmp)
     os.replace(tmp, path)
 

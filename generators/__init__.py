@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.atomic import tmp_path
+
 
 def to_signed(x: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float in [-1, 1]."""
@@ -33,7 +35,7 @@ def save_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = image.permute(1, 2, 0).cpu().numpy() if isinstance(image, torch.Tensor) else image
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     Image.fromarray(np.ascontiguousarray(arr), "RGB").save(tmp, format="PNG")
     os.replace(tmp, path)
     return path

@@ -32,6 +32,13 @@ from scripts.presets import PRESETS, flags  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def as_recorded(args: list[str]) -> list[str]:
+    """Training arguments as grid.json records them: absolute paths inside the repository made relative to it, so
+    that `--runs-dir runs/grid`, its absolute spelling and a run from another folder all name the same runs."""
+    return [str(Path(v).relative_to(ROOT)) if Path(v).is_absolute() and Path(v).is_relative_to(ROOT) else v
+            for v in args]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=list(PRESETS),
@@ -42,8 +49,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "classifiers"), help="one run folder per model here")
     p.add_argument("--results", default=str(ROOT / "results" / "models_evaluation" / "grid_evaluation.csv"),
                    help="evaluation table of every finished model (rebuilt after each model)")
-    p.add_argument("--eval-sets", nargs="+", default=[s["group"] for s in grid.EVAL_SETS.values()],
-                   help="evaluation groups each model is scored on (step 8 reports these two)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every model")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
@@ -54,28 +59,28 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(a.device)
     if device.type == "cpu":
         setup_cpu(a.threads)
-    runs, results = Path(a.runs_dir), Path(a.results)
+    runs, results = Path(a.runs_dir).resolve(), Path(a.results)
     runtime = ["--device", a.device] + (["--threads", str(a.threads)] if a.threads else []) + \
               (["--no-progress"] if a.no_progress else [])
     try:
         for config in configs:
-            manifest = Path(a.manifest_dir) / f"{config}.csv"
-            eval_df = grid.select_eval_sets(read_manifest(manifest), a.eval_sets)
+            manifest = Path(a.manifest_dir).resolve() / f"{config}.csv"
+            eval_df = grid.select_eval_sets(read_manifest(manifest), [s["group"] for s in grid.EVAL_SETS.values()])
             for arch in archs:
                 name = grid.run_name(arch, config, a.seed)
                 run = runs / name
                 args = ["--arch", arch, "--config", config, "--manifest", str(manifest), "--out", str(run),
                         "--seed", str(a.seed), *flags(cls["budget"])]
-                status = grid.run_status(run, args)
+                status = grid.run_status(run, as_recorded(args))
                 print(f"== {name}: {status}", flush=True)
                 if status == "done":
                     continue
                 run.mkdir(parents=True, exist_ok=True)
-                grid.mark(run, args, arch, config, a.seed)
+                grid.mark(run, as_recorded(args), arch, config, a.seed)
                 train.main([*args, *runtime, "--resume"])
                 metrics = evaluate([str(run / "best.safetensors")], eval_df, run / "evaluation", device,
                                    model_name=name, plot=False)
-                grid.mark(run, args, arch, config, a.seed, done=True)
+                grid.mark(run, as_recorded(args), arch, config, a.seed, done=True)
                 table = grid.collect(runs, results)
                 shown = metrics[metrics["model"] == name]
                 print(shown[["dataset", "split", "n", "auc", "auc_ci_low", "auc_ci_high", "sensitivity",

@@ -5,14 +5,16 @@
     python scripts/08_report.py --results-dir /tmp/smoke/results --runs-dir /tmp/smoke/runs/classifiers
     # one GPU: add --device cuda (only Grad-CAM uses it). Several GPUs: not worth it.
 
-Reads <results-dir>/models_evaluation/grid_evaluation.csv (written by step 4) and each model's
-<runs-dir>/<model>/evaluation/predictions.csv and best.safetensors. Writes to <results-dir>:
+Reads every finished model in <runs-dir> (rebuilding <results-dir>/models_evaluation/grid_evaluation.csv from
+their evaluation/metrics.csv, as step 4 does after each model), their predictions.csv and best.safetensors. A model
+is compared with its `original` twin only when both were trained with the same budget. Writes to <results-dir>:
 - models_evaluation/grid_metrics.csv: one row per model (and the all-malignant baseline): AUC with its bootstrap
   95% CI, sensitivity and specificity at the threshold chosen on `val`, on HAM10000 `test` and ISIC 2017 `val`;
 - models_evaluation/grid_auc_heatmap.png: AUC, architecture x configuration;
 - models_evaluation/auc_change_vs_original.csv and .png: for each augmentation, AUC(augmented) - AUC(original) on
   the same images with a paired bootstrap 95% CI, per architecture and averaged over architectures;
-- models_evaluation/grid_report.md: the command and both tables;
+- models_evaluation/grid_report.md: the command, the per-model table, AUC as architecture x configuration per
+  evaluation set, and the changes;
 - confusion_matrices/<model>.png and gradcam_outputs/<model>_ham10000_test.png.
 Nothing is chosen here: thresholds come from each checkpoint's sidecar (chosen on `val` during training).
 """
@@ -36,8 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results-dir", default=str(ROOT / "results"), help="reads models_evaluation/grid_evaluation.csv "
-                   "here and writes every output under it")
+    p.add_argument("--results-dir", default=str(ROOT / "results"), help="writes every output under it")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "classifiers"), help="the grid's run folders (step 4)")
     p.add_argument("--gradcam-per-group", type=int, default=6,
                    help="Grad-CAM images per outcome (TP, FN, FP) in each gallery; 0 skips the galleries")
@@ -47,19 +48,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     a = p.parse_args(argv)
     results, runs = Path(a.results_dir), Path(a.runs_dir)
-    source = results / "models_evaluation" / "grid_evaluation.csv"
-    if not source.is_file():
-        sys.exit(f"error: {source} not found: run step 4 (scripts/04_train_classifiers.py) first")
-    try:
-        evaluation = pd.read_csv(source)
-    except pd.errors.EmptyDataError:
-        sys.exit(f"error: {source} holds no finished model yet: run step 4 first")
+    if not runs.is_dir():
+        sys.exit(f"error: {runs} not found: run step 4 (scripts/04_train_classifiers.py) first")
     device = pick_device(a.device)
     if device.type == "cpu":
         setup_cpu(a.threads)
     out = results / "models_evaluation"
     try:
-        table = grid.grid_table(evaluation)
+        table = grid.grid_table(grid.collect(runs, out / "grid_evaluation.csv"))
         atomic_write_csv(out / "grid_metrics.csv", table)
         grid.auc_heatmap(table, out / "grid_auc_heatmap.png")
         changes = grid.auc_changes(table, runs, a.n_boot, a.seed)

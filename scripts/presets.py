@@ -22,9 +22,12 @@ from typing import Any
 
 import pandas as pd
 
+from classifiers import grid
+from generators.configs import CONFIGS
+
 ROOT = Path(__file__).resolve().parent.parent
-ALL_ARCHS = ["densenet121", "resnet50", "vit", "swin", "medvit", "biovit"]
-ALL_CONFIGS = ["original", "dcgan_aug", "dcgan_up", "ddpm_aug", "ddpm_up"]
+ALL_ARCHS = ["densenet121", "resnet50", "vit", "swin", "medvit", "biovit"]  # training order; the registry's six
+ALL_CONFIGS = list(CONFIGS)
 # (dataset, split, official_split) -> images kept by the smoke preset; rows of other groups are dropped.
 SMOKE_SUBSET = {("ham10000", "fit", "train"): 64, ("ham10000", "val", "train"): 32,
                 ("ham10000", "calib", "train"): 32, ("ham10000", "test", "test"): 48,
@@ -105,7 +108,7 @@ class Layout:
         return self.manifests / "original.csv"
 
     def classifier(self, arch: str, config: str, seed: int) -> Path:
-        return self.runs / "classifiers" / f"{arch}_{config}_s{seed}" / "best.safetensors"
+        return self.runs / "classifiers" / grid.run_name(arch, config, seed) / "best.safetensors"
 
     @property
     def vae(self) -> Path:

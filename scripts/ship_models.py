@@ -17,6 +17,7 @@ Steps, all on the fp16 files users will get (not on the fp32 run outputs):
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -148,7 +149,8 @@ diagnosis, triage or any clinical decision.
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classifier", required=True, help="trained classifier checkpoint (a run's best.safetensors)")
+    p.add_argument("--classifier", required=True,
+                   help="trained DenseNet-121 checkpoint (a run's best.safetensors; the hybrid's classifier)")
     p.add_argument("--vae", required=True, help="trained VAE checkpoint (a run's best.safetensors)")
     p.add_argument("--out", default=str(ROOT / "checkpoints"), help="folder for the shipped files")
     p.add_argument(
@@ -160,13 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results-dir", default=str(ROOT / "results"), help="where the evaluation outputs go")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (evaluation)")
     a = p.parse_args(argv)
-    out = Path(a.out)
+    source_meta = load_classifier(a.classifier)[1]
+    if source_meta["arch"] != "densenet121":
+        p.error(f"{a.classifier} is a {source_meta['arch']}; the shipped hybrid's classifier is a DenseNet-121")
+    out, results = Path(a.out), Path(a.results_dir)
+    try:
+        log = copy_training_log(a.classifier, results)
+    except FileNotFoundError as exc:
+        p.error(f"{exc}; ship a run's best.safetensors")
     cls_path, vae_path = out / "densenet121.safetensors", out / "convvae.safetensors"
     ship(a.classifier, cls_path, load_classifier)
     ship(a.vae, vae_path, load_vae)
-    manifest = a.manifest or str(evaluate.training_manifest(load_classifier(a.classifier)[1]))
-    results, data = Path(a.results_dir), ["--manifest", manifest]
-    log = copy_training_log(a.classifier, results)
+    data = ["--manifest", a.manifest or str(evaluate.training_manifest(source_meta))]
     calibration = calibrate.main(
         ["--vae", str(vae_path), "--device", a.device, "--out", str(results / "vae_calibration"), *data]
     )
@@ -184,11 +191,10 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     hybrid = evaluate_hybrid.main(
-        ["--classifier", str(cls_path), "--vae", str(vae_path), "--out", str(results / "hybrid"), *data]
+        ["--classifier", str(cls_path), "--vae", str(vae_path), "--device", a.device, "--out",
+         str(results / "hybrid"), *data]
     )
-    command = "python scripts/ship_models.py " + " ".join(
-        f"--{k} {v}" for k, v in (("classifier", a.classifier), ("vae", a.vae))
-    )
+    command = "python scripts/ship_models.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     card = model_card(load_classifier(cls_path)[1], load_vae(vae_path)[1], cls_metrics, hybrid, calibration, command)
     atomic_write_text(out / "MODEL_CARD.md", card)
     shipped = sorted(

@@ -189,6 +189,23 @@ def test_model_card_names_the_training_sources_from_the_manifest(original: pd.Da
     assert ship.training_data({"manifest": "original.csv"}) == "HAM10000 `fit` (6,408 images)"
 
 
+def test_shipping_refuses_a_classifier_other_than_densenet121_before_writing_anything(tmp_path, capsys):
+    import importlib
+
+    from classifiers.models import create_model
+    from data.checkpoint import save_checkpoint
+
+    ship = importlib.import_module("scripts.ship_models")
+    meta = {"kind": "classifier", "arch": "medvit", "arch_kwargs": {}, "class_names": ["benign", "malignant"],
+            **preprocess_meta(32), "malignant_threshold": 0.5, "threshold_split": "val"}
+    save_checkpoint(tmp_path / "run" / "best", create_model("medvit", img_size=32), meta)
+    with pytest.raises(SystemExit):
+        ship.main(["--classifier", str(tmp_path / "run" / "best.safetensors"), "--vae", "unused",
+                   "--out", str(tmp_path / "shipped"), "--results-dir", str(tmp_path / "results")])
+    assert "is a medvit; the shipped hybrid's classifier is a DenseNet-121" in capsys.readouterr().err
+    assert not (tmp_path / "shipped").exists() and not (tmp_path / "results").exists()
+
+
 def test_shipping_copies_the_classifiers_training_log_and_refuses_a_run_without_one(tmp_path):
     import importlib
 

@@ -110,6 +110,45 @@ def test_grid_run_status(tmp_path):
     assert grid.run_status(run, args) == "resume"
 
 
+def _evaluation(models: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """A grid evaluation table: (run, arch, config) models scored on every EVAL_SET."""
+    rows = []
+    for s in grid.EVAL_SETS.values():
+        dataset, split = s["group"].split("/")
+        for run, arch, config in models:
+            rows.append({"dataset": dataset, "split": split, "model": run, "run": run, "arch": arch, "config": config,
+                         "threshold": 0.5, "threshold_split": "val", "auc": 0.8, "auc_ci_low": 0.7,
+                         "auc_ci_high": 0.9, "sensitivity": 0.9, "specificity": 0.5, "n": 10, "n_malignant": 5})
+    return pd.DataFrame(rows)
+
+
+def test_grid_report_refuses_two_models_in_one_cell_and_unequal_budgets(tmp_path):
+    seeds = _evaluation([("densenet121_original_s0", "densenet121", "original"),
+                         ("densenet121_original_s1", "densenet121", "original")])
+    with pytest.raises(grid.GridError, match="several models for one architecture and configuration"):
+        grid.grid_table(seeds)
+    pair = grid.grid_table(_evaluation([("densenet121_original_s0", "densenet121", "original"),
+                                        ("densenet121_dcgan_aug_s0", "densenet121", "dcgan_aug")]))
+    for config, epochs in (("original", "3"), ("dcgan_aug", "5")):
+        run = tmp_path / f"densenet121_{config}_s0"
+        grid.mark(run, ["--arch", "densenet121", "--config", config, "--manifest", f"m/{config}.csv", "--out",
+                        str(run), "--epochs", epochs], "densenet121", config, 0)
+    with pytest.raises(grid.GridError, match="different budgets .*--epochs 5 vs .*--epochs 3"):
+        grid.auc_changes(pair, tmp_path)
+
+
+def test_grid_records_paths_inside_the_repository_relative_to_it(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_grid", ROOT / "scripts" / "04_train_classifiers.py")
+    step4 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step4)
+    inside = str(ROOT / "runs" / "grid" / "densenet121_original_s0")
+    assert step4.as_recorded(["--out", inside, "--epochs", "3"]) == ["--out", "runs/grid/densenet121_original_s0",
+                                                                     "--epochs", "3"]
+    assert step4.as_recorded(["--out", str(tmp_path)]) == ["--out", str(tmp_path)]  # outside: kept absolute
+
+
 def test_report_on_an_empty_grid_is_a_clear_error(tmp_path):
     import importlib.util
 
@@ -118,7 +157,7 @@ def test_report_on_an_empty_grid_is_a_clear_error(tmp_path):
     spec.loader.exec_module(report)
     with pytest.raises(SystemExit, match="not found: run step 4"):
         report.main(["--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
-    grid.collect(tmp_path / "runs", tmp_path / "models_evaluation" / "grid_evaluation.csv")  # no finished run
+    (tmp_path / "runs" / "densenet121_original_s0").mkdir(parents=True)  # started, never finished
     with pytest.raises(SystemExit, match="holds no finished model yet"):
         report.main(["--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
 
