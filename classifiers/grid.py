@@ -31,6 +31,7 @@ from evaluation import plots  # noqa: E402
 from evaluation.metrics import auc, bootstrap_aucs, ci  # noqa: E402
 from generators.configs import CONFIGS  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "all_malignant_baseline"
 # Column prefix in the report -> the evaluation set: its name in evaluation_groups(), and (dataset, split) as
 # predictions.csv records them.
@@ -63,7 +64,8 @@ def _record(run: Path) -> dict[str, Any] | None:
 
 
 def run_status(run: Path, train_args: list[str]) -> str:
-    """'done' (trained and evaluated, weights unchanged), 'resume' (started by the grid) or 'new'."""
+    """'done' (trained and evaluated, weights unchanged), 'resume' (started by the grid) or 'new'; an error for a
+    folder trained with other arguments, or on a manifest that has been rebuilt since."""
     record = _record(run)
     if record is None:
         if (run / "state.pt").exists() or (run / "best.json").exists():
@@ -74,7 +76,15 @@ def run_status(run: Path, train_args: list[str]) -> str:
         raise GridError(f"{run}: was trained with other arguments ({' '.join(record['train_args'])}); remove the "
                         f"folder to retrain it with the current ones ({' '.join(train_args)}), or use another "
                         f"--runs-dir")
-    return "done" if is_done(run) else "resume"
+    if not is_done(run):
+        return "resume"
+    manifest = ROOT / train_args[train_args.index("--manifest") + 1] if "--manifest" in train_args else None
+    sidecar = json.loads((run / "best.json").read_text()) if (run / "best.json").is_file() else {}
+    trained_on = sidecar.get("manifest_sha256")
+    if manifest is not None and manifest.is_file() and trained_on and file_sha256(manifest) != trained_on:
+        raise GridError(f"{run}: was trained on another version of {manifest.name} (rebuilt since); remove the "
+                        f"folder to retrain it on the current one")
+    return "done"
 
 
 def is_done(run: Path) -> bool:

@@ -108,6 +108,15 @@ def test_grid_run_status(tmp_path):
     assert grid.run_status(run, args) == "done"
     (run / "best.safetensors").write_bytes(b"other weights")  # retrained since: evaluate again
     assert grid.run_status(run, args) == "resume"
+    manifest = tmp_path / "original.csv"
+    manifest.write_text("path,label\n")
+    with_manifest = [*args, "--manifest", str(manifest)]
+    grid.mark(run, with_manifest, "densenet121", "original", 0, done=True)
+    write(run / "best.json", json.dumps({"manifest_sha256": file_sha256(manifest)}))
+    assert grid.run_status(run, with_manifest) == "done"
+    manifest.write_text("path,label\nother.jpg,benign\n")  # step 3 rebuilt the configuration
+    with pytest.raises(grid.GridError, match="another version of original.csv"):
+        grid.run_status(run, with_manifest)
 
 
 def _evaluation(models: list[tuple[str, str, str]]) -> pd.DataFrame:
