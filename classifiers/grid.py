@@ -181,9 +181,10 @@ def _change(y: np.ndarray, augmented: list[np.ndarray], original: list[np.ndarra
     return {"auc_original": o, "auc_augmented": a, "auc_change": a - o, "ci_low": float(lo), "ci_high": float(hi)}
 
 
-def budget(runs_dir: Path, model: str) -> list[str]:
-    """A grid model's training arguments less the ones naming its data and folder: what must match to compare."""
-    args, named = _record(Path(runs_dir) / model)["train_args"], {"--config", "--manifest", "--out"}
+def budget(runs_dir: Path, model: str, also_ignore: tuple[str, ...] = ()) -> list[str]:
+    """A grid model's training arguments less the ones naming its data and folder (and `also_ignore`): what must
+    match for two models to be compared."""
+    args, named = _record(Path(runs_dir) / model)["train_args"], {"--config", "--manifest", "--out", *also_ignore}
     return [arg for i, arg in enumerate(args) if arg not in named and (i == 0 or args[i - 1] not in named)]
 
 
@@ -230,6 +231,33 @@ def auc_changes(table: pd.DataFrame, runs_dir: Path, n_boot: int = 1000, seed: i
                 aug, boot_aug, orig, boot_orig = (list(column) for column in zip(*(pairs[a] for a in complete)))
                 rows.append({"arch": f"mean of {len(complete)}", **common,
                              **_change(y, aug, orig, boot_aug, boot_orig)})
+    return pd.DataFrame(rows)
+
+
+def seed_changes(table: pd.DataFrame, runs_dir: Path, seeds_dir: Path, n_boot: int = 1000,
+                 seed: int = 0) -> pd.DataFrame:
+    """The noise floor of every change above: each finished run in `seeds_dir` (a grid model retrained with another
+    training seed, nothing else changed) against its twin in the grid, AUC(other seed) - AUC(grid seed) on the same
+    images with a paired bootstrap 95% CI."""
+    models = table[table["model"] != BASELINE].set_index(["arch", "config"])["model"]
+    rows = []
+    for run in sorted(Path(seeds_dir).iterdir()) if Path(seeds_dir).is_dir() else []:
+        record = _record(run)
+        if not (record and is_done(run)) or (record["arch"], record["config"]) not in models.index:
+            continue
+        twin = models[(record["arch"], record["config"])]
+        if budget(seeds_dir, run.name, ("--seed",)) != budget(runs_dir, twin, ("--seed",)):
+            raise GridError(f"{run} and {twin} differ in more than the training seed: not a noise floor")
+        for prefix, s in EVAL_SETS.items():
+            pair = read_predictions(seeds_dir, run.name, prefix).merge(
+                read_predictions(runs_dir, twin, prefix), on=["path", "y"], validate="1:1", suffixes=("", "_twin"))
+            y, other, grid_seed = (pair[c].to_numpy() for c in ("y", "prob_malignant", "prob_malignant_twin"))
+            change = _change(y, [other], [grid_seed], [bootstrap_aucs(y, other, n_boot, seed)],
+                             [bootstrap_aucs(y, grid_seed, n_boot, seed)])
+            rows.append({"model": run.name, "twin": twin, "arch": record["arch"], "config": record["config"],
+                         "eval_set": s["group"], "n": len(y), "auc_grid_seed": change["auc_original"],
+                         "auc_other_seed": change["auc_augmented"], "auc_change": change["auc_change"],
+                         "ci_low": change["ci_low"], "ci_high": change["ci_high"]})
     return pd.DataFrame(rows)
 
 
@@ -309,7 +337,8 @@ def auc_by_arch(table: pd.DataFrame, prefix: str) -> pd.DataFrame:
     return wide.reset_index().rename_axis(columns=None)
 
 
-def write_report(path: Path, command: str, table: pd.DataFrame, changes: pd.DataFrame) -> None:
+def write_report(path: Path, command: str, table: pd.DataFrame, changes: pd.DataFrame,
+                 seeds: pd.DataFrame | None = None) -> None:
     text = [f"# Classifier grid\n\nCommand: `{command}`\n", markdown(summary(table)), ""]
     for prefix, s in EVAL_SETS.items():
         text += [f"## AUC (95% CI) on {s['group']}, architecture x configuration\n",
@@ -317,4 +346,7 @@ def write_report(path: Path, command: str, table: pd.DataFrame, changes: pd.Data
     text += ["## Change in AUC against `original` (paired bootstrap 95% CI, same images)\n"]
     cols = ["config", "arch", "eval_set", "n", "auc_original", "auc_augmented", "auc_change", "ci_low", "ci_high"]
     text.append(markdown(changes[cols]) if len(changes) else "No augmented configuration has an `original` twin.")
+    if seeds is not None:
+        text += ["", "## Noise floor: the same model retrained with another training seed (paired bootstrap 95% CI)\n",
+                 markdown(seeds) if len(seeds) else "No finished run with a twin in the grid."]
     atomic_write_text(path, "\n".join(text) + "\n")

@@ -13,8 +13,10 @@ is compared with its `original` twin only when both were trained with the same b
 - models_evaluation/grid_auc_heatmap.png: AUC, architecture x configuration;
 - models_evaluation/auc_change_vs_original.csv and .png: for each augmentation, AUC(augmented) - AUC(original) on
   the same images with a paired bootstrap 95% CI, per architecture and averaged over architectures;
+- models_evaluation/seed_noise.csv (with --seeds-dir): grid models retrained with another training seed against
+  their twins, the same paired change: how far a change moves with nothing changed but the seed;
 - models_evaluation/grid_report.md: the command, the per-model table, AUC as architecture x configuration per
-  evaluation set, and the changes;
+  evaluation set, the changes and the noise floor;
 - confusion_matrices/<model>.png and gradcam_outputs/<model>_ham10000_test.png.
 Nothing is chosen here: thresholds come from each checkpoint's sidecar (chosen on `val` during training).
 """
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default=str(ROOT / "results"), help="writes every output under it")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "classifiers"), help="the grid's run folders (step 4)")
+    p.add_argument("--seeds-dir", default=None,
+                   help="grid models retrained with another --seed (step 4 with its own --runs-dir): reported against "
+                        "their twins as the noise floor of the changes (seed_noise.csv)")
     p.add_argument("--gradcam-per-group", type=int, default=6,
                    help="Grad-CAM images per outcome (TP, FN, FP) in each gallery; 0 skips the galleries")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the paired AUC differences")
@@ -62,13 +67,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         atomic_write_csv(out / "auc_change_vs_original.csv", changes)
         if len(changes):
             grid.auc_change_plot(changes, out / "auc_change_vs_original.png")
+        seeds = grid.seed_changes(table, runs, Path(a.seeds_dir), a.n_boot, a.seed) if a.seeds_dir else None
+        if seeds is not None:
+            atomic_write_csv(out / "seed_noise.csv", seeds)
         grid.confusion_matrix_pngs(table, runs, results / "confusion_matrices")
         if a.gradcam_per_group:
             grid.gradcam_galleries(table, runs, results / "gradcam_outputs", a.gradcam_per_group, device)
     except (grid.GridError, FileNotFoundError) as exc:
         sys.exit(f"error: {exc}")
     command = "python scripts/08_report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    grid.write_report(out / "grid_report.md", command.strip().replace(f"{ROOT}/", ""), table, changes)
+    grid.write_report(out / "grid_report.md", command.strip().replace(f"{ROOT}/", ""), table, changes, seeds)
     print(grid.markdown(grid.summary(table)))
     print(f"wrote {out}/grid_metrics.csv, grid_auc_heatmap.png, auc_change_vs_original.csv, grid_report.md; "
           f"{results / 'confusion_matrices'}; {results / 'gradcam_outputs'}")

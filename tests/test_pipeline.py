@@ -158,6 +158,40 @@ def test_grid_records_paths_inside_the_repository_relative_to_it(tmp_path):
     assert step4.as_recorded(["--out", str(tmp_path)]) == ["--out", str(tmp_path)]  # outside: kept absolute
 
 
+def _finished_run(runs: Path, arch: str, config: str, seed: int, prob: np.ndarray, epochs: str = "3") -> str:
+    """A run folder as step 4 leaves it: grid.json (done), weights, evaluation/metrics.csv and predictions.csv."""
+    name, y = grid.run_name(arch, config, seed), np.arange(len(prob)) % 2
+    run = runs / name
+    write(run / "best.safetensors", f"weights {name}")
+    write(run / "evaluation" / "metrics.csv", "model\n")
+    rows = [{"dataset": s["dataset"], "split": s["split"], "path": f"{s['dataset']}/{i}.jpg",
+             "label": "malignant" if y[i] else "benign", "prob_malignant": p, "pred": int(p > 0.5)}
+            for s in grid.EVAL_SETS.values() for i, p in enumerate(prob)]
+    pd.DataFrame(rows).to_csv(run / "evaluation" / "predictions.csv", index=False)
+    grid.mark(run, ["--arch", arch, "--config", config, "--out", str(run), "--seed", str(seed), "--epochs", epochs],
+              arch, config, seed, done=True)
+    return name
+
+
+def test_seed_noise_floor_pairs_each_retrained_model_with_its_grid_twin(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    twin = _finished_run(tmp_path / "grid", "medvit", "original", 0, np.clip(0.3 * y + rng.random(200) * 0.7, 0, 1))
+    table = grid.grid_table(_evaluation([(twin, "medvit", "original")]))
+    other = np.clip(0.2 * y + rng.random(200) * 0.8, 0, 1)
+    _finished_run(tmp_path / "seeds", "medvit", "original", 1, other)
+    _finished_run(tmp_path / "seeds", "medvit", "dcgan_aug", 1, other)  # no twin in the grid: skipped
+    noise = grid.seed_changes(table, tmp_path / "grid", tmp_path / "seeds", n_boot=200)
+    assert list(noise["model"]) == ["medvit_original_s1"] * len(grid.EVAL_SETS)
+    assert (noise["twin"] == "medvit_original_s0").all()
+    assert np.allclose(noise["auc_change"], noise["auc_other_seed"] - noise["auc_grid_seed"])
+    assert (noise["auc_change"] < 0).all() and ((noise["ci_low"] <= noise["auc_change"])
+                                                 & (noise["auc_change"] <= noise["ci_high"])).all()
+    _finished_run(tmp_path / "seeds", "medvit", "original", 2, other, epochs="5")
+    with pytest.raises(grid.GridError, match="more than the training seed"):
+        grid.seed_changes(table, tmp_path / "grid", tmp_path / "seeds", n_boot=200)
+
+
 def test_report_on_an_empty_grid_is_a_clear_error(tmp_path):
     import importlib.util
 
