@@ -74,8 +74,11 @@ def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, 
                          f"count: no synthetic images to add")
     print(f"{arm}: sampling {counts}")
     info = sample.provenance(checkpoint, meta, "ddim", None, None)
-    synthetic = sample.sample_to_folder(model.to(device), meta, counts, work / "synthetic" / arm, seed=seed,
-                                        progress=progress, info=info)
+    try:  # samples already there (a killed run) are reused when the same generator and seed made them
+        synthetic = sample.sample_to_folder(model.to(device), meta, counts, work / "synthetic" / arm, seed=seed,
+                                            progress=progress, info=info)
+    except sample.SampleFolderError as exc:
+        raise SystemExit(f"error: {exc}") from None
     df = configs.add_synthetic(base, synthetic, meta["kind"], ratio, seed, column="dx")
     write_manifest(df, path, {"experiment": "seven_class", "arm": arm, "base_manifest": original.name, **info,
                               "ratio": ratio, "added": counts})

@@ -22,6 +22,7 @@ are skipped.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from data.atomic import atomic_write_text  # noqa: E402
 from data.checkpoint import CheckpointError, load_checkpoint, read_sidecar  # noqa: E402
 from data.images import load_rgb  # noqa: E402
 from data.manifest import MALIGNANT_DX, file_sha256, write_manifest  # noqa: E402
@@ -91,6 +93,24 @@ def load_pngs(paths: list[Path]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(load_rgb(p))).permute(2, 0, 1) for p in paths])
 
 
+class SampleFolderError(ValueError):
+    """A sample folder that holds images made with other settings; the message names what differs."""
+
+
+def claim_folder(out: Path, settings: dict[str, Any]) -> None:
+    """Record what makes the samples in `out` (provenance.json). Images already there are kept, so a killed run
+    resumes, but only if the same generator, seed and sampler made them: anything else is an error, never a mix."""
+    path = out / "provenance.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        differ = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
+        if differ:
+            raise SampleFolderError(f"{out} holds samples made with other settings ({', '.join(differ)} differ); "
+                                    f"remove it or sample into another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
 def sample_to_folder(model: torch.nn.Module, meta: dict[str, Any], counts: dict[str, int], out: Path,
                      upscaler: Upscaler | None = None, sampler: str = "ddim", steps: int | None = None,
                      batch_size: int = 64, seed: int = 0, autocast: bool = False, progress: bool = True,
@@ -101,6 +121,8 @@ def sample_to_folder(model: torch.nn.Module, meta: dict[str, Any], counts: dict[
     already exist there are upscaled from their PNGs instead of generated again: the same uint8 images, so the
     result is identical, and a DDPM is not run twice for the `_aug` and `_up` configurations."""
     source = meta["kind"] + ("_up" if upscaler is not None else "")
+    claim_folder(out, {"source": source, "seed": seed, "sampler": sampler, "steps": steps, "autocast": autocast,
+                       **(info or {})})
     rows = []
     for label, n in counts.items():
         c = list(meta["class_names"]).index(label)
@@ -164,9 +186,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     info = provenance(a.checkpoint, meta, a.sampler, a.steps, a.upscale)
     source = meta["kind"] + ("_up" if upscaler is not None else "")
     out = Path(a.out or ROOT / "runs" / "generators" / "synthetic" / source)
-    df = sample_to_folder(model.to(device), meta, {c: a.n for c in classes}, out, upscaler, a.sampler, a.steps,
-                          a.batch_size, a.seed, a.bf16, not a.no_progress, info,
-                          Path(a.upscale_from) if a.upscale_from else None)
+    try:
+        df = sample_to_folder(model.to(device), meta, {c: a.n for c in classes}, out, upscaler, a.sampler, a.steps,
+                              a.batch_size, a.seed, a.bf16, not a.no_progress, info,
+                              Path(a.upscale_from) if a.upscale_from else None)
+    except SampleFolderError as exc:
+        sys.exit(f"error: {exc}")
     if a.grid:
         first = df.groupby("label", sort=False).head(8)
         save_grid(load_pngs(list(first["path"])), a.grid, nrow=8)

@@ -73,8 +73,11 @@ def main() -> None:
             source = kind + ("_up" if upscaler is not None else "")
             out = Path(a.synthetic_dir) / source
             info = sample.provenance(ckpt, meta, a.sampler, a.steps, a.upscaler if upscaler is not None else None)
-            sample.sample_to_folder(model, meta, counts, out, upscaler, a.sampler, a.steps, a.batch_size, a.seed,
-                                    a.bf16, info=info, upscale_from=Path(a.synthetic_dir) / kind)
+            try:
+                sample.sample_to_folder(model, meta, counts, out, upscaler, a.sampler, a.steps, a.batch_size,
+                                        a.seed, a.bf16, info=info, upscale_from=Path(a.synthetic_dir) / kind)
+            except sample.SampleFolderError as exc:
+                sys.exit(f"error: {exc}")
             lists.append(out / "samples.csv")
     for name, path in configs.build_configs(a.original, lists, a.out_dir, a.ratio, a.seed).items():
         df = read_manifest(path)

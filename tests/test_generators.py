@@ -255,6 +255,10 @@ def test_sample_cli_writes_pngs_and_a_manifest(smoke_checkpoints, tmp_path):
     sample.main(["--checkpoint", str(smoke_checkpoints["dcgan"]), "--n", "3", "--batch-size", "2", "--out",
                  str(tmp_path / "syn" / "dcgan"), "--threads", "1", "--no-progress"])
     assert first.stat().st_mtime_ns == stamp  # existing batches are skipped on a re-run
+    with pytest.raises(SystemExit, match="other settings \\(seed differ\\)"):  # never a mix of two seeds
+        sample.main(["--checkpoint", str(smoke_checkpoints["dcgan"]), "--n", "3", "--seed", "1", "--out",
+                     str(tmp_path / "syn" / "dcgan"), "--threads", "1", "--no-progress"])
+    assert first.stat().st_mtime_ns == stamp
 
 
 def test_up_images_made_from_the_plain_pngs_equal_generated_ones(smoke_checkpoints, tmp_path, monkeypatch):
