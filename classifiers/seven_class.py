@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     if "baseline" not in done:
         print("the baseline arm is not done yet: nothing to report")
         return None
+    recipe = grid.budget(work, "baseline", ("--seed",))
+    for arm in done:
+        if grid.budget(work, arm, ("--seed",)) != recipe:
+            sys.exit(f"error: arm {arm} was trained with another recipe than the baseline "
+                     f"({' '.join(grid.budget(work, arm, ('--seed',)))} vs {' '.join(recipe)}): not comparable")
     summary, per_class = report(done, Path(a.out), a.n_boot)
     write_rows(Path(a.out) / "fit_counts.csv", fit_counts({arm: manifest_path(work, arm) for arm in done
                                                            if arm not in replicas}).to_dict("records"))
