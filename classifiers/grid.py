@@ -106,8 +106,10 @@ def collect(runs_dir: Path, out: Path) -> pd.DataFrame:
     for run in sorted(Path(runs_dir).iterdir()) if Path(runs_dir).is_dir() else []:
         record = _record(run)
         if record and is_done(run):
+            log = run / "metrics.csv"  # the per-epoch training log: its seconds are the model's training time
+            seconds = float(pd.read_csv(log)["epoch_seconds"].sum()) if log.is_file() else float("nan")
             parts.append(pd.read_csv(run / "evaluation" / "metrics.csv").assign(
-                run=run.name, arch=record["arch"], seed=record["seed"]))
+                run=run.name, arch=record["arch"], seed=record["seed"], train_minutes=seconds / 60))
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     atomic_write_csv(out, table)
     return table
@@ -125,7 +127,8 @@ def grid_table(evaluation: pd.DataFrame) -> pd.DataFrame:
             key = BASELINE if r.model == BASELINE else r.run
             row = rows.setdefault(key, {"model": key, "arch": "" if key == BASELINE else r.arch,
                                         "config": "" if key == BASELINE else r.config,
-                                        "threshold": r.threshold, "threshold_split": r.threshold_split})
+                                        "threshold": r.threshold, "threshold_split": r.threshold_split,
+                                        "train_minutes": None if key == BASELINE else r.train_minutes})
             row.update({f"{prefix}_{m}": getattr(r, m) for m in REPORTED})
     table = pd.DataFrame(list(rows.values()))
     models = table[table["model"] != BASELINE]
@@ -323,6 +326,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
                                              table[f"{prefix}_auc_ci_high"])]
         out[f"{prefix} sens"] = table[f"{prefix}_sensitivity"]
         out[f"{prefix} spec"] = table[f"{prefix}_specificity"]
+    out["training minutes"] = [f"{m:.0f}" if pd.notna(m) else "" for m in table["train_minutes"]]
     return out
 
 

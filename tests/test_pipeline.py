@@ -127,7 +127,8 @@ def _evaluation(models: list[tuple[str, str, str]]) -> pd.DataFrame:
         for run, arch, config in models:
             rows.append({"dataset": dataset, "split": split, "model": run, "run": run, "arch": arch, "config": config,
                          "threshold": 0.5, "threshold_split": "val", "auc": 0.8, "auc_ci_low": 0.7,
-                         "auc_ci_high": 0.9, "sensitivity": 0.9, "specificity": 0.5, "n": 10, "n_malignant": 5})
+                         "auc_ci_high": 0.9, "sensitivity": 0.9, "specificity": 0.5, "n": 10, "n_malignant": 5,
+                         "train_minutes": 1.0})
     return pd.DataFrame(rows)
 
 
@@ -287,6 +288,7 @@ def check_outputs(work: Path) -> None:
         for metric in ("auc", "sensitivity", "specificity"):
             assert table[f"{prefix}_{metric}"].between(0, 1).all()
     assert (table.loc[table["model"] != grid.BASELINE, "threshold_split"] == "val").all()
+    assert (table.loc[table["model"] != grid.BASELINE, "train_minutes"] > 0).all()
 
     report = (results / "models_evaluation" / "grid_report.md").read_text()
     for prefix in grid.EVAL_SETS:
