@@ -146,8 +146,8 @@ def auc_heatmap(table: pd.DataFrame, path: Path) -> Path:
     models = table[table["model"] != BASELINE]
     archs = list(dict.fromkeys(models["arch"]))
     configs = [c for c in CONFIGS if c in set(models["config"])]
-    fig, axes = plt.subplots(1, len(EVAL_SETS), figsize=(2.2 + 1.7 * len(configs) * len(EVAL_SETS),
-                                                         1.2 + 0.75 * len(archs)), squeeze=False)
+    fig, axes = plt.subplots(1, len(EVAL_SETS), figsize=((2.2 + 1.2 * len(configs)) * len(EVAL_SETS),
+                                                         1.4 + 0.6 * len(archs)), squeeze=False)
     for ax, (prefix, s) in zip(axes[0], EVAL_SETS.items()):
         cells = models.set_index(["arch", "config"])
         values = np.full((len(archs), len(configs)), np.nan)
@@ -159,7 +159,7 @@ def auc_heatmap(table: pd.DataFrame, path: Path) -> Path:
                 values[i, j] = r[f"{prefix}_auc"]
                 ax.text(j, i, f"{r[f'{prefix}_auc']:.3f}\n[{r[f'{prefix}_auc_ci_low']:.2f}, "
                               f"{r[f'{prefix}_auc_ci_high']:.2f}]", ha="center", va="center", fontsize=8)
-        image = ax.imshow(values, cmap="viridis", vmin=0.5, vmax=1.0, alpha=0.8)
+        image = ax.imshow(values, cmap="viridis", vmin=0.5, vmax=1.0, alpha=0.8, aspect="auto")
         ax.set(xticks=range(len(configs)), xticklabels=configs, yticks=range(len(archs)), yticklabels=archs,
                title=f"AUC on {s['group']} (95% CI)")
         ax.tick_params(axis="x", rotation=30)
