@@ -264,8 +264,9 @@ def seed_changes(table: pd.DataFrame, runs_dir: Path, seeds_dir: Path, n_boot: i
     return pd.DataFrame(rows)
 
 
-def auc_change_plot(changes: pd.DataFrame, path: Path) -> Path:
-    """Forest plot: each augmentation's change in AUC against `original` with its 95% CI, per evaluation set."""
+def auc_change_plot(changes: pd.DataFrame, path: Path, seeds: pd.DataFrame | None = None) -> Path:
+    """Forest plot: each augmentation's change in AUC against `original` with its 95% CI, per evaluation set; with
+    `seeds` (seed_changes), a grey band spans the changes that a new training seed alone made."""
     sets = list(dict.fromkeys(changes["eval_set"]))
     fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 0.9 + 0.32 * len(changes) / len(sets)),
                              squeeze=False, sharey=True)
@@ -276,7 +277,12 @@ def auc_change_plot(changes: pd.DataFrame, path: Path) -> Path:
                                                                   part["ci_high"] - part["auc_change"]],
                     fmt="o", capsize=3)
         ax.axvline(0, color="k", lw=0.8, ls="--")
-        ax.set(yticks=range(len(part)), yticklabels=labels, xlabel="AUC(augmented) - AUC(original)",
+        noise = seeds.loc[seeds["eval_set"] == name, "auc_change"] if seeds is not None else pd.Series(dtype=float)
+        xlabel = "AUC(augmented) - AUC(original)"
+        if len(noise):
+            ax.axvspan(min(0.0, noise.min()), max(0.0, noise.max()), color="0.85", zorder=0)
+            xlabel += f"\ngrey: a new training seed alone ({len(noise)} models)"
+        ax.set(yticks=range(len(part)), yticklabels=labels, xlabel=xlabel,
                title=f"{name} (paired bootstrap 95% CI)")
         ax.invert_yaxis()
     return plots.save_figure(fig, path)

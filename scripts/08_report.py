@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         grid.auc_heatmap(table, out / "grid_auc_heatmap.png")
         changes = grid.auc_changes(table, runs, a.n_boot, a.seed)
         atomic_write_csv(out / "auc_change_vs_original.csv", changes)
-        if len(changes):
-            grid.auc_change_plot(changes, out / "auc_change_vs_original.png")
         seeds = grid.seed_changes(table, runs, Path(a.seeds_dir), a.n_boot, a.seed) if a.seeds_dir else None
         if seeds is not None:
             atomic_write_csv(out / "seed_noise.csv", seeds)
+        if len(changes):
+            grid.auc_change_plot(changes, out / "auc_change_vs_original.png", seeds)
         grid.confusion_matrix_pngs(table, runs, results / "confusion_matrices")
         if a.gradcam_per_group:
             grid.gradcam_galleries(table, runs, results / "gradcam_outputs", a.gradcam_per_group, device)
