@@ -327,21 +327,23 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     """The grid table in words: 'AUC [CI]', sensitivity and specificity per evaluation set."""
     out = table[["model"]].copy()
     for prefix in EVAL_SETS:
-        out[f"{prefix} AUC [95% CI]"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
-                                         zip(table[f"{prefix}_auc"], table[f"{prefix}_auc_ci_low"],
-                                             table[f"{prefix}_auc_ci_high"])]
+        out[f"{prefix} AUC (95% CI)"] = auc_cells(table, prefix)
         out[f"{prefix} sens"] = table[f"{prefix}_sensitivity"]
         out[f"{prefix} spec"] = table[f"{prefix}_specificity"]
     out["training minutes"] = [f"{m:.0f}" if pd.notna(m) else "" for m in table["train_minutes"]]
     return out
 
 
+def auc_cells(table: pd.DataFrame, prefix: str) -> list[str]:
+    """'AUC (CI low-CI high)' of each row on one evaluation set."""
+    return [f"{a:.3f} ({lo:.3f}-{hi:.3f})" for a, lo, hi in
+            zip(table[f"{prefix}_auc"], table[f"{prefix}_auc_ci_low"], table[f"{prefix}_auc_ci_high"])]
+
+
 def auc_by_arch(table: pd.DataFrame, prefix: str) -> pd.DataFrame:
     """'AUC (CI)' on one evaluation set, one row per architecture and one column per configuration."""
     models = table[table["model"] != BASELINE]
-    cells = models.assign(cell=[f"{a:.3f} ({lo:.3f}-{hi:.3f})" for a, lo, hi in
-                                zip(models[f"{prefix}_auc"], models[f"{prefix}_auc_ci_low"],
-                                    models[f"{prefix}_auc_ci_high"])])
+    cells = models.assign(cell=auc_cells(models, prefix))
     wide = cells.pivot(index="arch", columns="config", values="cell").fillna("")
     wide = wide.reindex(index=list(dict.fromkeys(models["arch"])), columns=[c for c in CONFIGS if c in wide.columns])
     return wide.reset_index().rename_axis(columns=None)
