@@ -38,6 +38,7 @@ BASELINE = "all_malignant_baseline"
 EVAL_SETS: dict[str, dict[str, str]] = {
     "ham10000_test": {"group": "ham10000/test", "dataset": "ham10000", "split": "test"},
     "isic2017_val": {"group": "isic2017/external-val", "dataset": "isic2017", "split": "external"}}
+EVAL_GROUPS = [s["group"] for s in EVAL_SETS.values()]
 REPORTED = ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity", "n", "n_malignant")
 
 

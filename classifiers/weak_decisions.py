@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     try:
         predictor = HybridPredictor(a.classifier, a.vae, device)
         df = read_manifest(a.manifest or training_manifest(predictor.cls_meta))
-        check_no_training_overlap(predictor.cls_meta, grid.select_eval_sets(df, [s["group"] for s in
-                                                                               grid.EVAL_SETS.values()]))
+        check_no_training_overlap(predictor.cls_meta, grid.select_eval_sets(df, grid.EVAL_GROUPS))
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     out = Path(a.out)

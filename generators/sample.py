@@ -107,7 +107,6 @@ def claim_folder(out: Path, settings: dict[str, Any]) -> None:
         if differ:
             raise SampleFolderError(f"{out} holds samples made with other settings ({', '.join(differ)} differ); "
                                     f"remove it or sample into another folder")
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 

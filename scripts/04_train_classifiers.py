@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for config in configs:
             manifest = Path(a.manifest_dir).resolve() / f"{config}.csv"
-            eval_df = grid.select_eval_sets(read_manifest(manifest), [s["group"] for s in grid.EVAL_SETS.values()])
+            eval_df = grid.select_eval_sets(read_manifest(manifest), grid.EVAL_GROUPS)
             for arch in archs:
                 name = grid.run_name(arch, config, a.seed)
                 run = runs / name

@@ -59,7 +59,6 @@ def copy_training_log(classifier: str, results: Path) -> Path:
     if not log.is_file():
         raise FileNotFoundError(f"{log}: the classifier's run folder has no training log (metrics.csv)")
     out = results / "classifier_training" / "densenet121_metrics.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, log.read_text())
     return out
 
