@@ -99,7 +99,8 @@ class CachedImages(torch.utils.data.Dataset):
         self.df = df.iloc[keep].reset_index(drop=True)
         self.images = np.ascontiguousarray(cache.images[keep]) if in_memory else cache.images
         self._rows = None if in_memory else keep
-        self.targets = torch.as_tensor(class_index(self.df, target).to_numpy(), dtype=torch.long)
+        # torch.tensor copies: newer pandas hands out read-only arrays, which torch.as_tensor warns about.
+        self.targets = torch.tensor(class_index(self.df, target).to_numpy(), dtype=torch.long)
         self.skipped = cache.errors
 
     def __len__(self) -> int:

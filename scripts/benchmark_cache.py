@@ -32,7 +32,7 @@ class DecodedImages(torch.utils.data.Dataset):
 
     def __init__(self, df: pd.DataFrame, size: int, rule: str):
         self.paths, self.size, self.rule = list(df["path"]), size, rule
-        self.targets = torch.as_tensor(label_index(df["label"]).to_numpy(), dtype=torch.long)
+        self.targets = torch.tensor(label_index(df["label"]).to_numpy(), dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.paths)

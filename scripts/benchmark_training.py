@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, df.to_csv(index=False))
     table = df[["arch", "setting", "params_m", "img_size", "images_per_s", "step_s_median", "step_s_min"]]
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     command = shlex.join(["python", "scripts/benchmark_training.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [f"# Training throughput ({args.out.name})", "", f"Command: `{command}`",
-             f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, device {device}, "
+             f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, device {device}{gpu}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}.", ""]
     if args.note:
         lines += [f"Note: {args.note}", ""]

@@ -10,7 +10,8 @@
   model gets the same budget). Step 4 is estimated at about 6 hours on 2 idle cores from NOTES.md (DenseNet-121,
   66 images/s) and the relative speeds in results/benchmarks/training_throughput.csv; not measured end to end.
   Steps 2 and 3 (generators, DDPM sampling) take several hours more (see their docstrings).
-- full: paper scale on one GPU (224 px, 30 epochs); not run on this machine.
+- full: paper scale on one GPU (224 px, 30 epochs); not run end to end. Its training steps come to at most about
+  80 minutes on one H100 (results/benchmarks/training_throughput_h100_224.md, README "On one GPU").
 """
 from __future__ import annotations
 
