@@ -12,13 +12,19 @@ Steps, all on the fp16 files users will get (not on the fp32 run outputs):
 4. compare the rescue rules (anomaly_detection/evaluate_hybrid.py) -> results/hybrid/;
 5. write checkpoints/MODEL_CARD.md from those CSVs, so every number in it comes from this command, and
    checkpoints/SHA256SUMS (what scripts/download_weights.py verifies).
+If any step fails (or the run is interrupted), every file and results folder it touched is put back as it was, so
+the shipped model, its card and its results never come from two different runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,7 +37,7 @@ from anomaly_detection.hybrid import load_vae  # noqa: E402
 from classifiers import evaluate  # noqa: E402
 from classifiers.models import load_classifier  # noqa: E402
 from data.atomic import atomic_write_text  # noqa: E402
-from data.checkpoint import save_checkpoint  # noqa: E402
+from data.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 from data.manifest import file_sha256, read_manifest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,11 +59,38 @@ def ship(source: str, target: Path, loader) -> None:
     save_checkpoint(target, model, meta, dtype=torch.float16)
 
 
+@contextmanager
+def restored_on_failure(paths: list[Path]) -> Iterator[None]:
+    """Back up `paths` (files or folders; missing ones are noted as missing); if the block raises, even SystemExit or
+    KeyboardInterrupt, put every one back as it was (a path that did not exist is removed)."""
+    backup = Path(tempfile.mkdtemp(prefix="ship-backup-"))
+    saved = {}
+    for i, path in enumerate(paths):
+        if path.is_dir():
+            saved[path] = shutil.copytree(path, backup / str(i))
+        elif path.exists():
+            saved[path] = shutil.copy2(path, backup / str(i))
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+            if path in saved:
+                shutil.move(saved[path], path)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
 def copy_training_log(classifier: str, results: Path) -> Path:
     """The shipped classifier's per-epoch log (loss, val AUCs, lr, images/s), from the run folder it was trained in."""
     log = Path(classifier).parent / "metrics.csv"
     if not log.is_file():
-        raise FileNotFoundError(f"{log}: the classifier's run folder has no training log (metrics.csv)")
+        raise FileNotFoundError(f"{log}: the classifier's run folder has no training log (metrics.csv); "
+                                "ship a run's best.safetensors")
     out = results / "classifier_training" / "densenet121_metrics.csv"
     atomic_write_text(out, log.read_text())
     return out
@@ -146,6 +179,28 @@ diagnosis, triage or any clinical decision.
 """
 
 
+def ship_and_evaluate(a: argparse.Namespace, source_meta: dict, cls_path: Path, vae_path: Path, results: Path,
+                      command: str) -> Path:
+    """Steps 1-5 of the module docstring; returns where the training log was copied."""
+    log = copy_training_log(a.classifier, results)
+    ship(a.classifier, cls_path, load_classifier)
+    ship(a.vae, vae_path, load_vae)
+    data = ["--manifest", a.manifest or str(evaluate.training_manifest(source_meta))]
+    calibration = calibrate.main(
+        ["--vae", str(vae_path), "--device", a.device, "--out", str(results / "vae_calibration"), *data])
+    cls_metrics = evaluate.main(["--checkpoint", str(cls_path), "--name", "densenet121", "--device", a.device,
+                                 "--out", str(results / "classifier"), *data])
+    hybrid = evaluate_hybrid.main(["--classifier", str(cls_path), "--vae", str(vae_path), "--device", a.device,
+                                   "--out", str(results / "hybrid"), *data])
+    card = model_card(load_classifier(cls_path)[1], load_vae(vae_path)[1], cls_metrics, hybrid, calibration, command)
+    out = cls_path.parent
+    atomic_write_text(out / "MODEL_CARD.md", card)
+    shipped = sorted(f for f in out.iterdir()
+                     if f.suffix in (".safetensors", ".json") and f.stem in ("densenet121", "convvae"))
+    atomic_write_text(out / "SHA256SUMS", "".join(f"{file_sha256(f)}  {f.name}\n" for f in shipped))
+    return log
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", required=True,
@@ -165,41 +220,16 @@ def main(argv: list[str] | None = None) -> None:
     if source_meta["arch"] != "densenet121":
         p.error(f"{a.classifier} is a {source_meta['arch']}; the shipped hybrid's classifier is a DenseNet-121")
     out, results = Path(a.out), Path(a.results_dir)
-    try:
-        log = copy_training_log(a.classifier, results)
-    except FileNotFoundError as exc:
-        p.error(f"{exc}; ship a run's best.safetensors")
     cls_path, vae_path = out / "densenet121.safetensors", out / "convvae.safetensors"
-    ship(a.classifier, cls_path, load_classifier)
-    ship(a.vae, vae_path, load_vae)
-    data = ["--manifest", a.manifest or str(evaluate.training_manifest(source_meta))]
-    calibration = calibrate.main(
-        ["--vae", str(vae_path), "--device", a.device, "--out", str(results / "vae_calibration"), *data]
-    )
-    cls_metrics = evaluate.main(
-        [
-            "--checkpoint",
-            str(cls_path),
-            "--name",
-            "densenet121",
-            "--device",
-            a.device,
-            "--out",
-            str(results / "classifier"),
-            *data,
-        ]
-    )
-    hybrid = evaluate_hybrid.main(
-        ["--classifier", str(cls_path), "--vae", str(vae_path), "--device", a.device, "--out",
-         str(results / "hybrid"), *data]
-    )
+    touched = [cls_path, cls_path.with_suffix(".json"), vae_path, vae_path.with_suffix(".json"),
+               out / "MODEL_CARD.md", out / "SHA256SUMS", results / "classifier_training" / "densenet121_metrics.csv",
+               *(results / name for name in ("vae_calibration", "classifier", "hybrid"))]
     command = "python scripts/ship_models.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    card = model_card(load_classifier(cls_path)[1], load_vae(vae_path)[1], cls_metrics, hybrid, calibration, command)
-    atomic_write_text(out / "MODEL_CARD.md", card)
-    shipped = sorted(
-        f for f in out.iterdir() if f.suffix in (".safetensors", ".json") and f.stem in ("densenet121", "convvae")
-    )
-    atomic_write_text(out / "SHA256SUMS", "".join(f"{file_sha256(f)}  {f.name}\n" for f in shipped))
+    try:
+        with restored_on_failure(touched):
+            log = ship_and_evaluate(a, source_meta, cls_path, vae_path, results, command)
+    except (FileNotFoundError, CheckpointError) as exc:
+        sys.exit(f"error: {exc}\nnothing was shipped: the previous model files and results are back in place")
     print(f"wrote {cls_path}, {vae_path}, {out / 'MODEL_CARD.md'} and {log}")
 
 

@@ -243,3 +243,32 @@ def test_inference_applies_the_checkpoints_colour_constancy(tiny_checkpoints, re
     without = model(Preprocess.from_meta(meta).normalize(pixels)).softmax(1)[0, 1]
     assert prediction.prob_malignant == pytest.approx(float(expected), abs=1e-4)
     assert abs(float(expected) - float(without)) > 1e-4  # the check can tell the two apart
+
+
+def test_a_failed_ship_puts_the_previous_model_and_results_back(tmp_path, tiny_checkpoints):
+    import importlib
+
+    from classifiers.models import create_model
+    from data.checkpoint import save_checkpoint
+
+    ship = importlib.import_module("scripts.ship_models")
+    meta = {"kind": "classifier", "arch": "densenet121", "arch_kwargs": {}, "class_names": ["benign", "malignant"],
+            **preprocess_meta(32), "malignant_threshold": 0.5, "threshold_split": "val"}
+    save_checkpoint(tmp_path / "run" / "best", create_model("densenet121", img_size=32), meta)
+    (tmp_path / "run" / "metrics.csv").write_text("epoch,train_loss,val_auc\n1,0.6,0.7\n")
+    shipped, results = tmp_path / "shipped", tmp_path / "results"
+    before = {shipped / "densenet121.safetensors": b"old weights", shipped / "MODEL_CARD.md": b"old card",
+              results / "hybrid" / "comparison_metrics.csv": b"old hybrid table"}
+    for path, content in before.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:  # calibration finds no manifest, after the new weights were written
+        ship.main(["--classifier", str(tmp_path / "run" / "best.safetensors"), "--vae", str(tiny_checkpoints[1]),
+                   "--out", str(shipped), "--results-dir", str(results), "--manifest", str(tmp_path / "missing.csv"),
+                   "--device", "cpu"])
+    err = str(exit_info.value.code)
+    assert "missing.csv: manifest not found" in err and "the previous model files and results are back" in err
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in shipped.iterdir()) == ["MODEL_CARD.md", "densenet121.safetensors"]
+    assert not (results / "classifier_training" / "densenet121_metrics.csv").exists()
+    assert not (results / "vae_calibration").exists()
