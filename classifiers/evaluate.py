@@ -60,12 +60,20 @@ def training_manifest(meta: dict, manifests: Path = ROOT / "data" / "manifests")
     return own if meta.get("manifest") and own.is_file() else manifests / "original.csv"
 
 
+def recorded_training_manifest(meta: dict, manifests: Path = ROOT / "data" / "manifests") -> Path | None:
+    """The manifest the checkpoint was trained on, if it is still here unchanged (its sha256 is the recorded one):
+    looked up by name in `manifests`, then at the path its training command was given (e.g. a grid's own folder)."""
+    name, path = meta.get("manifest"), (meta.get("train_args") or {}).get("manifest")
+    candidates = ([manifests / name] if name else []) + ([ROOT / path] if path else [])  # ROOT / absolute = absolute
+    return next((c for c in candidates if c.is_file() and file_sha256(c) == meta.get("manifest_sha256")), None)
+
+
 def check_no_training_overlap(meta: dict, df: pd.DataFrame, manifests: Path = ROOT / "data" / "manifests") -> None:
     """Refuse to score images the checkpoint saw in `fit` or `val` (e.g. ISIC 2017 train rows, `external` in the
-    original manifest, scored by a model trained on the mixed one). Checked when the training manifest named in
-    the sidecar is here with the recorded sha256."""
-    train_manifest = manifests / str(meta.get("manifest", ""))
-    if not train_manifest.is_file() or file_sha256(train_manifest) != meta.get("manifest_sha256"):
+    original manifest, scored by a model trained on the mixed one). Checked when the training manifest is found
+    unchanged (`recorded_training_manifest`)."""
+    train_manifest = recorded_training_manifest(meta, manifests)
+    if train_manifest is None:
         return
     trained = read_manifest(train_manifest).query("split in ('fit', 'val')")
     seen = df["path"].isin(set(trained["path"]))

@@ -175,6 +175,11 @@ def test_evaluation_refuses_images_the_checkpoint_was_trained_on(original: pd.Da
         check_no_training_overlap(meta, isic_train_as_external)
     check_no_training_overlap(meta, original[original["split"].isin(["test"])])  # held-out rows pass
     check_no_training_overlap({**meta, "manifest_sha256": "0" * 64}, isic_train_as_external)  # unverifiable: skip
+    # A manifest outside data/manifests (a grid's own folder) is found at the path its training command recorded.
+    elsewhere = {"manifest": "renamed.csv", "manifest_sha256": meta["manifest_sha256"],
+                 "train_args": {"manifest": str(MIXED_MANIFEST.resolve())}}
+    with pytest.raises(TrainingOverlap, match="fit/val splits of mixed.csv"):
+        check_no_training_overlap(elsewhere, isic_train_as_external)
 
 
 @pytest.mark.real_data
