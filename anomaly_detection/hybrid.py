@@ -151,7 +151,7 @@ class OnnxBackend:
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle ORT threads would spin against torch's OpenMP pool (decode and resize run in torch): on 16 cores that
-        # made one image take 212 ms instead of 16 (README, "On one GPU"); without spinning they sleep.
+        # made one image take 212 ms instead of 20 (README, "On one GPU"); without spinning they sleep.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         self.cls, self.vae = (ort.InferenceSession(str(f), options, providers=providers) for f in files)

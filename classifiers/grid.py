@@ -331,7 +331,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
         out[f"{prefix} AUC (95% CI)"] = auc_cells(table, prefix)
         out[f"{prefix} sens"] = table[f"{prefix}_sensitivity"]
         out[f"{prefix} spec"] = table[f"{prefix}_specificity"]
-    out["training minutes"] = [f"{m:.0f}" if pd.notna(m) else "" for m in table["train_minutes"]]
+    out["training minutes"] = [f"{m:.1f}" if pd.notna(m) else "" for m in table["train_minutes"]]
     return out
 
 

@@ -1,7 +1,7 @@
 """Seven-class HAM10000 (akiec, bcc, bkl, df, mel, nv, vasc): a baseline classifier against the same classifier
 trained with per-class synthetic images for the minority diagnoses, from generators conditioned on the diagnosis.
 
-    # CPU (2 cores): a DCGAN conditioned on dx (about 40 minutes on one thread), then the arms side by side
+    # CPU (2 cores): a DCGAN conditioned on dx (about an hour on one thread), then the arms side by side
     python generators/train.py --model dcgan --preset cpu --target dx --threads 1
     python classifiers/seven_class.py --arms baseline --threads 1 &
     python classifiers/seven_class.py --arms dcgan --threads 1 &

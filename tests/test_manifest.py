@@ -194,3 +194,25 @@ def test_assert_grouped_raises_on_a_crossing_group():
         assert_grouped(df.assign(split=["fit", "val", "val"]))
     with pytest.raises(AssertionError, match="patient_id"):
         assert_grouped(df.assign(lesion_id=["a", "b", "c"], patient_id=["p", "q", "p"]))
+
+
+def test_data_subset_keeps_whole_lesions_and_loads_like_the_full_data(real_data: Path, tmp_path: Path):
+    import importlib
+
+    from data.prepare import build_manifest
+
+    subset = importlib.import_module("scripts.make_data_subset")
+    out = tmp_path / "subset"
+    subset.main(["--data-root", str(real_data), "--out", str(out), "--ham-train", "60", "--ham-test", "20",
+                 "--isic-train", "4", "--isic-val", "6"])
+    full = pd.read_csv(real_data / "ham10000" / "labels.csv")
+    ham = pd.read_csv(out / "ham10000" / "labels.csv")
+    assert list(ham.columns) == list(full.columns)
+    for split, rows in ham.groupby("split"):
+        whole = full[(full["split"] == split) & full["lesion_id"].isin(rows["lesion_id"])]
+        assert sorted(rows["image_id"]) == sorted(whole["image_id"])  # every image of each chosen lesion
+    assert 40 <= (ham["split"] == "train").sum() <= 90
+    df = build_manifest(out)  # the loaders read it like the full data (md5 and all)
+    assert len(df) == len(ham) + 10 and set(df["split"]) == {"fit", "val", "calib", "test", "external"}
+    with pytest.raises(SystemExit, match="exists"):
+        subset.main(["--data-root", str(real_data), "--out", str(out)])
