@@ -14,8 +14,9 @@ architectures with the same resamples); confusion matrices and Grad-CAM gallerie
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 
@@ -30,6 +31,8 @@ from data.manifest import file_sha256  # noqa: E402
 from evaluation import plots  # noqa: E402
 from evaluation.metrics import auc, bootstrap_aucs, ci  # noqa: E402
 from generators.configs import CONFIGS  # noqa: E402
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "all_malignant_baseline"
@@ -99,6 +102,25 @@ def mark(run: Path, train_args: list[str], arch: str, config: str, seed: int, do
     record = {"arch": arch, "config": config, "seed": seed, "train_args": train_args,
               "best_sha256": file_sha256(run / "best.safetensors") if done else None}
     atomic_write_text(run / "grid.json", json.dumps(record, indent=2) + "\n")
+
+
+def train_and_evaluate(run: Path, recorded_args: list[str], train_argv: list[str], arch: str, config: str, seed: int,
+                       evaluate: Callable[[], T], label: str) -> T | None:
+    """One model of a grid, resumably: skip it when done; else record it (grid.json with `recorded_args`), train or
+    resume it (`classifiers/train.py train_argv`), evaluate it, and mark it done with its weights' sha256.
+    Returns evaluate's result, or None for a model that was already done."""
+    from classifiers import train
+
+    status = run_status(run, recorded_args)
+    print(f"== {label}: {status}", flush=True)
+    if status == "done":
+        return None
+    run.mkdir(parents=True, exist_ok=True)
+    mark(run, recorded_args, arch, config, seed)
+    train.main(train_argv)
+    result = evaluate()
+    mark(run, recorded_args, arch, config, seed, done=True)
+    return result
 
 
 def collect(runs_dir: Path, out: Path) -> pd.DataFrame:

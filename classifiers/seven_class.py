@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from classifiers import grid, train  # noqa: E402
+from classifiers import grid  # noqa: E402
 from classifiers.evaluate import check_no_training_overlap  # noqa: E402
 from classifiers.models import load_classifier  # noqa: E402
 from classifiers.predict import predict_proba  # noqa: E402
@@ -91,15 +91,10 @@ def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace, seed: 
                   "--arch", a.arch, "--img-size", str(a.img_size), "--epochs", str(a.epochs), "--patience",
                   str(a.epochs), "--epoch-size", str(a.epoch_size), "--seed", str(seed),
                   *(["--limit", str(a.limit)] if a.limit else [])]
-    status = grid.run_status(run, train_args)
-    print(f"== {arm}: {status}")
-    if status == "done":
-        return
-    grid.mark(run, train_args, a.arch, f"dx7_{arm}", seed)
-    train.main([*train_args, "--resume", "--device", a.device,
-                *(["--threads", str(a.threads)] if a.threads else []), *(["--no-progress"] if a.no_progress else [])])
-    predictions(run, manifest, device)
-    grid.mark(run, train_args, a.arch, f"dx7_{arm}", seed, done=True)
+    runtime = ["--device", a.device, *(["--threads", str(a.threads)] if a.threads else []),
+               *(["--no-progress"] if a.no_progress else [])]
+    grid.train_and_evaluate(run, train_args, [*train_args, "--resume", *runtime], a.arch, f"dx7_{arm}", seed,
+                            lambda: predictions(run, manifest, device), arm)
 
 
 def predictions(run: Path, manifest: Path, device: torch.device) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from classifiers import grid, train  # noqa: E402
+from classifiers import grid  # noqa: E402
 from classifiers.evaluate import evaluate  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
 from data.runtime import pick_device, setup_cpu  # noqa: E402
@@ -71,16 +71,12 @@ def main(argv: list[str] | None = None) -> None:
                 run = runs / name
                 args = ["--arch", arch, "--config", config, "--manifest", str(manifest), "--out", str(run),
                         "--seed", str(a.seed), *flags(cls["budget"])]
-                status = grid.run_status(run, as_recorded(args))
-                print(f"== {name}: {status}", flush=True)
-                if status == "done":
+                metrics = grid.train_and_evaluate(
+                    run, as_recorded(args), [*args, *runtime, "--resume"], arch, config, a.seed,
+                    lambda: evaluate([str(run / "best.safetensors")], eval_df, run / "evaluation", device,
+                                     model_name=name, plot=False), name)
+                if metrics is None:
                     continue
-                run.mkdir(parents=True, exist_ok=True)
-                grid.mark(run, as_recorded(args), arch, config, a.seed)
-                train.main([*args, *runtime, "--resume"])
-                metrics = evaluate([str(run / "best.safetensors")], eval_df, run / "evaluation", device,
-                                   model_name=name, plot=False)
-                grid.mark(run, as_recorded(args), arch, config, a.seed, done=True)
                 table = grid.collect(runs, results)
                 shown = metrics[metrics["model"] == name]
                 print(shown[["dataset", "split", "n", "auc", "auc_ci_low", "auc_ci_high", "sensitivity",
