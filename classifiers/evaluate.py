@@ -64,7 +64,8 @@ def recorded_training_manifest(meta: dict, manifests: Path = ROOT / "data" / "ma
     """The manifest the checkpoint was trained on, if it is still here unchanged (its sha256 is the recorded one):
     looked up by name in `manifests`, then at the path its training command was given (e.g. a grid's own folder)."""
     name, path = meta.get("manifest"), (meta.get("train_args") or {}).get("manifest")
-    candidates = ([manifests / name] if name else []) + ([ROOT / path] if path else [])  # ROOT / absolute = absolute
+    # A relative path was relative to where training ran: try the repository root and the current folder.
+    candidates = ([manifests / name] if name else []) + ([ROOT / path, Path(path)] if path else [])
     return next((c for c in candidates if c.is_file() and file_sha256(c) == meta.get("manifest_sha256")), None)
 
 

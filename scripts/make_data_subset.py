@@ -23,12 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def by_lesion(part: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """About n rows of `part`: whole lesions, drawn per dx in proportion to its share of the lesions."""
-    if n >= len(part):
-        return part
+    """About n rows of `part`: whole lesions, drawn per dx in proportion to its share of the lesions, at least one
+    lesion of every dx (so a seven-class run still sees every class)."""
+    if n >= len(part) or n == 0:
+        return part.iloc[:n]  # all of it, or none
     lesions = part.drop_duplicates("lesion_id")
     fraction = n / len(part)
-    chosen = pd.concat(group.sample(frac=fraction, random_state=seed) for _, group in lesions.groupby("dx"))
+    chosen = pd.concat(group.sample(max(1, round(fraction * len(group))), random_state=seed)
+                       for _, group in lesions.groupby("dx"))
     return part[part["lesion_id"].isin(chosen["lesion_id"])]
 
 
@@ -44,15 +46,22 @@ def copy(rows: pd.DataFrame, source: Path, out: Path) -> None:
     rows.to_csv(out / "labels.csv", index=False)
 
 
+def count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: a count of images cannot be negative")
+    return n
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
                    help="folder holding ham10000/ and isic2017/")
     p.add_argument("--out", required=True, help="new data root (must not exist yet)")
-    p.add_argument("--ham-train", type=int, default=520, help="about this many HAM10000 train images (whole lesions)")
-    p.add_argument("--ham-test", type=int, default=160, help="about this many HAM10000 test images (whole lesions)")
-    p.add_argument("--isic-train", type=int, default=60, help="ISIC 2017 train images (random)")
-    p.add_argument("--isic-val", type=int, default=150, help="ISIC 2017 val images (random; 150 is all of them)")
+    p.add_argument("--ham-train", type=count, default=520, help="about this many HAM10000 train images (whole lesions)")
+    p.add_argument("--ham-test", type=count, default=160, help="about this many HAM10000 test images (whole lesions)")
+    p.add_argument("--isic-train", type=count, default=60, help="ISIC 2017 train images (random)")
+    p.add_argument("--isic-val", type=count, default=150, help="ISIC 2017 val images (random; 150 is all of them)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw")
     a = p.parse_args(argv)
     source, out = Path(a.data_root), Path(a.out)
@@ -60,17 +69,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {source}/ham10000/labels.csv not found; --data-root must hold ham10000/ (and isic2017/)")
     if out.exists():
         sys.exit(f"error: {out} exists; choose a new folder")
+    partial = out.with_name(out.name + ".partial")  # renamed to `out` once complete, so a failed copy can be rerun
+    shutil.rmtree(partial, ignore_errors=True)
     ham = pd.read_csv(source / "ham10000" / "labels.csv")
     ham = pd.concat([by_lesion(ham[ham["split"] == "train"], a.ham_train, a.seed),
                      by_lesion(ham[ham["split"] == "test"], a.ham_test, a.seed)])
-    copy(ham, source / "ham10000", out / "ham10000")
     counts = {"ham10000": ham}
     if (source / "isic2017" / "labels.csv").is_file():
         isic = pd.read_csv(source / "isic2017" / "labels.csv")
-        isic = pd.concat([sample(isic[isic["split"] == "train"], a.isic_train, a.seed),
-                          sample(isic[isic["split"] == "val"], a.isic_val, a.seed)])
-        copy(isic, source / "isic2017", out / "isic2017")
-        counts["isic2017"] = isic
+        counts["isic2017"] = pd.concat([sample(isic[isic["split"] == "train"], a.isic_train, a.seed),
+                                        sample(isic[isic["split"] == "val"], a.isic_val, a.seed)])
+    try:
+        for name, rows in counts.items():
+            copy(rows, source / name, partial / name)
+    except OSError as exc:
+        sys.exit(f"error: {exc}")
+    partial.rename(out)
     for name, rows in counts.items():
         print(f"{name}: " + ", ".join(f"{split} {len(g)} ({(g['label'] == 'malignant').sum()} malignant)"
                                       for split, g in rows.groupby("split")))

@@ -62,27 +62,37 @@ def ship(source: str, target: Path, loader) -> None:
 @contextmanager
 def restored_on_failure(paths: list[Path]) -> Iterator[None]:
     """Back up `paths` (files or folders; missing ones are noted as missing); if the block raises, even SystemExit or
-    KeyboardInterrupt, put every one back as it was (a path that did not exist is removed)."""
+    KeyboardInterrupt, put every one back as it was (a path that did not exist is removed) and say so on stderr.
+    A path that cannot be put back is named, and the backup is then kept for the user to restore by hand."""
     backup = Path(tempfile.mkdtemp(prefix="ship-backup-"))
     saved = {}
     for i, path in enumerate(paths):
-        if path.is_dir():
-            saved[path] = shutil.copytree(path, backup / str(i))
-        elif path.exists():
-            saved[path] = shutil.copy2(path, backup / str(i))
+        if path.is_dir() and not path.is_symlink():
+            saved[path] = shutil.copytree(path, backup / str(i), symlinks=True)
+        elif path.exists() or path.is_symlink():
+            saved[path] = shutil.copy2(path, backup / str(i), follow_symlinks=False)
     try:
         yield
     except BaseException:
+        failed = []
         for path in paths:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-            if path in saved:
-                shutil.move(saved[path], path)
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+                if path in saved:
+                    shutil.move(saved[path], path)
+            except OSError as exc:
+                failed.append(f"{path} ({exc})")
+        if failed:
+            print(f"shipping failed, and these could not be put back: {'; '.join(failed)}. "
+                  f"The previous versions are in {backup}", file=sys.stderr)
+        else:
+            print("shipping failed: the previous model files and results are back in place", file=sys.stderr)
+            shutil.rmtree(backup, ignore_errors=True)
         raise
-    finally:
-        shutil.rmtree(backup, ignore_errors=True)
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def copy_training_log(classifier: str, results: Path) -> Path:
@@ -216,7 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results-dir", default=str(ROOT / "results"), help="where the evaluation outputs go")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (evaluation)")
     a = p.parse_args(argv)
-    source_meta = load_classifier(a.classifier)[1]
+    try:
+        source_meta = load_classifier(a.classifier)[1]
+    except (FileNotFoundError, CheckpointError) as exc:
+        p.error(str(exc))
     if source_meta["arch"] != "densenet121":
         p.error(f"{a.classifier} is a {source_meta['arch']}; the shipped hybrid's classifier is a DenseNet-121")
     out, results = Path(a.out), Path(a.results_dir)
@@ -228,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with restored_on_failure(touched):
             log = ship_and_evaluate(a, source_meta, cls_path, vae_path, results, command)
-    except (FileNotFoundError, CheckpointError) as exc:
-        sys.exit(f"error: {exc}\nnothing was shipped: the previous model files and results are back in place")
+    except (FileNotFoundError, CheckpointError, ValueError) as exc:  # ValueError: ManifestError, TrainingOverlap
+        sys.exit(f"error: {exc}")
     print(f"wrote {cls_path}, {vae_path}, {out / 'MODEL_CARD.md'} and {log}")
 
 

@@ -250,7 +250,8 @@ def test_inference_applies_the_checkpoints_colour_constancy(tiny_checkpoints, re
     assert abs(float(expected) - float(without)) > 1e-4  # the check can tell the two apart
 
 
-def test_a_failed_ship_puts_the_previous_model_and_results_back(tmp_path, tiny_checkpoints):
+def test_a_failed_ship_puts_the_previous_model_and_results_back(tmp_path, tiny_checkpoints, tiny_manifest,
+                                                               monkeypatch, capsys):
     import importlib
 
     from classifiers.models import create_model
@@ -267,13 +268,21 @@ def test_a_failed_ship_puts_the_previous_model_and_results_back(tmp_path, tiny_c
     for path, content in before.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
-    with pytest.raises(SystemExit) as exit_info:  # calibration finds no manifest, after the new weights were written
+
+    def hybrid_step_fails(argv):  # the last step, after calibration and evaluation have written their results
+        assert (results / "vae_calibration" / "calibration.json").is_file()  # the earlier steps did write
+        assert (results / "classifier" / "metrics.csv").is_file() and (shipped / "convvae.json").is_file()
+        (results / "hybrid" / "comparison_metrics.csv").write_text("half-written")
+        raise ValueError("the hybrid evaluation broke")
+
+    monkeypatch.setattr(ship.evaluate_hybrid, "main", hybrid_step_fails)
+    with pytest.raises(SystemExit) as exit_info:
         ship.main(["--classifier", str(tmp_path / "run" / "best.safetensors"), "--vae", str(tiny_checkpoints[1]),
-                   "--out", str(shipped), "--results-dir", str(results), "--manifest", str(tmp_path / "missing.csv"),
+                   "--out", str(shipped), "--results-dir", str(results), "--manifest", str(tiny_manifest),
                    "--device", "cpu"])
-    err = str(exit_info.value.code)
-    assert "missing.csv: manifest not found" in err and "the previous model files and results are back" in err
+    assert str(exit_info.value.code) == "error: the hybrid evaluation broke"
+    assert "the previous model files and results are back in place" in capsys.readouterr().err
     assert {path: path.read_bytes() for path in before} == before
     assert sorted(p.name for p in shipped.iterdir()) == ["MODEL_CARD.md", "densenet121.safetensors"]
-    assert not (results / "classifier_training" / "densenet121_metrics.csv").exists()
-    assert not (results / "vae_calibration").exists()
+    assert sorted(p.name for p in results.iterdir()) == ["classifier_training", "hybrid"]  # the new folders are gone
+    assert not any((results / "classifier_training").iterdir())

@@ -212,6 +212,8 @@ def test_data_subset_keeps_whole_lesions_and_loads_like_the_full_data(real_data:
         whole = full[(full["split"] == split) & full["lesion_id"].isin(rows["lesion_id"])]
         assert sorted(rows["image_id"]) == sorted(whole["image_id"])  # every image of each chosen lesion
     assert 40 <= (ham["split"] == "train").sum() <= 90
+    for split in ("train", "test"):  # every diagnosis keeps at least one lesion, even at 20 images
+        assert set(ham.loc[ham["split"] == split, "dx"]) == set(full.loc[full["split"] == split, "dx"])
     df = build_manifest(out)  # the loaders read it like the full data (md5 and all)
     assert len(df) == len(ham) + 10 and set(df["split"]) == {"fit", "val", "calib", "test", "external"}
     with pytest.raises(SystemExit, match="exists"):
