@@ -53,13 +53,6 @@ class TrainingOverlap(ValueError):
     """Evaluation rows that the checkpoint was trained or selected on."""
 
 
-def training_manifest(meta: dict, manifests: Path = ROOT / "data" / "manifests") -> Path:
-    """The manifest the checkpoint was trained on (when it is here), else `original.csv`: the default evaluation
-    manifest of every CLI, so that its held-out splits are the checkpoint's own."""
-    own = manifests / str(meta.get("manifest", ""))
-    return own if meta.get("manifest") and own.is_file() else manifests / "original.csv"
-
-
 def recorded_training_manifest(meta: dict, manifests: Path = ROOT / "data" / "manifests") -> Path | None:
     """The manifest the checkpoint was trained on, if it is still here unchanged (its sha256 is the recorded one):
     looked up by name in `manifests`, then at the path its training command was given (e.g. a grid's own folder)."""
@@ -67,6 +60,14 @@ def recorded_training_manifest(meta: dict, manifests: Path = ROOT / "data" / "ma
     # A relative path was relative to where training ran: try the repository root and the current folder.
     candidates = ([manifests / name] if name else []) + ([ROOT / path, Path(path)] if path else [])
     return next((c for c in candidates if c.is_file() and file_sha256(c) == meta.get("manifest_sha256")), None)
+
+
+def training_manifest(meta: dict, manifests: Path = ROOT / "data" / "manifests") -> Path:
+    """The default evaluation manifest of every CLI, so that its held-out splits are the checkpoint's own: the one
+    it was trained on (`recorded_training_manifest`), else one of that name in `manifests`, else `original.csv`."""
+    named = manifests / str(meta.get("manifest", ""))
+    return (recorded_training_manifest(meta, manifests)
+            or (named if meta.get("manifest") and named.is_file() else manifests / "original.csv"))
 
 
 def check_no_training_overlap(meta: dict, df: pd.DataFrame, manifests: Path = ROOT / "data" / "manifests") -> None:

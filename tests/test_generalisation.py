@@ -166,7 +166,7 @@ def test_matrix_cli_runs_on_a_small_real_subset(tmp_path: Path, original: pd.Dat
 
 @pytest.mark.real_data
 def test_evaluation_refuses_images_the_checkpoint_was_trained_on(original: pd.DataFrame):
-    from classifiers.evaluate import TrainingOverlap, check_no_training_overlap
+    from classifiers.evaluate import TrainingOverlap, check_no_training_overlap, training_manifest
     from data.manifest import file_sha256
 
     meta = {"manifest": "mixed.csv", "manifest_sha256": file_sha256(MIXED_MANIFEST)}
@@ -180,6 +180,7 @@ def test_evaluation_refuses_images_the_checkpoint_was_trained_on(original: pd.Da
                  "train_args": {"manifest": str(MIXED_MANIFEST.resolve())}}
     with pytest.raises(TrainingOverlap, match="fit/val splits of mixed.csv"):
         check_no_training_overlap(elsewhere, isic_train_as_external)
+    assert training_manifest(elsewhere) == MIXED_MANIFEST.resolve()  # and the CLIs evaluate on it by default
 
 
 @pytest.mark.real_data
