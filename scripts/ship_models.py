@@ -41,6 +41,7 @@ from data.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 from data.manifest import file_sha256, read_manifest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+TRAINING_LOG = Path("classifier_training") / "densenet121_metrics.csv"  # under --results-dir
 NAMES = {
     "ham10000/test": "HAM10000 test",
     "isic2017/external-val": "ISIC 2017 val (external)",
@@ -101,7 +102,7 @@ def copy_training_log(classifier: str, results: Path) -> Path:
     if not log.is_file():
         raise FileNotFoundError(f"{log}: the classifier's run folder has no training log (metrics.csv); "
                                 "ship a run's best.safetensors")
-    out = results / "classifier_training" / "densenet121_metrics.csv"
+    out = results / TRAINING_LOG
     atomic_write_text(out, log.read_text())
     return out
 
@@ -235,8 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     out, results = Path(a.out), Path(a.results_dir)
     cls_path, vae_path = out / "densenet121.safetensors", out / "convvae.safetensors"
     touched = [cls_path, cls_path.with_suffix(".json"), vae_path, vae_path.with_suffix(".json"),
-               out / "MODEL_CARD.md", out / "SHA256SUMS", results / "classifier_training" / "densenet121_metrics.csv",
-               *(results / name for name in ("vae_calibration", "classifier", "hybrid"))]
+               out / "MODEL_CARD.md", out / "SHA256SUMS", results / TRAINING_LOG,
+               *(results / name for name in ("vae_calibration", "classifier", "hybrid"))]  # steps 2-4's --out
     command = "python scripts/ship_models.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         with restored_on_failure(touched):
