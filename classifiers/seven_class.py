@@ -8,6 +8,7 @@ trained with per-class synthetic images for the minority diagnoses, from generat
     python classifiers/seven_class.py --arms baseline_seed1 --threads 1     # the noise floor, when a core is free
     python classifiers/seven_class.py --report-only            # once both are done: the tables and figures
     # a DDPM arm: train it with --target dx, then add --generator ddpm=runs/generators/ddpm_dx_cpu_s0/model.safetensors
+    # (with --bf16 its DDIM-50 sampling runs in bf16 autocast)
     # one GPU: the same with --device cuda --img-size 224 --epochs 20; several GPUs: one --arms process per GPU
 
 Arms: `baseline` trains on HAM10000's real `fit` images; `baseline_seed1` is the same with another seed (the noise
@@ -56,7 +57,7 @@ def manifest_path(work: Path, arm: str) -> Path:
 
 
 def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, ratio: float, seed: int,
-                 device: torch.device, progress: bool = True) -> Path:
+                 device: torch.device, progress: bool = True, bf16: bool = False) -> Path:
     """The baseline's manifest (HAM10000 rows of `original`), or it plus `checkpoint`'s samples in fit."""
     base = read_manifest(original)
     base = base[base["dataset"] == "ham10000"] if "dataset" in base else base
@@ -76,7 +77,7 @@ def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, 
     info = sample.provenance(checkpoint, meta, "ddim", None, None)
     try:  # samples already there (a killed run) are reused when the same generator and seed made them
         synthetic = sample.sample_to_folder(model.to(device), meta, counts, work / "synthetic" / arm, seed=seed,
-                                            progress=progress, info=info)
+                                            autocast=bf16 and meta["kind"] == "ddpm", progress=progress, info=info)
     except sample.SampleFolderError as exc:
         raise SystemExit(f"error: {exc}") from None
     df = configs.add_synthetic(base, synthetic, meta["kind"], ratio, seed, column="dx")
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     p.add_argument("--out", default=str(ROOT / "results" / "seven_class"), help="tables and figures")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the arms that are done")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the CIs")
+    p.add_argument("--bf16", action="store_true",
+                   help="DDPM arms: sample with bf16 autocast (faster on CPUs and GPUs with bf16; recorded with the "
+                        "samples, which a later run with another setting refuses to mix in)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -238,7 +242,8 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
         if not grid.is_done(work / arm):  # a finished arm needs neither its generator nor its samples again
             if checkpoint is not None and not checkpoint.is_file():
                 sys.exit(f"error: {checkpoint}: no generator checkpoint for arm {arm!r} (see the commands above)")
-            arm_manifest(Path(a.original), data_arm, checkpoint, work, a.ratio, a.seed, device, not a.no_progress)
+            arm_manifest(Path(a.original), data_arm, checkpoint, work, a.ratio, a.seed, device, not a.no_progress,
+                         a.bf16)
         train_arm(arm, manifest, work / arm, a, replicas.get(arm, a.seed), device)
     done = {arm: pd.read_csv(work / arm / "evaluation" / "predictions.csv") for arm in all_arms
             if grid.is_done(work / arm)}

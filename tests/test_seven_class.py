@@ -149,3 +149,21 @@ def test_seven_class_cli_on_real_images(original, tmp_path):
     (tmp_path / "work" / "dcgan" / "grid.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="arm dcgan was trained with another recipe"):
         seven_class.main([*args, "--report-only"])
+
+
+@pytest.mark.real_data
+def test_ddpm_arm_samples_in_bf16_when_asked_and_never_mixes_settings(original, tmp_path):
+    fit = original[(original["dataset"] == "ham10000") & (original["split"] == "fit")]
+    fit = pd.concat([fit.groupby("dx").head(1), fit[fit["dx"] == "nv"][1:3]])  # nv 3, every other diagnosis 1
+    manifest = tmp_path / "original.csv"
+    write_manifest(fit, manifest)
+    gen_train.main(["--model", "ddpm", "--preset", "smoke", "--target", "dx", "--manifest", str(manifest),
+                    "--out", str(tmp_path / "g"), "--threads", "1", "--no-progress"])
+    arm = [manifest, "ddpm", tmp_path / "g" / "model.safetensors", tmp_path / "work", 1.0, 0, torch.device("cpu"),
+           False]
+    path = seven_class.arm_manifest(*arm, bf16=True)
+    provenance = json.loads((tmp_path / "work" / "synthetic" / "ddpm" / "provenance.json").read_text())
+    assert provenance["autocast"] is True and provenance["source"] == "ddpm"
+    assert (read_manifest(path).query("source != 'real'")["dx"].value_counts() == 2).all()  # topped up to nv's 3
+    with pytest.raises(SystemExit, match="autocast differ"):  # fp32 samples never join bf16 ones
+        seven_class.arm_manifest(*arm, bf16=False)
