@@ -63,10 +63,12 @@ def ship(source: str, target: Path, loader) -> None:
 @contextmanager
 def restored_on_failure(paths: list[Path]) -> Iterator[None]:
     """Back up `paths` (files or folders; missing ones are noted as missing); if the block raises, even SystemExit or
-    KeyboardInterrupt, put every one back as it was (a path that did not exist is removed) and say so on stderr.
-    A path that cannot be put back is named, and the backup is then kept for the user to restore by hand."""
+    KeyboardInterrupt, put every one back as it was (a path that did not exist is removed, and so are the folders
+    made for it, when empty) and say so on stderr. A path that cannot be put back is named, and the backup is then
+    kept for the user to restore by hand."""
     backup = Path(tempfile.mkdtemp(prefix="ship-backup-"))
     saved = {}
+    made = {folder for path in paths for folder in path.absolute().parents if not folder.exists()}
     for i, path in enumerate(paths):
         if path.is_dir() and not path.is_symlink():
             saved[path] = shutil.copytree(path, backup / str(i), symlinks=True)
@@ -86,6 +88,9 @@ def restored_on_failure(paths: list[Path]) -> Iterator[None]:
                     shutil.move(saved[path], path)
             except OSError as exc:
                 failed.append(f"{path} ({exc})")
+        for folder in sorted(made, key=lambda f: len(f.parts), reverse=True):  # the deepest first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         if failed:
             print(f"shipping failed, and these could not be put back: {'; '.join(failed)}. "
                   f"The previous versions are in {backup}", file=sys.stderr)
