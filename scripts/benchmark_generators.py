@@ -8,12 +8,14 @@
 
 Models have the preset's architecture and random weights (speed does not depend on the weights) and train on random
 uint8 images of the real size. Sampling runs DDIM (--ddim-steps) and ancestral DDPM (--ddpm-steps) on the same UNet
-and batch, one after the other in this run, and prints both with their ratio. Timings drift by 2x or more on
-shared machines: compare numbers from one run.
+and batch, one after the other in this run, and prints both with their ratio; then DDIM again with the UNet in
+channels_last (NHWC), the layout generators/sample.py loads it in, against the default layout. Timings drift by 2x
+or more on shared machines: compare numbers from one run.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -80,6 +82,10 @@ def main() -> None:
         rates[sampler] = a.sample_batch / seconds
     print(f"sample DDIM-{a.ddim_steps}: {rates['ddim']:.3f} images/s | DDPM-{a.ddpm_steps}: {rates['ddpm']:.4f} "
           f"images/s | DDIM is {rates['ddim'] / rates['ddpm']:.1f}x faster (batch {a.sample_batch}, bf16 {autocast})")
+    nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last)  # the layout sample.load_generator gives
+    seconds = timed(lambda: ddpm.generate(nhwc, labels, gen, "ddim", a.ddim_steps, autocast=autocast), 3)
+    print(f"sample DDIM-{a.ddim_steps} channels_last: {a.sample_batch / seconds:.3f} images/s, "
+          f"{a.sample_batch / seconds / rates['ddim']:.2f}x the default layout above")
     dcgan = trainers["dcgan"]
     seconds = timed(lambda: dcgan.generate(torch.arange(64) % 2, gen), 3)
     print(f"sample DCGAN: {64 / seconds:.1f} images/s (batch 64)")
