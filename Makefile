@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test app bench clean-venv
+.PHONY: demo test app bench screenshot clean-venv
 
 $(STAMP): requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=python3.x)"; exit 1; }
@@ -25,6 +25,9 @@ app: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark_inference.py
+
+screenshot: $(STAMP)  # the demo with the shipped models in headless chromium -> results/screenshots/demo.png
+	MELANOMA_SCREENSHOT=results/screenshots/demo.png $(PY) -m pytest -q tests/test_browser.py
 
 clean-venv:
 	rm -rf $(VENV)

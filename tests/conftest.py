@@ -1,10 +1,12 @@
 """Shared test set-up: the repository on sys.path, the real datasets in ../shared/data, and a tiny real manifest.
 
 Tests marked `@pytest.mark.real_data` (or using the `real_data` fixture) are skipped with a reason when the
-datasets are absent, so unit tests still run on a machine without them.
+datasets are absent, so unit tests still run on a machine without them. With MELANOMA_REQUIRE_ALL_TESTS=1 (what
+.ci/run sets when the data is there) a skip of any kind fails instead: CI cannot pass by skipping.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +28,15 @@ NO_DATA_REASON = f"real datasets not found at {DATA_ROOT} (see README.md, Data)"
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("real_data") and not HAVE_DATA:
         pytest.skip(NO_DATA_REASON)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    report = (yield).get_result()
+    if report.skipped and os.environ.get("MELANOMA_REQUIRE_ALL_TESTS") == "1":
+        reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but MELANOMA_REQUIRE_ALL_TESTS=1: {reason.removeprefix('Skipped: ')}"
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,16 @@
 """End to end in a real headless browser: the Streamlit demo served on 127.0.0.1, Debian's chromium driven by
 Playwright for Python (no browser download), a real HAM10000 image uploaded, the verdict read off the page.
 
-The app uses the shipped checkpoints when both are present (then the screenshot goes to
-results/screenshots/demo.png) and the `tiny_checkpoints` fixture otherwise (screenshot in the test's tmp folder,
-so an untrained model's page never lands in results/). The expected verdict is recomputed here with
-HybridPredictor on the same file. Skipped with a reason when chromium or playwright is absent (.ci/run installs
-chromium with `apt-get install -y chromium`).
+The app uses the shipped checkpoints when both are present and the `tiny_checkpoints` fixture otherwise. The
+expected verdict is recomputed here with HybridPredictor on the same file. The screenshot goes to the test's tmp
+folder; `make screenshot` (MELANOMA_SCREENSHOT=results/screenshots/demo.png) refreshes the committed one, with the
+shipped models only, so an untrained model's page never lands in results/. Skipped with a reason when chromium or
+playwright is absent (.ci/run installs chromium with `apt-get install -y chromium`).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,8 +30,7 @@ from inference import DEFAULT_CLASSIFIER, DEFAULT_VAE
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "streamlit" / "app.py"
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = ROOT / "results" / "screenshots" / "demo.png"
+SCREENSHOT = os.environ.get("MELANOMA_SCREENSHOT")  # where to keep the picture of the page (make screenshot)
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync"]
 SERVER_START_S = 90
@@ -81,10 +81,14 @@ def serve(env: dict[str, str], log: Path) -> Iterator[str]:
 
 def test_upload_and_verdict_in_chromium(real_images: list[Path], tiny_checkpoints: tuple[Path, Path],
                                         tmp_path: Path) -> None:
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not found (install it with `apt-get install -y chromium`)")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not found on PATH (install it with `apt-get install -y chromium`)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
     shipped = DEFAULT_CLASSIFIER.is_file() and DEFAULT_VAE.is_file()
+    if SCREENSHOT and not shipped:
+        pytest.fail("MELANOMA_SCREENSHOT is set but the shipped checkpoints are missing: no demo picture of a "
+                    "random model")
     classifier, vae = (DEFAULT_CLASSIFIER, DEFAULT_VAE) if shipped else tiny_checkpoints
     image = real_images[2]
     torch.set_num_threads(1)
@@ -92,7 +96,7 @@ def test_upload_and_verdict_in_chromium(real_images: list[Path], tiny_checkpoint
     env = {"MELANOMA_CLASSIFIER": str(classifier), "MELANOMA_VAE": str(vae), "OMP_NUM_THREADS": "1"}
 
     with serve(env, tmp_path / "streamlit.log") as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS, timeout=60_000)
+        browser = pw.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS, timeout=60_000)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1250})
             page.goto(url, timeout=60_000)
@@ -103,7 +107,7 @@ def test_upload_and_verdict_in_chromium(real_images: list[Path], tiny_checkpoint
             assert page.get_by_text(f"P(malignant) = {expected.prob_malignant:.3f}").count() == 1
             page.get_by_text("Grad-CAM for 'malignant'").wait_for(timeout=VERDICT_MS)
             page.wait_for_timeout(1500)  # let the charts and images finish drawing before the picture
-            target = SCREENSHOT if shipped else tmp_path / "demo_tiny_checkpoints.png"
+            target = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "demo.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(".tmp.png")
             page.screenshot(path=str(partial), full_page=True, timeout=60_000)
