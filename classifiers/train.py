@@ -159,7 +159,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="testing aid: exit abruptly after this many optimizer steps, as a killed run would",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.folds is not None and (args.folds < 2 or not (args.fold is None or 0 <= args.fold < args.folds)):
+        p.error(f"--folds needs at least 2 folds and --fold in 0..{args.folds - 1}")
+    if args.fold is not None and args.folds is None:
+        p.error("--fold needs --folds")
+    return args
 
 
 def class_weights(targets: torch.Tensor, rule: str, n_classes: int) -> torch.Tensor | None:
@@ -230,10 +235,6 @@ def cross_validate(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.folds is not None and (args.folds < 2 or not (args.fold is None or 0 <= args.fold < args.folds)):
-        sys.exit(f"error: --folds needs at least 2 folds and --fold in 0..{args.folds - 1}")
-    if args.fold is not None and args.folds is None:
-        sys.exit("error: --fold needs --folds")
     if args.folds and args.fold is None:
         return cross_validate(argv, args)  # each fold's --out comes last, and argparse keeps the last
     from accelerate import Accelerator

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# A fresh preprocessing/ONNX cache per test session (subprocesses inherit it), never the repository's .cache/:
+# a stale export keyed by a seeded test checkpoint's hash would otherwise hide an export regression.
+MADE_CACHE = None if "MELANOMA_CACHE" in os.environ else tempfile.mkdtemp(prefix="melanoma-test-cache-")
+if MADE_CACHE:
+    os.environ["MELANOMA_CACHE"] = MADE_CACHE
 
 from data.manifest import read_manifest, write_manifest  # noqa: E402
 
@@ -105,3 +111,8 @@ def real_images(real_data: Path) -> list[Path]:
     """Four real HAM10000 test images: two benign, two malignant."""
     base = real_data / "ham10000" / "test"
     return sorted((base / "benign").glob("*.jpg"))[:2] + sorted((base / "malignant").glob("*.jpg"))[:2]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if MADE_CACHE:  # only the folder this session made, never a user's cache or an outer session's
+        shutil.rmtree(MADE_CACHE, ignore_errors=True)

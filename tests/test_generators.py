@@ -196,7 +196,7 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize("model", train.MODELS)
-def test_train_cli_resume_restores_everything_exactly(model, manifest, tmp_path, monkeypatch):
+def test_train_cli_resume_restores_everything_exactly(model, manifest, tmp_path, monkeypatch, capsys):
     straight = run(model, manifest, tmp_path / "straight", "--epochs", "2")
 
     def save_then_die(path, state):  # the process is killed right after the first epoch's state is written
@@ -208,7 +208,9 @@ def test_train_cli_resume_restores_everything_exactly(model, manifest, tmp_path,
         with pytest.raises(Killed):
             run(model, manifest, tmp_path / "resumed", "--epochs", "2")
     assert load_state(tmp_path / "resumed" / "state.pt")["epoch"] == 0
+    capsys.readouterr()
     resumed = run(model, manifest, tmp_path / "resumed", "--epochs", "2", "--resume")
+    assert "resumed from" in capsys.readouterr().out  # continued, not retrained from scratch (same seed, same end)
     a, b = load_state(tmp_path / "straight" / "state.pt"), load_state(tmp_path / "resumed" / "state.pt")
     assert a["epoch"] == b["epoch"] == 1 and a["trainer"]["steps"] == b["trainer"]["steps"] == 4
     assert_same_state(a["trainer"], b["trainer"])  # weights, EMA, optimizers, schedules, step
@@ -274,6 +276,7 @@ def test_up_images_made_from_the_plain_pngs_equal_generated_ones(smoke_checkpoin
     reused = sample.sample_to_folder(model, meta, counts, tmp_path / "reused", up, steps=2, batch_size=2,
                                      progress=False, upscale_from=tmp_path / "ddpm")
     assert not calls  # the DDPM did not run again
+    assert len(direct) == len(reused) == sum(counts.values()) > 0
     for a, b in zip(direct["path"], reused["path"]):
         assert Path(a).name == Path(b).name
         assert np.array_equal(np.array(Image.open(a)), np.array(Image.open(b)))
@@ -377,9 +380,6 @@ def test_quality_cli_with_a_classifier_extractor(manifest, tmp_path):
 
 @pytest.mark.real_data
 def test_smoke_training_on_real_fit_images(tmp_path):
-    original = Path(__file__).resolve().parents[1] / "data" / "manifests" / "original.csv"
-    if not (DATA / "ham10000").is_dir() or not original.is_file():
-        pytest.skip(f"real data not found at {DATA} (see README.md, Data)")
     result = train.main(["--model", "upscaler", "--preset", "smoke", "--out", str(tmp_path / "up"), "--threads", "1",
                          "--no-progress"])
     assert result["meta"]["output_size"] == 128 and result["meta"]["n_train_images"] == 16

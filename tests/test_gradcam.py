@@ -3,6 +3,7 @@ token grids in the right orientation, and the CLI's overlays and gallery. Models
 barely trained: the test is that the machinery works, not that the maps are clinically meaningful."""
 from __future__ import annotations
 
+import copy
 import functools
 import subprocess
 import sys
@@ -42,8 +43,13 @@ def ham_files() -> list[Path]:
     return sorted((HAM / "train" / "malignant").glob("*.jpg"))[:1]
 
 
-@functools.cache
 def model_for(arch: str) -> Classifier:
+    """A fresh copy of the nudged model below: a test may change its mode or hooks without reaching the next test."""
+    return copy.deepcopy(_nudged_model(arch))
+
+
+@functools.cache
+def _nudged_model(arch: str) -> Classifier:
     """A seeded random model, nudged by a few Adam steps until it calls the test images malignant (p > 0.9).
     Grad-CAM keeps only positive evidence, and an untrained model often has none for a class (an all-zero map)."""
     torch.manual_seed(0)

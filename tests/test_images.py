@@ -122,13 +122,16 @@ def write_bad(tmp_path: Path, kind: str) -> Path:
     return path  # "missing": never written
 
 
-@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "missing", "folder", "too_small", "gif",
-                                  "bomb_over_limit", "bomb_huge"])
-def test_bad_input_raises_image_error_naming_the_file(tmp_path: Path, kind: str):
+@pytest.mark.parametrize(("kind", "says"), [
+    ("truncated", "not a readable image"), ("empty", "empty file"), ("text", "not a readable image"),
+    ("missing", "file not found"), ("folder", "is a folder"), ("too_small", "4x4 is too small"),
+    ("gif", "unsupported format GIF"), ("bomb_over_limit", "9000x9000 exceeds the 64,000,000-pixel limit"),
+    ("bomb_huge", "possible decompression bomb")])
+def test_bad_input_raises_image_error_naming_the_file_and_the_fault(tmp_path: Path, kind: str, says: str):
     path = write_bad(tmp_path, kind)
     with pytest.raises(ImageError) as info:
         load_rgb(path)
-    assert path.name in str(info.value)
+    assert path.name in str(info.value) and says in str(info.value)
 
 
 def test_max_pixels_is_enforced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -120,7 +120,8 @@ def test_cli_subprocess_prints_no_traceback(tmp_path):
     bad.write_text("nope")
     proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--image", str(bad)], capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode in (1, 3)  # 3 when the shipped checkpoints are absent: checked before the image is read
+    shipped = inference.DEFAULT_CLASSIFIER.is_file() and inference.DEFAULT_VAE.is_file()
+    assert proc.returncode == (1 if shipped else 3)  # 3: no shipped checkpoints, checked before the image is read
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
 
 

@@ -71,7 +71,7 @@ def test_read_folder_with_split_folders(tmp_path: Path):
 def test_read_folder_with_split_argument_and_errors(tmp_path: Path):
     touch_image(tmp_path / "flat" / "malignant" / "x.png")
     assert list(read_folder(tmp_path / "flat", split="external")["split"]) == ["external"]
-    with pytest.raises(ManifestError, match="split"):
+    with pytest.raises(ManifestError, match="split folder None is not one of"):
         read_folder(tmp_path / "flat")
     touch_image(tmp_path / "bad" / "train" / "benign" / "y.png")
     with pytest.raises(ManifestError, match="'train'"):
@@ -88,7 +88,10 @@ def good_rows() -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("column,value,message", [
-    ("label", "maybe", "label"), ("split", "train", "split"), ("source", "gan", "source"), ("dx", "lentigo", "dx")])
+    ("label", "maybe", "column 'label' has 1 invalid values, e.g. 'maybe'"),
+    ("split", "train", "column 'split' has 1 invalid values, e.g. 'train'"),
+    ("source", "gan", "column 'source' has 1 invalid values, e.g. 'gan'"),
+    ("dx", "lentigo", "unknown dx values \\['lentigo'\\]")])
 def test_validate_rejects_bad_values(column: str, value: str, message: str):
     validate(good_rows())
     df = good_rows()

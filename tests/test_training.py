@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.real_data
+ROOT = Path(__file__).resolve().parents[1]  # tests that train take the `original` fixture: skipped without the data
 
 
 def train(out: Path, manifest: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -100,5 +99,6 @@ def test_k_fold_cross_validation_trains_every_fold_and_summarises(original, tmp_
 
 def test_bad_fold_arguments_are_clear_errors(tmp_path):
     manifest = ROOT / "data" / "manifests" / "original.csv"
-    assert "--fold needs --folds" in train(tmp_path / "a", manifest, "--fold", "1").stderr
-    assert "at least 2 folds" in train(tmp_path / "b", manifest, "--folds", "3", "--fold", "3").stderr
+    for args, says in (["--fold", "1"], "--fold needs --folds"), (["--folds", "3", "--fold", "3"], "at least 2 folds"):
+        result = train(tmp_path / "run", manifest, *args)
+        assert result.returncode == 2 and says in result.stderr and not (tmp_path / "run").exists()

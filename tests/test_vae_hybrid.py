@@ -40,7 +40,7 @@ def test_calibration_finds_the_known_best_thresholds():
     assert t["youden"] == pytest.approx(1.5, abs=0.1)            # equal-variance Gaussians: the midpoint
     assert t["target_sensitivity"] == pytest.approx(3.0, abs=0.05)  # median of the malignant scores
     assert t["benign_percentile"] == pytest.approx(1.645, abs=0.05)
-    with pytest.raises(ValueError, match="test"):
+    with pytest.raises(ValueError, match="refusing to choose a threshold on the 'test' split"):
         candidate_thresholds(y, np.r_[benign, malignant], "test", 0.5, 0.95)
 
 
