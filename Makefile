@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(PY) scripts/benchmark_inference.py
 
 screenshot: $(STAMP)  # the demo with the shipped models in headless chromium -> results/screenshots/demo.png
-	MELANOMA_SCREENSHOT=results/screenshots/demo.png $(PY) -m pytest -q tests/test_browser.py
+	MELANOMA_REQUIRE_ALL_TESTS=1 MELANOMA_SCREENSHOT=results/screenshots/demo.png $(PY) -m pytest -q tests/test_browser.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,9 +8,9 @@
 
 Models have the preset's architecture and random weights (speed does not depend on the weights) and train on random
 uint8 images of the real size. Sampling runs DDIM (--ddim-steps) and ancestral DDPM (--ddpm-steps) on the same UNet
-and batch, one after the other in this run, and prints both with their ratio; then DDIM again with the UNet in
-channels_last (NHWC), the layout generators/sample.py loads it in, against the default layout. Timings drift by 2x
-or more on shared machines: compare numbers from one run.
+and batch, one after the other in this run, and prints both with their ratio, and DDIM with the UNet in
+channels_last (NHWC), the layout generators/sample.py loads it in, timed right after DDIM in the default layout.
+Timings drift by 2x or more on shared machines: compare numbers from one run.
 """
 from __future__ import annotations
 
@@ -74,18 +74,19 @@ def main() -> None:
 
     labels = torch.arange(a.sample_batch) % 2
     unet, autocast = trainers["ddpm"].export(), trainers["ddpm"].autocast
+    nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last)  # the layout sample.load_generator gives
     ddpm.generate(unet, labels, gen, "ddim", 1, autocast=autocast)  # warm-up
     rates = {}
-    for sampler, steps, repeat in (("ddim", a.ddim_steps, 3), ("ddpm", a.ddpm_steps, 1)):  # median of 3: DDIM is short
-        seconds = timed(lambda: ddpm.generate(unet, labels, gen, sampler, steps, autocast=autocast), repeat,
-                        warmup=False)
-        rates[sampler] = a.sample_batch / seconds
+    for name, model, sampler, steps, repeat in (("ddim", unet, "ddim", a.ddim_steps, 3),  # median of 3: DDIM is short
+                                                ("ddim_nhwc", nhwc, "ddim", a.ddim_steps, 3),
+                                                ("ddpm", unet, "ddpm", a.ddpm_steps, 1)):
+        seconds = timed(lambda: ddpm.generate(model, labels, gen, sampler, steps, autocast=autocast), repeat,
+                        warmup=name == "ddim_nhwc")
+        rates[name] = a.sample_batch / seconds
     print(f"sample DDIM-{a.ddim_steps}: {rates['ddim']:.3f} images/s | DDPM-{a.ddpm_steps}: {rates['ddpm']:.4f} "
           f"images/s | DDIM is {rates['ddim'] / rates['ddpm']:.1f}x faster (batch {a.sample_batch}, bf16 {autocast})")
-    nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last)  # the layout sample.load_generator gives
-    seconds = timed(lambda: ddpm.generate(nhwc, labels, gen, "ddim", a.ddim_steps, autocast=autocast), 3)
-    print(f"sample DDIM-{a.ddim_steps} channels_last: {a.sample_batch / seconds:.3f} images/s, "
-          f"{a.sample_batch / seconds / rates['ddim']:.2f}x the default layout above")
+    print(f"sample DDIM-{a.ddim_steps} channels_last: {rates['ddim_nhwc']:.3f} images/s, "
+          f"{rates['ddim_nhwc'] / rates['ddim']:.2f}x the default layout")
     dcgan = trainers["dcgan"]
     seconds = timed(lambda: dcgan.generate(torch.arange(64) % 2, gen), 3)
     print(f"sample DCGAN: {64 / seconds:.1f} images/s (batch 64)")

@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -89,8 +89,9 @@ def restored_on_failure(paths: list[Path]) -> Iterator[None]:
             except OSError as exc:
                 failed.append(f"{path} ({exc})")
         for folder in sorted(made, key=lambda f: len(f.parts), reverse=True):  # the deepest first
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            with suppress(OSError):  # never hide the failure being reported
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         if failed:
             print(f"shipping failed, and these could not be put back: {'; '.join(failed)}. "
                   f"The previous versions are in {backup}", file=sys.stderr)

@@ -20,7 +20,6 @@ from generators.dcgan import DCGANTrainer, build_generator
 from generators.ddpm import DDPMTrainer
 from generators.upscaler import Upscaler, UpscalerTrainer, bicubic, build_upscaler, load_upscaler, psnr, ssim
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_DDPM = {"channels": [8, 16], "attention": [False, True], "norm_groups": 4, "image_size": 32}
 
 
