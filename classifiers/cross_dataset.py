@@ -27,7 +27,7 @@ from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.transforms import Preprocess  # noqa: E402
 from evaluation.metrics import auc_ci, decision_metrics, paired_auc_difference  # noqa: E402
-from evaluation.plots import save_figure  # noqa: E402
+from evaluation.plots import auc_image, auc_text_colour, save_figure  # noqa: E402
 
 EVAL_NAMES = {"ham10000_test": "HAM10000 test", "isic2017_val": "ISIC 2017 val"}
 TTA_ROW = "+ flip TTA (reference re-scored)"
@@ -89,11 +89,11 @@ def matrix_heatmap(table: pd.DataFrame, path: Path) -> Path:
     train_on, eval_on = list(dict.fromkeys(table["train_on"])), list(dict.fromkeys(table["eval_on"]))
     grid_auc = table.pivot(index="train_on", columns="eval_on", values="auc").loc[train_on, eval_on]
     fig, ax = plt.subplots(figsize=(1.9 * len(eval_on) + 1.8, 1.1 * len(train_on) + 1.2))
-    im = ax.imshow(grid_auc.to_numpy(), cmap="viridis", vmin=0.5, vmax=1.0)
+    im = auc_image(ax, grid_auc.to_numpy())
     for r in table.itertuples():
         i, j = train_on.index(r.train_on), eval_on.index(r.eval_on)
         ax.text(j, i, f"{r.auc:.3f}\n[{r.ci_low:.3f}, {r.ci_high:.3f}]", ha="center", va="center",
-                color="white" if r.auc < 0.8 else "black", fontsize=9)
+                color=auc_text_colour(r.auc), fontsize=9)
     ax.set_xticks(range(len(eval_on)), [EVAL_NAMES.get(e, "pooled (both)") for e in eval_on])
     ax.set_yticks(range(len(train_on)), train_on)
     ax.set_xlabel("evaluated on")

@@ -181,8 +181,9 @@ def auc_heatmap(table: pd.DataFrame, path: Path) -> Path:
                 r = cells.loc[(arch, config)]
                 values[i, j] = r[f"{prefix}_auc"]
                 ax.text(j, i, f"{r[f'{prefix}_auc']:.3f}\n[{r[f'{prefix}_auc_ci_low']:.2f}, "
-                              f"{r[f'{prefix}_auc_ci_high']:.2f}]", ha="center", va="center", fontsize=8)
-        image = ax.imshow(values, cmap="viridis", vmin=0.5, vmax=1.0, alpha=0.8, aspect="auto")
+                              f"{r[f'{prefix}_auc_ci_high']:.2f}]", ha="center", va="center", fontsize=8,
+                        color=plots.auc_text_colour(values[i, j]))
+        image = plots.auc_image(ax, values)
         ax.set(xticks=range(len(configs)), xticklabels=configs, yticks=range(len(archs)), yticklabels=archs,
                title=f"AUC on {s['group']} (95% CI)")
         ax.tick_params(axis="x", rotation=30)

@@ -1,4 +1,5 @@
-"""Evaluation figures (PNG): confusion matrices, ROC and PR curves, score histograms, operating points."""
+"""Evaluation figures (PNG): confusion matrices, ROC and PR curves, score histograms, operating points, AUC
+heatmap colours."""
 from __future__ import annotations
 
 import os
@@ -9,10 +10,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from sklearn.metrics import auc as area  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from evaluation.metrics import confusion  # noqa: E402
+
+
+def auc_image(ax, values: np.ndarray):
+    """AUCs as colours on a scale centred on chance (0.5, white): above it blue, below it red, so a model that ranks
+    the classes the wrong way round stands out instead of looking like chance."""
+    return ax.imshow(values, cmap="RdBu", norm=TwoSlopeNorm(vmin=0.0, vcenter=0.5, vmax=1.0), aspect="auto")
+
+
+def auc_text_colour(auc: float) -> str:
+    """Readable text on auc_image's colour for this AUC."""
+    return "white" if abs(auc - 0.5) > 0.35 else "black"
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
