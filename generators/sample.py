@@ -5,7 +5,7 @@
         --out runs/generators/synthetic/dcgan
     python generators/sample.py --checkpoint checkpoints/generators/dcgan.safetensors --n 500 --classes malignant \
         --upscale checkpoints/generators/upscaler.safetensors --out runs/generators/synthetic/dcgan_up
-    # DDPM: DDIM with 50 steps by default (1.7 images/s on two CPU threads with --bf16), or the full 1000-step chain
+    # DDPM: DDIM with 50 steps by default (2.4 images/s on two CPU threads with --bf16), or the full 1000-step chain
     python generators/sample.py --checkpoint checkpoints/generators/ddpm.safetensors --n 100 --steps 25
     python generators/sample.py --checkpoint checkpoints/generators/ddpm.safetensors --n 8 --sampler ddpm
     python generators/sample.py --checkpoint checkpoints/generators/ddpm.safetensors --n 100 \
