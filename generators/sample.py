@@ -52,11 +52,7 @@ def load_generator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     if kind not in BUILDERS:
         raise CheckpointError(f"{path}: is a {kind!r} checkpoint, expected one of {sorted(BUILDERS)}")
     model, meta = load_checkpoint(path, BUILDERS[kind], kind=kind)
-    # NHWC convolutions sample faster (scripts/benchmark_generators.py times both layouts); like the thread count,
-    # the layout changes floating-point rounding, not what is sampled, so it is not part of a folder's provenance
-    if kind == "ddpm":
-        model = model.to(memory_format=torch.channels_last)
-    return model, meta
+    return (ddpm.sampling_layout(model) if kind == "ddpm" else model), meta
 
 
 def generate(model: torch.nn.Module, meta: dict[str, Any], labels: torch.Tensor, gen: torch.Generator,

@@ -74,7 +74,7 @@ def main() -> None:
 
     labels = torch.arange(a.sample_batch) % 2
     unet, autocast = trainers["ddpm"].export(), trainers["ddpm"].autocast
-    nhwc = copy.deepcopy(unet).to(memory_format=torch.channels_last)  # the layout sample.load_generator gives
+    nhwc = ddpm.sampling_layout(copy.deepcopy(unet))  # the layout sample.load_generator gives
     ddpm.generate(unet, labels, gen, "ddim", 1, autocast=autocast)  # warm-up
     rates = {}
     for name, model, sampler, steps, repeat in (("ddim", unet, "ddim", a.ddim_steps, 3),  # median of 3: DDIM is short
