@@ -6,9 +6,11 @@ trained with per-class synthetic images for the minority diagnoses, from generat
     python classifiers/seven_class.py --arms baseline --threads 1 &
     python classifiers/seven_class.py --arms dcgan --threads 1 &
     python classifiers/seven_class.py --arms baseline_seed1 --threads 1     # the noise floor, when a core is free
-    python classifiers/seven_class.py --report-only            # once both are done: the tables and figures
-    # a DDPM arm: train it with --target dx, then add --generator ddpm=runs/generators/ddpm_dx_cpu_s0/model.safetensors
-    # (with --bf16 its DDIM-50 sampling runs in bf16 autocast)
+    # the DDPM arm: a DDPM conditioned on dx (42 min on two threads), then its samples and the arm
+    # (--bf16: DDIM-50 sampling in bf16 autocast; about 75 min for its 10,752 samples on two threads)
+    python generators/train.py --model ddpm --preset cpu --target dx --threads 2
+    python classifiers/seven_class.py --arms ddpm --bf16 --threads 2
+    python classifiers/seven_class.py --report-only            # the tables and figures of every finished arm
     # one GPU: the same with --device cuda --img-size 224 --epochs 20; several GPUs: one --arms process per GPU
 
 Arms: `baseline` trains on HAM10000's real `fit` images; `baseline_seed1` is the same with another seed (the noise
@@ -49,7 +51,8 @@ from generators import configs, sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MAJORITY_RULE = "always_nv (majority class)"
-DCGAN_DX_RUN = "dcgan_dx_cpu_s0/model.safetensors"  # where generators/train.py --target dx --preset cpu writes
+# where generators/train.py --target dx --preset cpu writes each generator
+DX_GENERATORS = {"dcgan": "dcgan_dx_cpu_s0/model.safetensors", "ddpm": "ddpm_dx_cpu_s0/model.safetensors"}
 
 
 def manifest_path(work: Path, arm: str) -> Path:
@@ -198,8 +201,10 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--original", default=str(ROOT / "data" / "manifests" / "original.csv"),
                    help="real manifest whose HAM10000 rows (with dx) every arm trains, selects and tests on")
-    p.add_argument("--generator", nargs="+", default=[f"dcgan={ROOT / 'runs' / 'generators' / DCGAN_DX_RUN}"],
-                   metavar="ARM=CHECKPOINT", help="generator arms: name=checkpoint conditioned on dx")
+    p.add_argument("--generator", nargs="+",
+                   default=[f"{arm}={ROOT / 'runs' / 'generators' / run}" for arm, run in DX_GENERATORS.items()],
+                   metavar="ARM=CHECKPOINT", help="generator arms: name=checkpoint conditioned on dx (default: the "
+                                                  "DCGAN and the DDPM that generators/train.py --target dx writes)")
     p.add_argument("--arms", nargs="+", default=None,
                    help="arms to train now (default: baseline and every --generator arm); others are only reported")
     p.add_argument("--ratio", type=float, default=0.5,
