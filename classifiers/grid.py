@@ -373,6 +373,22 @@ def auc_by_arch(table: pd.DataFrame, prefix: str) -> pd.DataFrame:
     return wide.reset_index().rename_axis(columns=None)
 
 
+def changes_by_arch(changes: pd.DataFrame, seeds: pd.DataFrame | None = None) -> pd.DataFrame:
+    """'change (CI)' against `original`, one row per evaluation set and architecture (the mean last), one column per
+    augmented configuration, and beside them the noise floor: each seed change of that architecture on `original`."""
+    def cells(df: pd.DataFrame) -> list[str]:
+        return [f"{c:+.3f} ({lo:+.3f} to {hi:+.3f})"
+                for c, lo, hi in zip(df["auc_change"], df["ci_low"], df["ci_high"])]
+    rows = changes.assign(row=changes["eval_set"] + ": " + changes["arch"], cell=cells(changes))
+    wide = rows.pivot(index="row", columns="config", values="cell").fillna("")
+    wide = wide.reindex(index=list(dict.fromkeys(rows["row"])), columns=[c for c in CONFIGS if c in wide.columns])
+    if seeds is not None and len(seeds):
+        floor = seeds[seeds["config"] == "original"]
+        floor = floor.assign(row=floor["eval_set"] + ": " + floor["arch"], cell=cells(floor))
+        wide["new seed alone (`original`)"] = floor.groupby("row", sort=False)["cell"].agg(", ".join)
+    return wide.fillna("").reset_index().rename(columns={"row": ""}).rename_axis(columns=None)
+
+
 def write_report(path: Path, command: str, table: pd.DataFrame, changes: pd.DataFrame,
                  seeds: pd.DataFrame | None = None) -> None:
     text = [f"# Classifier grid\n\nCommand: `{command}`\n", markdown(summary(table)), ""]
@@ -382,6 +398,9 @@ def write_report(path: Path, command: str, table: pd.DataFrame, changes: pd.Data
     text += ["## Change in AUC against `original` (paired bootstrap 95% CI, same images)\n"]
     cols = ["config", "arch", "eval_set", "n", "auc_original", "auc_augmented", "auc_change", "ci_low", "ci_high"]
     text.append(markdown(changes[cols]) if len(changes) else "No augmented configuration has an `original` twin.")
+    if len(changes):
+        text += ["", "## The same changes, architecture x configuration, beside the noise floor\n",
+                 markdown(changes_by_arch(changes, seeds))]
     if seeds is not None:
         text += ["", "## Noise floor: the same model retrained with another training seed (paired bootstrap 95% CI)\n",
                  markdown(seeds) if len(seeds) else "No finished run with a twin in the grid."]

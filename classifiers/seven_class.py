@@ -6,7 +6,7 @@ trained with per-class synthetic images for the minority diagnoses, from generat
     python classifiers/seven_class.py --arms baseline --threads 1 &
     python classifiers/seven_class.py --arms dcgan --threads 1 &
     python classifiers/seven_class.py --arms baseline_seed1 --threads 1     # the noise floor, when a core is free
-    # the DDPM arm: a DDPM conditioned on dx (42 min on two threads), then its samples and the arm
+    # the DDPM arm: a DDPM conditioned on dx (45 min on two threads), then its samples and the arm
     # (--bf16: DDIM-50 sampling in bf16 autocast; about 75 min for its 10,752 samples on two threads)
     python generators/train.py --model ddpm --preset cpu --target dx --threads 2
     python classifiers/seven_class.py --arms ddpm --bf16 --threads 2

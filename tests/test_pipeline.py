@@ -193,6 +193,24 @@ def test_seed_noise_floor_pairs_each_retrained_model_with_its_grid_twin(tmp_path
         grid.seed_changes(table, tmp_path / "grid", tmp_path / "seeds", n_boot=200)
 
 
+def test_changes_by_arch_puts_each_change_and_the_noise_floor_in_its_cell():
+    def row(config, arch, change, eval_set="ham10000/test"):
+        return {"config": config, "arch": arch, "eval_set": eval_set, "auc_change": change, "ci_low": change - 0.01,
+                "ci_high": change + 0.01}
+    changes = pd.DataFrame([row("ddpm_up", "medvit", 0.01), row("dcgan_aug", "medvit", -0.02),
+                            row("dcgan_aug", "mean of 2", -0.015), row("dcgan_aug", "medvit", 0.2, "isic2017/val")])
+    seeds = pd.DataFrame([row("original", "medvit", -0.021), row("original", "medvit", -0.029),
+                          row("dcgan_aug", "medvit", 0.5)])  # only seed changes on `original` are the floor
+    wide = grid.changes_by_arch(changes, seeds).set_index("")
+    assert list(wide.columns) == ["dcgan_aug", "ddpm_up", "new seed alone (`original`)"]  # CONFIGS order
+    assert list(wide.index) == ["ham10000/test: medvit", "ham10000/test: mean of 2", "isic2017/val: medvit"]
+    assert wide.loc["ham10000/test: medvit"].tolist() == [
+        "-0.020 (-0.030 to -0.010)", "+0.010 (+0.000 to +0.020)",
+        "-0.021 (-0.031 to -0.011), -0.029 (-0.039 to -0.019)"]
+    assert wide.loc["ham10000/test: mean of 2"].tolist() == ["-0.015 (-0.025 to -0.005)", "", ""]
+    assert "new seed alone (`original`)" not in grid.changes_by_arch(changes).columns
+
+
 def test_report_on_an_empty_grid_is_a_clear_error(tmp_path):
     import importlib.util
 
@@ -302,6 +320,7 @@ def check_outputs(work: Path) -> None:
         assert list(by_arch["arch"]) == archs and list(by_arch.columns[1:]) == configs
         assert grid.markdown(by_arch) in report
 
+    assert "## The same changes, architecture x configuration, beside the noise floor" in report
     changes = pd.read_csv(results / "models_evaluation" / "auc_change_vs_original.csv")
     assert len(changes) == len(grid.EVAL_SETS) * (len(archs) + 1)  # per architecture, and their mean
     assert ((changes["ci_low"] <= changes["auc_change"]) & (changes["auc_change"] <= changes["ci_high"])).all()
