@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, precision_score, recall_score, roc_auc_score
 
 import data.cache
-from classifiers import seven_class
+from classifiers import fit_probe, seven_class
 from classifiers.models import create_model, load_classifier
 from data.checkpoint import CheckpointError, save_checkpoint
 from data.manifest import DX_CLASSES, MALIGNANT_DX, ManifestError, class_index, read_manifest, write_manifest
@@ -107,6 +107,19 @@ def test_binary_consumers_refuse_a_seven_class_checkpoint(tmp_path):
     assert back["class_names"] == list(DX_CLASSES)
 
 
+def test_fit_probe_recall_and_where_the_misses_go():
+    rows = pd.DataFrame({"target": ["df"] * 4 + ["df"] * 2, "origin": ["synthetic"] * 4 + ["real"] * 2})
+    predicted = np.array(["df", "df", "df", "vasc", "nv", "nv"])
+    table = fit_probe.recall_by_origin(rows, predicted, n_boot=200, seed=0).set_index("source")
+    assert table.loc["synthetic", "recall"] == 0.75 and table.loc["real", "recall"] == 0.0
+    assert table.loc["real", "predicted_most"] == "nv" and table.loc["real", "predicted_most_share"] == 1.0
+    assert table.loc["synthetic", "recall_ci_low"] <= 0.75 <= table.loc["synthetic", "recall_ci_high"]
+    fit = pd.DataFrame({"target": ["df"] * 5 + ["nv"] * 5, "source": ["dcgan"] * 3 + ["real"] * 7})
+    picked = fit_probe.probe_rows(fit, per_class=2, seed=0)
+    assert picked.groupby(["target", "origin"]).size().to_dict() == {("df", "real"): 2, ("df", "synthetic"): 2,
+                                                                     ("nv", "real"): 2}
+
+
 @pytest.mark.real_data
 def test_seven_class_cli_on_real_images(original, tmp_path):
     """Both arms train on a real subset, are scored on all of HAM10000 test, and the tables hold every class."""
@@ -144,6 +157,19 @@ def test_seven_class_cli_on_real_images(original, tmp_path):
     sidecar = json.loads((tmp_path / "work" / "baseline" / "best.json").read_text())
     assert sidecar["class_names"] == list(DX_CLASSES) and sidecar["decision"] == "argmax"
     assert "malignant_threshold" not in sidecar
+    # the fit probe: recall on the arm's own real and synthetic fit images, class by class
+    probe_args = ["--run", str(tmp_path / "work" / "dcgan"), "--out", str(tmp_path / "probe.csv"), "--threads", "1",
+                  "--per-class", "3", "--n-boot", "20"]
+    probe = fit_probe.main(probe_args)
+    assert set(zip(probe["class"], probe["source"])) == {(dx, "real") for dx in DX_CLASSES} | {
+        (dx, "synthetic") for dx in DX_CLASSES if dx != "nv"}
+    assert (probe["n"] == 3).all() and probe["recall"].between(0, 1).all()
+    assert probe["predicted_most"].isin(DX_CLASSES).all() and (tmp_path / "probe.png").is_file()
+    with pytest.raises(SystemExit, match="no synthetic images"):
+        fit_probe.main([*probe_args[:1], str(tmp_path / "work" / "baseline"), *probe_args[2:]])
+    with pytest.raises(SystemExit) as wrong:  # another manifest than the run's own: a usage error
+        fit_probe.main([*probe_args, "--manifest", str(manifest)])
+    assert wrong.value.code == 2
     # a second call trains nothing (both arms are done) and reports the same numbers
     again, _ = seven_class.main(args)
     pd.testing.assert_frame_equal(again, summary)
