@@ -14,7 +14,8 @@ Both were seen in training, so these are fit recalls, not held-out ones: what ma
 
 Reads the run's best.safetensors and the manifest it was trained on (found by its recorded sha256, or --manifest,
 which must match it), samples up to --per-class `fit` images of every class from each source (real, synthetic),
-and writes the CSV (class, source, n, recall with a bootstrap 95% CI, the class predicted most often and its
+decides each by the checkpoint's own rule (a benign/malignant model's val-chosen threshold, a seven-class model's
+argmax), and writes the CSV (class, source, n, recall with a bootstrap 95% CI, the class predicted most often and its
 share) and a bar plot of the classes that have synthetic images beside it (.png).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pandas as pd  # noqa: E402
 
 from classifiers.evaluate import recorded_training_manifest  # noqa: E402
 from classifiers.models import load_classifier  # noqa: E402
-from classifiers.predict import predict_proba  # noqa: E402
+from classifiers.predict import decisions, predict_proba  # noqa: E402
 from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import read_sidecar  # noqa: E402
@@ -92,8 +93,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows = probe_rows(fit, a.per_class, a.seed)
     data = CachedImages(rows, meta["input_size"], meta["resize"], target=target)
     probs = predict_proba(model.to(device), data.images, Preprocess.from_meta(meta), device)
-    predicted = np.asarray(meta["class_names"])[probs.argmax(axis=1)]
-    table = recall_by_origin(data.df, predicted, a.n_boot, a.seed)
+    table = recall_by_origin(data.df, decisions(probs, meta), a.n_boot, a.seed)
     out = Path(a.out)
     write_rows(out, table.round(4).to_dict("records"))
     compared = table[table["class"].isin(table.loc[table["source"] == "synthetic", "class"])]

@@ -23,3 +23,12 @@ def predict_proba(model: nn.Module, images: np.ndarray, preprocess: Preprocess, 
                                  for v in views]).mean(0)
         out.append(probs.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
+
+
+def decisions(probs: np.ndarray, meta: dict) -> np.ndarray:
+    """Class names decided from `probs` by the checkpoint's own rule: P(malignant) >= its val-chosen threshold for a
+    benign/malignant checkpoint, the argmax for a seven-class one (decision "argmax", no threshold)."""
+    names = np.asarray(meta["class_names"])
+    if "malignant_threshold" in meta:
+        return names[(probs[:, list(names).index("malignant")] >= meta["malignant_threshold"]).astype(int)]
+    return names[probs.argmax(axis=1)]

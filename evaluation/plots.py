@@ -130,8 +130,8 @@ def grouped_bars(table, group: str, series: str, value: str, path: str | os.Path
     for n, name in enumerate(names):
         part = table[table[series] == name].set_index(group).loc[groups]
         x = np.arange(len(groups)) + (n - (len(names) - 1) / 2) * width
-        err = [part[value] - part[f"{value}_ci_low"], part[f"{value}_ci_high"] - part[value]]
-        ax.bar(x, part[value], width, yerr=err, capsize=2, label=name)
+        mid, low, high = (part[c].to_numpy(float) for c in (value, f"{value}_ci_low", f"{value}_ci_high"))
+        ax.bar(x, mid, width, yerr=[mid - low, high - mid], capsize=2, label=name)
     ax.set(xticks=range(len(groups)), xticklabels=groups, ylabel=value, title=title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

@@ -12,6 +12,7 @@ from sklearn.metrics import balanced_accuracy_score, precision_score, recall_sco
 import data.cache
 from classifiers import fit_probe, seven_class
 from classifiers.models import create_model, load_classifier
+from classifiers.predict import decisions
 from data.checkpoint import CheckpointError, save_checkpoint
 from data.manifest import DX_CLASSES, MALIGNANT_DX, ManifestError, class_index, read_manifest, write_manifest
 from data.transforms import preprocess_meta
@@ -105,6 +106,13 @@ def test_binary_consumers_refuse_a_seven_class_checkpoint(tmp_path):
         load_classifier(tmp_path / "dx7.safetensors")
     loaded, back = load_classifier(tmp_path / "dx7.safetensors", classes=DX_CLASSES)
     assert back["class_names"] == list(DX_CLASSES)
+
+
+def test_decisions_follow_the_checkpoints_own_rule():
+    probs = np.array([[0.7, 0.3], [0.8, 0.2]])
+    binary = {"class_names": ["benign", "malignant"], "malignant_threshold": 0.25}
+    assert decisions(probs, binary).tolist() == ["malignant", "benign"]  # the val threshold, not the argmax
+    assert decisions(probs, {"class_names": ["akiec", "bcc"], "decision": "argmax"}).tolist() == ["akiec", "akiec"]
 
 
 def test_fit_probe_recall_and_where_the_misses_go():
