@@ -27,8 +27,10 @@ def predict_proba(model: nn.Module, images: np.ndarray, preprocess: Preprocess, 
 
 def decisions(probs: np.ndarray, meta: dict) -> np.ndarray:
     """Class names decided from `probs` by the checkpoint's own rule: P(malignant) >= its val-chosen threshold for a
-    benign/malignant checkpoint, the argmax for a seven-class one (decision "argmax", no threshold)."""
-    names = np.asarray(meta["class_names"])
+    benign/malignant checkpoint, the argmax for one that records `decision: argmax` (seven-class)."""
+    names = list(meta["class_names"])
     if "malignant_threshold" in meta:
-        return names[(probs[:, list(names).index("malignant")] >= meta["malignant_threshold"]).astype(int)]
-    return names[probs.argmax(axis=1)]
+        return np.where(probs[:, names.index("malignant")] >= meta["malignant_threshold"], "malignant", "benign")
+    if meta.get("decision") != "argmax":
+        raise ValueError(f"checkpoint records neither a malignant_threshold nor decision 'argmax': {names}")
+    return np.asarray(names)[probs.argmax(axis=1)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import binomtest, rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 THRESHOLD_RULES = ("youden", "target_sensitivity", "target_specificity", "max_f1", "benign_percentile")
@@ -210,3 +210,9 @@ def ci(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
     """Percentile interval of bootstrap values (along the first axis)."""
     lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2], axis=0)
     return lo, hi
+
+
+def proportion_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval of a proportion: unlike a bootstrap, not zero-width at 0 or n successes."""
+    interval = binomtest(int(successes), int(n)).proportion_ci(confidence_level=1 - alpha, method="exact")
+    return float(interval.low), float(interval.high)

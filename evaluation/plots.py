@@ -128,7 +128,7 @@ def grouped_bars(table, group: str, series: str, value: str, path: str | os.Path
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 2, 4))
     for n, name in enumerate(names):
-        part = table[table[series] == name].set_index(group).loc[groups]
+        part = table[table[series] == name].set_index(group).reindex(groups)  # a missing pair: no bar
         x = np.arange(len(groups)) + (n - (len(names) - 1) / 2) * width
         mid, low, high = (part[c].to_numpy(float) for c in (value, f"{value}_ci_low", f"{value}_ci_high"))
         ax.bar(x, mid, width, yerr=[mid - low, high - mid], capsize=2, label=name)

@@ -16,7 +16,7 @@ from classifiers.predict import decisions
 from data.checkpoint import CheckpointError, save_checkpoint
 from data.manifest import DX_CLASSES, MALIGNANT_DX, ManifestError, class_index, read_manifest, write_manifest
 from data.transforms import preprocess_meta
-from evaluation.metrics import balanced_accuracy, bootstrap_indices, multiclass_bootstrap
+from evaluation.metrics import balanced_accuracy, bootstrap_indices, multiclass_bootstrap, proportion_ci
 from generators import configs, sample
 from generators import train as gen_train
 
@@ -109,19 +109,24 @@ def test_binary_consumers_refuse_a_seven_class_checkpoint(tmp_path):
 
 
 def test_decisions_follow_the_checkpoints_own_rule():
-    probs = np.array([[0.7, 0.3], [0.8, 0.2]])
+    probs = np.array([[0.7, 0.3], [0.8, 0.2], [0.4, 0.6]])
     binary = {"class_names": ["benign", "malignant"], "malignant_threshold": 0.25}
-    assert decisions(probs, binary).tolist() == ["malignant", "benign"]  # the val threshold, not the argmax
-    assert decisions(probs, {"class_names": ["akiec", "bcc"], "decision": "argmax"}).tolist() == ["akiec", "akiec"]
+    assert decisions(probs, binary).tolist() == ["malignant", "benign", "malignant"]  # the threshold, not the argmax
+    argmax = {"class_names": ["akiec", "bcc"], "decision": "argmax"}
+    assert decisions(probs, argmax).tolist() == ["akiec", "akiec", "bcc"]
+    with pytest.raises(ValueError, match="neither a malignant_threshold nor decision 'argmax'"):
+        decisions(probs, {"class_names": ["akiec", "bcc"]})
 
 
 def test_fit_probe_recall_and_where_the_misses_go():
     rows = pd.DataFrame({"target": ["df"] * 4 + ["df"] * 2, "origin": ["synthetic"] * 4 + ["real"] * 2})
     predicted = np.array(["df", "df", "df", "vasc", "nv", "nv"])
-    table = fit_probe.recall_by_origin(rows, predicted, n_boot=200, seed=0).set_index("source")
+    table = fit_probe.recall_by_origin(rows, predicted).set_index("source")
     assert table.loc["synthetic", "recall"] == 0.75 and table.loc["real", "recall"] == 0.0
     assert table.loc["real", "predicted_most"] == "nv" and table.loc["real", "predicted_most_share"] == 1.0
-    assert table.loc["synthetic", "recall_ci_low"] <= 0.75 <= table.loc["synthetic", "recall_ci_high"]
+    assert table.loc["synthetic", "recall_ci_low"] < 0.75 < table.loc["synthetic", "recall_ci_high"]
+    assert table.loc["real", "recall_ci_low"] == 0.0 < table.loc["real", "recall_ci_high"]  # 0 of 2: not zero-width
+    assert proportion_ci(0, 2)[1] == pytest.approx(1 - 0.025 ** 0.5)  # Clopper-Pearson, exact at 0 successes
     fit = pd.DataFrame({"target": ["df"] * 5 + ["nv"] * 5, "source": ["dcgan"] * 3 + ["real"] * 7})
     picked = fit_probe.probe_rows(fit, per_class=2, seed=0)
     assert picked.groupby(["target", "origin"]).size().to_dict() == {("df", "real"): 2, ("df", "synthetic"): 2,
@@ -167,14 +172,14 @@ def test_seven_class_cli_on_real_images(original, tmp_path):
     assert "malignant_threshold" not in sidecar
     # the fit probe: recall on the arm's own real and synthetic fit images, class by class
     probe_args = ["--run", str(tmp_path / "work" / "dcgan"), "--out", str(tmp_path / "probe.csv"), "--threads", "1",
-                  "--per-class", "3", "--n-boot", "20"]
+                  "--per-class", "3"]
     probe = fit_probe.main(probe_args)
     assert set(zip(probe["class"], probe["source"])) == {(dx, "real") for dx in DX_CLASSES} | {
         (dx, "synthetic") for dx in DX_CLASSES if dx != "nv"}
     assert (probe["n"] == 3).all() and probe["recall"].between(0, 1).all()
     assert probe["predicted_most"].isin(DX_CLASSES).all() and (tmp_path / "probe.png").is_file()
-    with pytest.raises(SystemExit, match="no synthetic images"):
-        fit_probe.main([*probe_args[:1], str(tmp_path / "work" / "baseline"), *probe_args[2:]])
+    real_only = fit_probe.main([*probe_args[:1], str(tmp_path / "work" / "baseline"), *probe_args[2:]])
+    assert set(zip(real_only["class"], real_only["source"])) == {(dx, "real") for dx in DX_CLASSES}
     with pytest.raises(SystemExit) as wrong:  # another manifest than the run's own: a usage error
         fit_probe.main([*probe_args, "--manifest", str(manifest)])
     assert wrong.value.code == 2
