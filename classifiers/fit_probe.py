@@ -16,7 +16,7 @@ the real rows against a baseline's. CIs are exact (Clopper-Pearson) 95% interval
 Reads the run's best.safetensors and the manifest it was trained on (found by its recorded sha256, or --manifest,
 which must match it), samples up to --per-class `fit` images of every class from each source (real, synthetic),
 decides each by the checkpoint's own rule (a benign/malignant model's val-chosen threshold, a seven-class model's
-argmax), and writes the CSV (class, source, n, recall with a bootstrap 95% CI, the class predicted most often and its
+argmax), and writes the CSV (class, source, n, recall with an exact 95% CI, the class predicted most often and its
 share) and a bar plot beside it (.png). A run without synthetic images (a baseline) gets its real rows only: the
 reference for how well the same recipe fits real images of each class when nothing synthetic is there.
 """
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     out = Path(a.out)
     write_rows(out, table.round(4).to_dict("records"))
     plots.grouped_bars(table, "class", "source", "recall", out.with_suffix(".png"),
-                       f"{a.run}: recall on its own fit images, real vs synthetic (95% bootstrap CI)")
+                       f"{Path(a.run).name}\nrecall on its own fit images (exact 95% CI)")
     print(table.round(3).to_string(index=False))
     print(f"-> {out}, {out.with_suffix('.png')}")
     return table
