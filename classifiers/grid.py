@@ -347,6 +347,13 @@ def markdown(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def ci_cells(point, low, high, signed: bool = False) -> list[str]:
+    """'value (CI low to CI high)' per row, with signs for changes; empty where the value is missing."""
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    return [f"{fmt.format(v)} ({fmt.format(lo)} to {fmt.format(hi)})" if pd.notna(v) else ""
+            for v, lo, hi in zip(point, low, high)]
+
+
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """The grid table in words: 'AUC [CI]', sensitivity and specificity per evaluation set."""
     out = table[["model"]].copy()
@@ -377,8 +384,7 @@ def changes_by_arch(changes: pd.DataFrame, seeds: pd.DataFrame | None = None) ->
     """'change (CI)' against `original`, one row per evaluation set and architecture (the mean last), one column per
     augmented configuration, and beside them the noise floor: each seed change of that architecture on `original`."""
     def cells(df: pd.DataFrame) -> list[str]:
-        return [f"{c:+.3f} ({lo:+.3f} to {hi:+.3f})"
-                for c, lo, hi in zip(df["auc_change"], df["ci_low"], df["ci_high"])]
+        return ci_cells(df["auc_change"], df["ci_low"], df["ci_high"], signed=True)
     rows = changes.assign(row=changes["eval_set"] + ": " + changes["arch"], cell=cells(changes))
     wide = rows.pivot(index="row", columns="config", values="cell").fillna("")
     wide = wide.reindex(index=list(dict.fromkeys(rows["row"])), columns=[c for c in CONFIGS if c in wide.columns])

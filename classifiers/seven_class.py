@@ -174,9 +174,7 @@ def fit_counts(manifests: dict[str, Path]) -> pd.DataFrame:
 
 
 def _cell(df: pd.DataFrame, key: str, signed: bool = False) -> list[str]:
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    return [f"{fmt.format(v)} ({fmt.format(lo)} to {fmt.format(hi)})" if pd.notna(v) else ""
-            for v, lo, hi in zip(df[key], df[f"{key}_ci_low"], df[f"{key}_ci_high"])]
+    return grid.ci_cells(df[key], df[f"{key}_ci_low"], df[f"{key}_ci_high"], signed)
 
 
 def tables_md(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
