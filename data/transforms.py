@@ -25,6 +25,10 @@ from data.images import load_rgb, to_uint8
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# TensorFlow EfficientNet-Lite scaling, (x - 127) / 128 on 0-255 pixels, written as mean/std on [0, 1] pixels.
+TF_LITE_MEAN = (127 / 255,) * 3
+TF_LITE_STD = (128 / 255,) * 3
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "tf_lite": (TF_LITE_MEAN, TF_LITE_STD), "unit": None}
 
 
 COLOR_CONSTANCY = ("none", "shades_of_gray")
@@ -32,11 +36,14 @@ COLOR_CONSTANCY = ("none", "shades_of_gray")
 
 def preprocess_meta(size: int, rule: str = "squash", normalization: str = "imagenet",
                     color_constancy: str = "none", p: int = 6) -> dict[str, Any]:
-    """The sidecar fields that define preprocessing. normalization: `imagenet` (mean/std) or `unit` ([0,1]);
-    color_constancy: `none` or `shades_of_gray` (Minkowski norm `p`)."""
+    """The sidecar fields that define preprocessing. normalization: `imagenet` or `tf_lite` (stored as mean/std) or
+    `unit` ([0,1]); color_constancy: `none` or `shades_of_gray` (Minkowski norm `p`)."""
     if color_constancy not in COLOR_CONSTANCY:
         raise ValueError(f"unknown colour constancy {color_constancy!r}; choose from {COLOR_CONSTANCY}")
-    norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)} if normalization == "imagenet" else "unit"
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose from {sorted(NORMALIZATIONS)}")
+    stats = NORMALIZATIONS[normalization]
+    norm = {"mean": list(stats[0]), "std": list(stats[1])} if stats else "unit"
     meta: dict[str, Any] = {"input_size": size, "resize": rule, "normalization": norm}
     if color_constancy != "none":
         meta["color_constancy"] = {"method": color_constancy, "p": p}
@@ -94,6 +101,14 @@ class Preprocess:
 
     def batch(self, arrays: list[np.ndarray]) -> torch.Tensor:
         return self.tensor(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+
+
+def resize_uint8(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 NxCxHxW -> uint8 NxCxsizexsize (antialiased bilinear); the batch itself when it already has that size."""
+    if batch.shape[-2:] == (size, size):
+        return batch
+    x = F.interpolate(batch.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(0, 255).round().to(torch.uint8)
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator, crop_scale: tuple[float, float] = (0.6, 1.0),

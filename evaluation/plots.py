@@ -1,5 +1,5 @@
 """Evaluation figures (PNG): confusion matrices, ROC and PR curves, score histograms, operating points, AUC
-heatmap colours."""
+heatmap colours, training curves."""
 from __future__ import annotations
 
 import os
@@ -28,13 +28,33 @@ def auc_text_colour(auc: float) -> str:
     return "white" if abs(auc - 0.5) > 0.35 else "black"
 
 
-def save_figure(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write the figure atomically (a killed run never leaves a half-written PNG) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
+    os.replace(tmp, path)
     return path
+
+
+def training_curves(rows: list[dict], path: str | os.PathLike, x: str = "epoch", title: str = "") -> Path:
+    """Loss columns (names containing 'loss') against `x` on the left, AUC columns ('auc') on the right when there
+    are any: what every training entry point writes beside its CSV log, at each epoch and on resume."""
+    keys = list(rows[0]) if rows else []
+    panels = [[k for k in keys if "loss" in k], [k for k in keys if "auc" in k]]
+    panels = [cols for cols in panels if cols]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, cols, label in zip(axes[0], panels, ("loss", "AUC")):
+        for col in cols:
+            ax.plot([r[x] for r in rows], [r[col] for r in rows], marker="o" if len(rows) < 40 else None, label=col)
+        ax.set(xlabel=x, ylabel=label)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return save_figure(fig, path, dpi=110)
 
 
 def _draw_confusion(ax, y_true, pred, title: str) -> None:

