@@ -41,6 +41,7 @@ from classifiers.evaluate import (  # noqa: E402
     evaluation_groups,
     training_manifest,
 )
+from classifiers.shipped import resolve_classifier  # noqa: E402
 from data.atomic import atomic_write_csv  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import CheckpointError  # noqa: E402
@@ -144,7 +145,8 @@ def compare(applied: dict, df: pd.DataFrame, name: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--classifier", default=str(ROOT / "checkpoints" / "densenet121.safetensors"), help="classifier checkpoint"
+        "--classifier", default=None,
+        help="classifier checkpoint or the name of a shipped one (default: the shipped default; classifiers/shipped.py)"
     )
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "convvae.safetensors"), help="calibrated VAE checkpoint")
     p.add_argument("--manifest", default=None,
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--out", default=str(ROOT / "results" / "hybrid"), help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
     a = p.parse_args(argv)
+    a.classifier = resolve_classifier(a.classifier)
     device = init_device(a.device)
     try:
         predictor = HybridPredictor(a.classifier, a.vae, device)

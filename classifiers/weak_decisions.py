@@ -34,6 +34,7 @@ from classifiers import grid  # noqa: E402
 from classifiers.evaluate import check_no_training_overlap, training_manifest  # noqa: E402
 from classifiers.gradcam import gradcam_map, overlay  # noqa: E402
 from classifiers.predict import predict_proba  # noqa: E402
+from classifiers.shipped import resolve_classifier  # noqa: E402
 from data.atomic import write_rows  # noqa: E402
 from data.cache import CachedImages  # noqa: E402
 from data.checkpoint import CheckpointError  # noqa: E402
@@ -105,8 +106,8 @@ def gallery(predictor: HybridPredictor, weak: pd.DataFrame, n: int, path: Path) 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classifier", default=str(ROOT / "checkpoints" / "densenet121.safetensors"),
-                   help="classifier checkpoint (its sidecar's val threshold makes the decisions)")
+    p.add_argument("--classifier", default=None,
+                   help="classifier checkpoint or shipped name (default: the shipped default); its threshold decides")
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "convvae.safetensors"), help="calibrated VAE")
     p.add_argument("--manifest", default=None, help="manifest CSV (default: the classifier's training manifest)")
     p.add_argument("--band", type=float, nargs=2, default=(0.45, 0.55), metavar=("LOW", "HIGH"),
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--out", default=str(ROOT / "results" / "weak_decisions"), help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a = p.parse_args(argv)
+    a.classifier = resolve_classifier(a.classifier)
     device = init_device(a.device)
     try:
         predictor = HybridPredictor(a.classifier, a.vae, device)

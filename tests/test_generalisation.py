@@ -195,20 +195,20 @@ def test_model_card_names_the_training_sources_from_the_manifest(original: pd.Da
     assert ship.training_data({"manifest": "original.csv"}) == "HAM10000 `fit` (6,408 images)"
 
 
-def test_shipping_refuses_a_classifier_other_than_densenet121_before_writing_anything(tmp_path, capsys):
+def test_shipping_refuses_a_seven_class_classifier_before_writing_anything(tmp_path, capsys):
     import importlib
 
     from classifiers.models import create_model
     from data.checkpoint import save_checkpoint
 
     ship = importlib.import_module("scripts.ship_models")
-    meta = {"kind": "classifier", "arch": "medvit", "arch_kwargs": {}, "class_names": ["benign", "malignant"],
-            **preprocess_meta(32), "malignant_threshold": 0.5, "threshold_split": "val"}
-    save_checkpoint(tmp_path / "run" / "best", create_model("medvit", img_size=32), meta)
-    with pytest.raises(SystemExit):
+    meta = {"kind": "classifier", "arch": "medvit", "arch_kwargs": {}, "class_names": list("abcdefg"),
+            **preprocess_meta(32), "decision": "argmax"}
+    save_checkpoint(tmp_path / "run" / "best", create_model("medvit", img_size=32, num_classes=7), meta)
+    with pytest.raises(SystemExit) as info:
         ship.main(["--classifier", str(tmp_path / "run" / "best.safetensors"), "--vae", "unused",
                    "--out", str(tmp_path / "shipped"), "--results-dir", str(tmp_path / "results")])
-    assert "is a medvit; the shipped hybrid's classifier is a DenseNet-121" in capsys.readouterr().err
+    assert info.value.code == 2 and "expected ['benign', 'malignant']" in capsys.readouterr().err
     assert not (tmp_path / "shipped").exists() and not (tmp_path / "results").exists()
 
 
@@ -219,11 +219,12 @@ def test_shipping_copies_the_classifiers_training_log_and_refuses_a_run_without_
     run = tmp_path / "run"
     run.mkdir()
     with pytest.raises(FileNotFoundError, match="no training log"):
-        ship.copy_training_log(str(run / "best.safetensors"), tmp_path / "results")
-    (run / "metrics.csv").write_text("epoch,train_loss,val_auc\n1,0.6,0.7\n")
-    out = ship.copy_training_log(str(run / "best.safetensors"), tmp_path / "results")
+        ship.copy_training_log(str(run / "best.safetensors"), tmp_path / "results", "densenet121")
+    (run / "metrics.csv").write_text("epoch,train_loss,val_auc\n1,0.6,0.7\n2,0.5,0.75\n")
+    out = ship.copy_training_log(str(run / "best.safetensors"), tmp_path / "results", "densenet121")
     assert out == tmp_path / "results" / "classifier_training" / "densenet121_metrics.csv"
     assert out.read_text() == (run / "metrics.csv").read_text()
+    assert out.with_name("densenet121_curves.png").stat().st_size > 1000
 
 
 @pytest.mark.real_data
@@ -265,15 +266,16 @@ def test_a_failed_ship_puts_the_previous_model_and_results_back(tmp_path, tiny_c
     (tmp_path / "run" / "metrics.csv").write_text("epoch,train_loss,val_auc\n1,0.6,0.7\n")
     shipped, results = tmp_path / "shipped", tmp_path / "results"
     before = {shipped / "densenet121.safetensors": b"old weights", shipped / "MODEL_CARD.md": b"old card",
-              results / "hybrid" / "comparison_metrics.csv": b"old hybrid table"}
+              results / "hybrid" / "densenet121" / "comparison_metrics.csv": b"old hybrid table"}
     for path, content in before.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
 
     def hybrid_step_fails(argv):  # the last step, after calibration and evaluation have written their results
         assert (results / "vae_calibration" / "calibration.json").is_file()  # the earlier steps did write
-        assert (results / "classifier" / "metrics.csv").is_file() and (shipped / "convvae.json").is_file()
-        (results / "hybrid" / "comparison_metrics.csv").write_text("half-written")
+        assert (results / "classifier" / "densenet121" / "metrics.csv").is_file()
+        assert (shipped / "convvae.json").is_file()
+        (results / "hybrid" / "densenet121" / "comparison_metrics.csv").write_text("half-written")
         raise ValueError("the hybrid evaluation broke")
 
     monkeypatch.setattr(ship.evaluate_hybrid, "main", hybrid_step_fails)

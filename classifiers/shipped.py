@@ -1,0 +1,53 @@
+"""The classifiers shipped in checkpoints/ and the rule that picks the hybrid's default among them.
+
+Rule: the default is the shipped benign/malignant classifier with the highest validation AUC recorded in its
+sidecar at training time (`metrics.val.auc`: on mixed.csv, the mean of the HAM10000 `val` and ISIC 2017 train-`val`
+AUCs, so neither source decides alone). No test number takes part. Ties go to the name that sorts first.
+Users pick another one by name (`--classifier densenet121`) or by path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from data.manifest import LABELS
+
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def shipped_classifiers(folder: str | os.PathLike = CHECKPOINTS) -> dict[str, Path]:
+    """name -> weights path for every benign/malignant classifier sidecar in `folder` whose weights exist."""
+    found = {}
+    for sidecar in sorted(Path(folder).glob("*.json")):
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # not ours to judge here: loading that checkpoint reports it
+        weights = sidecar.with_suffix(".safetensors")
+        if isinstance(meta, dict) and meta.get("kind") == "classifier" and \
+                meta.get("class_names") == list(LABELS) and weights.is_file():
+            found[sidecar.stem] = weights
+    return found
+
+
+def val_auc(path: Path) -> float:
+    meta = json.loads(path.with_suffix(".json").read_text())
+    value = (meta.get("metrics") or {}).get("val", {}).get("auc")
+    return float(value) if isinstance(value, (int, float)) else float("-inf")
+
+
+def default_classifier(folder: str | os.PathLike = CHECKPOINTS) -> Path:
+    """The shipped classifier with the best recorded validation AUC; FileNotFoundError when none is shipped."""
+    shipped = shipped_classifiers(folder)
+    if not shipped:
+        raise FileNotFoundError(f"{folder}: no classifier checkpoint shipped (see checkpoints/README.md)")
+    return max(sorted(shipped.items()), key=lambda item: val_auc(item[1]))[1]
+
+
+def resolve_classifier(value: str | None, folder: str | os.PathLike = CHECKPOINTS) -> Path:
+    """None -> the default; a shipped name (e.g. 'densenet121') -> its file; anything else is taken as a path."""
+    if value is None:
+        return default_classifier(folder)
+    shipped = shipped_classifiers(folder)
+    return shipped.get(value, Path(value))
