@@ -13,9 +13,9 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) inference.py --image samples/synthetic_dcgan_malignant_0.png --output runs/demo_result.json
-	$(PY) inference.py --folder samples --csv runs/demo_predictions.csv
+demo: $(STAMP)  # real HAM10000 test images (samples/README.md; truth in samples/labels.csv)
+	$(PY) inference.py --image samples/images/ham10000_malignant_mel_ISIC_0033871.jpg --output runs/demo_result.json
+	$(PY) inference.py --folder samples/images --csv runs/demo_predictions.csv
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -11,9 +11,10 @@ image is in, so a missing metadata.csv means an unfinished download.
 
 Labels, HAM10000 lesion ids and splits come from the reference, the committed `data/manifests/original.csv`
 (`dx`, `lesion_id`, `diagnosis`, `official_split`): the HAM10000 train/test split is this project's, not the
-archive's; `scripts/01_prepare_data.py` on the new layout then draws the committed fit/val/calib split too (it depends
-on the lesion ids, the diagnoses and the seed, not on the images). The archive's own metadata is kept where it adds something: each image's attribution
-and licence, the HAM10000 confirmation type (`dx_type`), and a melanoma cross-check (`diagnosis_2`).
+archive's; `scripts/01_prepare_data.py` on the new layout then draws the committed fit/val/calib split too (it
+depends on the lesion ids, the diagnoses and the seed, not on the images). The archive's own metadata is kept where
+it adds something: each image's attribution and licence, the HAM10000 confirmation type (`dx_type`), and a melanoma
+cross-check (`diagnosis_2`).
 """
 from __future__ import annotations
 
@@ -157,15 +158,21 @@ def place(src: Path, dst: Path) -> str:
     return how[0]
 
 
+def check_destination(out_root: str | os.PathLike, dataset: str) -> None:
+    """Refuse to lay a download over a dataset that did not come from one (e.g. ../shared/data as shipped)."""
+    dest = Path(out_root) / dataset
+    if (dest / "labels.csv").is_file() and not (dest / MARKER).is_file():
+        raise FileExistsError(f"{dest} already holds a dataset this script did not write (no {MARKER}); "
+                              "choose another --out-root")
+
+
 def convert(export: str | os.PathLike, reference: pd.DataFrame, dataset: str, out_root: str | os.PathLike,
             info: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """Lay out `dataset` from an isic-cli export under `out_root/dataset`; idempotent. Returns a summary: image
     counts by how they were placed, export images the reference does not list (`ignored`), and the images whose
     melanoma status in the archive's metadata disagrees with the reference (`melanoma_disagreements`)."""
     export, dest = Path(export), Path(out_root) / dataset
-    if (dest / "labels.csv").is_file() and not (dest / MARKER).is_file():
-        raise FileExistsError(f"{dest} already holds a dataset this script did not write (no {MARKER}); "
-                              "choose another --out-root")
+    check_destination(out_root, dataset)
     meta = read_export(export)
     table = reference_labels(reference, dataset)
     missing = table.loc[~table["image_id"].isin(meta.index), "image_id"]

@@ -208,9 +208,14 @@ HAM10000 (Tschandl et al., Sci. Data 2018, CC BY-NC-SA 4.0), 200x150 JPEGs; mali
 carcinoma + actinic keratosis/Bowen's; benign = nevus + benign keratosis + dermatofibroma + vascular. Splits are
 grouped by lesion (no lesion in two splits). Where ISIC 2017 train is used (Codella et al., ISBI 2018; ISIC Archive,
 mostly CC-0, some CC-BY-NC): malignant = melanoma; benign = nevus + seborrheic keratosis; near-duplicates are one
-group, and its copies of ISIC 2017 val images are removed. Weights trained on these data inherit their
-non-commercial terms: use them for non-commercial research and teaching only (CC BY-NC-SA 4.0: attribution,
-non-commercial, share-alike).{lite_licence}
+group, and its copies of ISIC 2017 val images are removed.
+
+Licences, and what they mean for these weights: HAM10000 is CC BY-NC-SA 4.0 (Tschandl, Rosendahl & Kittler, Sci.
+Data 5:180161, 2018; doi:10.7910/DVN/DBW86T); ISIC 2017 images carry the licence the ISIC Archive lists for each
+(mostly CC-0, some CC-BY-NC). The weights are therefore released for non-commercial research and teaching use only,
+with attribution to both datasets; share weights derived from them under CC BY-NC-SA 4.0. The repository's MIT
+licence covers the code, not these weights or the data. Data: `python scripts/00_download_data.py` (README, Data);
+rebuilding: checkpoints/README.md.{lite_licence}
 
 ## Intended use
 Research and teaching: studying how a classifier and an anomaly detector combine on dermoscopic images. Not for
