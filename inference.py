@@ -1,28 +1,53 @@
-"""Hybrid melanoma screening on dermoscopic images: DenseNet-121 + benign-only VAE "rescue". Research software,
+"""Hybrid melanoma screening on dermoscopic images: a classifier + benign-only VAE "rescue". Research software,
 not a medical device: its output is not a diagnosis.
 
     python inference.py --image lesion.jpg                       # framed report on screen
     python inference.py --image lesion.jpg --output result.json --gradcam overlay.png
-    python inference.py --folder images/ --csv predictions.csv   # recursive batch, progress bar, bad files listed
+    python inference.py --folder images/ --csv predictions.csv   # recursive batch, progress bar, skipped files listed
     python inference.py --folder images/ --csv out.csv --backend onnx   # faster on CPU (ONNX Runtime)
     python inference.py --image lesion.jpg --device cuda          # GPU (torch backend)
 
 Decision: the classifier says malignant when P(malignant) >= malignant_threshold (chosen on the validation split);
 the VAE flags the image as anomalous when its reconstruction error >= anomaly_threshold (calibrated on the
-calibration split); a benign classifier verdict on an anomalous image is "rescued" to malignant.
+calibration split); a benign classifier verdict on an anomalous image is "rescued" to malignant. The architecture,
+preprocessing and thresholds come from each checkpoint's JSON sidecar.
 JSON keys (--output): path, prob_malignant, malignant_threshold, classifier_malignant, vae_score,
 anomaly_threshold, anomalous, rescued, final_malignant, out_of_distribution (VAE score above every benign
-calibration image), error, decision, models (checkpoint paths, architecture, epoch, training manifest hash).
-Exit codes: 0 success (in --folder mode also when some files were unreadable: they are listed in the CSV),
-1 unreadable input image or path, 3 unusable checkpoint, 2 bad arguments.
+calibration image), error, decision, models (checkpoint paths, architecture, epoch, training manifest hash, backend,
+integrity: what verified each checkpoint's sha256). A number that could not be computed is null, never NaN.
+--csv has one row per file found, written as the run goes: files skipped without being opened (a type such as .gif
+or .webp, a broken link, an unreadable folder, a pipe) come first with the reason in `error`, then every image
+file in path order (a corrupt one with its error), flushed after every batch, so an interrupted run leaves a valid
+CSV of what finished.
+
+Arguments, inputs and output paths are all checked before any model loads.
+Exit codes:
+  0    success (--folder: also when some files were not scored; each is listed with its reason)
+  1    an input cannot be read: a missing, empty, corrupt or unsupported image; a folder that is missing, is a
+       file, or holds no JPEG/PNG/BMP/TIFF image
+  2    bad arguments (a threshold outside its range or NaN, --batch-size below 1, an unavailable --device, a flag
+       that does not fit the mode, two outputs naming one file, an output that would overwrite the input)
+  3    an unusable checkpoint: missing, not safetensors, a sidecar that breaks the schema, a sha256 that does not
+       match SHA256SUMS or the sidecar, NaN/infinite weights, or NaN/infinite model outputs
+  4    an output cannot be written (a folder given as the file, an unwritable folder, an unknown --gradcam
+       extension; checked before the models run, and a failure while writing); what was written stays
+  5    reserved: "cannot assess" (an out-of-distribution gate, not implemented yet)
+  130  interrupted (Ctrl-C); --csv keeps the rows of the images that finished
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import math
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -30,39 +55,262 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_CLASSIFIER = ROOT / "checkpoints" / "densenet121.safetensors"
 DEFAULT_VAE = ROOT / "checkpoints" / "convvae.safetensors"
 DISCLAIMER = "Research software, not a diagnosis: any concerning lesion needs a clinician's examination."
+EXIT_INPUT, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_WRITE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130  # 5 is reserved (docstring)
+IMAGE_TYPES = "JPEG/PNG/BMP/TIFF"
+SHOWN_SKIPPED = 20  # skipped files listed on screen when --csv lists them all
+
+
+class Exit(Exception):
+    """Ends the run: one line on stderr and an exit code (EXIT_*)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of argparse's usage block
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0 to 1")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"{text} is outside 1 to 4096")
+    return value
+
+
+def path_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError("a path cannot contain a NUL character")
+    return text
+
+
+def device_name(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", help="one image file (JPEG, PNG, BMP or TIFF)")
-    source.add_argument("--folder", help="a folder of images, searched recursively")
-    p.add_argument("--output", help="write the single-image result as JSON to this file")
-    p.add_argument("--csv", help="write the folder results (one row per file, errors included) to this CSV")
-    p.add_argument("--gradcam", help="save a Grad-CAM overlay (an explanation aid, not evidence) to this PNG")
-    p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="classifier checkpoint (.safetensors)")
-    p.add_argument("--vae", default=str(DEFAULT_VAE), help="calibrated VAE checkpoint (.safetensors)")
-    p.add_argument("--malignant-threshold", type=float, help="override the classifier threshold from its sidecar")
-    p.add_argument("--anomaly-threshold", type=float, help="override the VAE threshold from its sidecar")
+    source.add_argument("--image", type=path_text, help="one image file (JPEG, PNG, BMP or TIFF)")
+    source.add_argument("--folder", type=path_text, help="a folder of images, searched recursively")
+    p.add_argument("--output", type=path_text, help="--image: write the result as JSON to this file")
+    p.add_argument("--csv", type=path_text, help="--folder: write one row per file found (errors included) here")
+    p.add_argument("--gradcam", type=path_text,
+                   help="--image: save a Grad-CAM overlay (an explanation aid, not evidence) to this .png/.jpg")
+    p.add_argument("--classifier", type=path_text, default=str(DEFAULT_CLASSIFIER),
+                   help="classifier checkpoint (.safetensors with its .json sidecar; any architecture it names)")
+    p.add_argument("--vae", type=path_text, default=str(DEFAULT_VAE),
+                   help="calibrated VAE checkpoint (.safetensors with its .json sidecar)")
+    p.add_argument("--malignant-threshold", type=probability,
+                   help="override the classifier threshold from its sidecar (0 to 1)")
+    p.add_argument("--anomaly-threshold", type=non_negative,
+                   help="override the VAE threshold from its sidecar (a number >= 0)")
     p.add_argument(
         "--backend",
         default="torch",
         choices=("torch", "onnx", "openvino", "openvino-bf16"),
         help="torch (eager); onnx (ONNX Runtime) or openvino (OpenVINO, CPU; -bf16 for bf16 where the CPU "
-        "supports it): models are exported once into .cache/onnx",
+        "supports it): models are exported once per checkpoint into the cache folder's onnx/",
     )
-    p.add_argument(
-        "--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda; the onnx backend picks its own"
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="images per model call in --folder mode")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps; the onnx backend picks its own")
+    p.add_argument("--batch-size", type=batch_size, default=32, help="images per model call in --folder mode (1-4096)")
     p.add_argument("--quiet", action="store_true", help="no report on screen (files only)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    wrong_mode = [f"--{k}" for k in (("output", "gradcam") if args.folder else ("csv",)) if getattr(args, k)]
+    if wrong_mode:
+        p.error(f"{' and '.join(wrong_mode)} {'does' if len(wrong_mode) == 1 else 'do'} not apply to "
+                f"{'--folder' if args.folder else '--image'} (--output/--gradcam: --image; --csv: --folder)")
+    return args
 
 
-def fail(message: str, code: int) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+# ---------------------------------------------------------------------------------------------------------------
+# Checks before any model loads
 
+def check_output(path: str, flag: str) -> None:
+    """Exit 4 unless `path` can be written: not a folder, inside a writable folder (missing folders below an
+    existing one are created when the file is written). A device or pipe such as /dev/stdout is written in place."""
+    target = Path(path)
+    if target.is_dir():
+        raise Exit(EXIT_WRITE, f"{flag} {path}: is a folder; give a file name")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise Exit(EXIT_WRITE, f"{flag} {path}: the file is read-only")
+    if target.exists() and not target.is_file():
+        return
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise Exit(EXIT_WRITE, f"{flag} {path}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise Exit(EXIT_WRITE, f"{flag} {path}: cannot write in {folder} ({exc.strerror})") from None
+
+
+def gradcam_format(path: str) -> str:
+    from PIL import Image
+
+    from data.images import IMAGE_SUFFIXES
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise Exit(EXIT_WRITE, f"--gradcam {path}: unknown image extension {suffix or '(none)'!r}; "
+                               f"use one of {' '.join(IMAGE_SUFFIXES)}")
+    return Image.registered_extensions()[suffix]
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    named = {flag: getattr(args, flag.lstrip("-")) for flag in ("--output", "--csv", "--gradcam")}
+    named = {flag: path for flag, path in named.items() if path}
+    inputs = {Path(args.image).resolve()} if args.image else set()
+    seen: dict[Path, str] = {}
+    for flag, path in named.items():
+        resolved = Path(path).resolve()
+        if resolved in inputs:
+            raise Exit(EXIT_USAGE, f"{flag} {path}: would overwrite the input image")
+        if resolved in seen:
+            raise Exit(EXIT_USAGE, f"{seen[resolved]} and {flag} name the same file {path}")
+        seen[resolved] = flag
+        check_output(path, flag)
+    if args.gradcam:
+        gradcam_format(args.gradcam)
+
+
+def read_image(path: str):
+    from data.images import ImageError, load_rgb
+
+    target = Path(path)
+    if target.is_dir():
+        raise Exit(EXIT_INPUT, f"{path}: is a folder, not an image (use --folder)")
+    if target.is_symlink() and not target.exists():
+        raise Exit(EXIT_INPUT, f"{path}: broken symbolic link")
+    try:
+        return load_rgb(path)
+    except ImageError as exc:
+        raise Exit(EXIT_INPUT, str(exc)) from None
+
+
+def scan_folder(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(image files to score, [(file, why it is not scored)]) under `folder`, recursively, each sorted. Symbolic
+    links to folders are followed once (a link back to a folder already scanned is not entered again)."""
+    from data.images import IMAGE_SUFFIXES
+
+    root = Path(folder)
+    if not root.exists():
+        raise Exit(EXIT_INPUT, f"{folder}: folder not found")
+    if not root.is_dir():
+        raise Exit(EXIT_INPUT, f"{folder}: is a file, not a folder (use --image)")
+    images: list[str] = []
+    skipped: list[tuple[str, str]] = []
+
+    def unreadable(exc: OSError) -> None:
+        skipped.append((str(exc.filename), f"{exc.filename}: cannot read this folder ({exc.strerror})"))
+
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        for name in files:
+            path = Path(top) / name
+            if not path.exists():
+                skipped.append((str(path), f"{path}: broken symbolic link"))
+            elif not path.is_file():
+                skipped.append((str(path), f"{path}: not a regular file (a pipe, socket or device)"))
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((str(path), f"{path}: unsupported file type {path.suffix.lower() or '(no extension)'}"
+                                           f" (only {' '.join(IMAGE_SUFFIXES)} are read)"))
+            else:
+                images.append(str(path))
+    if not images:
+        others = f" ({len(skipped)} other file(s), e.g. {skipped[0][1]})" if skipped else ""
+        raise Exit(EXIT_INPUT, f"{folder}: no {IMAGE_TYPES} images found{others}")
+    return sorted(images), sorted(skipped)
+
+
+def check_device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda"):
+        index = int(name.partition(":")[2] or 0)
+        if not torch.cuda.is_available():
+            raise Exit(EXIT_USAGE, f"--device {name}: CUDA is not available here (use --device auto or cpu)")
+        if index >= torch.cuda.device_count():
+            raise Exit(EXIT_USAGE, f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise Exit(EXIT_USAGE, "--device mps: Apple MPS is not available here (use --device auto or cpu)")
+    return name
+
+
+def check_backend(name: str) -> None:
+    import importlib.util
+
+    package = {"onnx": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise Exit(EXIT_USAGE, f"--backend {name} needs the {package} package (pip install -r requirements.txt)")
+
+
+def load_predictor(args: argparse.Namespace):
+    """Checkpoints (sidecars first: cheap) then the models; any checkpoint problem exits 3."""
+    from data.checkpoint import CheckpointError, read_sidecar
+
+    for flag, path in (("--classifier", args.classifier), ("--vae", args.vae)):
+        try:
+            read_sidecar(path)
+        except CheckpointError as exc:
+            default = Path(path).resolve() in (DEFAULT_CLASSIFIER, DEFAULT_VAE)
+            hint = " (fetch the shipped weights with scripts/download_weights.py)" if default else ""
+            raise Exit(EXIT_CHECKPOINT, f"{flag}: {exc}{hint}") from None
+    from anomaly_detection.hybrid import HybridPredictor  # the model code: imported once the sidecars are good
+    from data.runtime import init_device
+
+    device = init_device(args.device)
+    try:
+        return HybridPredictor(
+            args.classifier, args.vae, device, args.backend, args.malignant_threshold, args.anomaly_threshold
+        )
+    except CheckpointError as exc:
+        raise Exit(EXIT_CHECKPOINT, str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two modes
 
 def framed_report(result: dict) -> str:
     yes = {True: "yes", False: "no"}
@@ -87,93 +335,136 @@ def framed_report(result: dict) -> str:
     )
 
 
-def run_image(predictor, args: argparse.Namespace) -> None:
-    from data.images import ImageError, load_rgb
+def write_file(path: str, data: bytes, flag: str) -> None:
+    from data.atomic import atomic_write_bytes
 
     try:
-        image = load_rgb(args.image)
-    except ImageError as exc:
-        fail(str(exc), 1)
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise Exit(EXIT_WRITE, f"{flag} {path}: cannot write it ({exc.strerror or exc})") from None
+
+
+def run_image(args: argparse.Namespace) -> None:
+    image = read_image(args.image)
+    check_outputs(args)
+    check_backend(args.backend)
+    check_device(args.device)
+    predictor = load_predictor(args)
     prediction, _ = predictor.predict_image(image, str(args.image))
+    if prediction.error:
+        raise Exit(EXIT_CHECKPOINT, prediction.error)
     result = {**prediction.to_dict(), "models": predictor.versions()}
     if not args.quiet:
-        print(framed_report(result))
+        print(framed_report(result), flush=True)
     if args.output:
-        from data.atomic import atomic_write_text
-
-        atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
+        write_file(args.output, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode(), "--output")
     if args.gradcam:
         from PIL import Image
 
         from classifiers.gradcam import gradcam_map, overlay
 
         pixels = predictor.cls_prep.pixels(image)
-        Image.fromarray(overlay(pixels, gradcam_map(predictor.classifier, predictor.cls_meta, pixels))).save(
-            args.gradcam
-        )
+        picture = Image.fromarray(overlay(pixels, gradcam_map(predictor.classifier, predictor.cls_meta, pixels)))
+        buffer = io.BytesIO()
+        picture.save(buffer, format=gradcam_format(args.gradcam))
+        write_file(args.gradcam, buffer.getvalue(), "--gradcam")
         if not args.quiet:
             print(f"Grad-CAM overlay (explanation aid, not evidence): {args.gradcam}")
 
 
-def run_folder(predictor, args: argparse.Namespace) -> None:
-    import pandas as pd
+class CsvRows:
+    """The --csv file, written as the run goes: a header, then rows flushed as they come (exit 4 on a failure)."""
+
+    def __init__(self, path: str | None, fields: list[str]):
+        self.path, self.file, self.rows = path, None, 0
+        if path:
+            self._guard(lambda: Path(path).parent.mkdir(parents=True, exist_ok=True))
+            self.file = self._guard(lambda: open(path, "w", newline=""))
+            self.writer = csv.DictWriter(self.file, fieldnames=fields)
+            self._guard(self.writer.writeheader)
+
+    def _guard(self, action) -> Any:
+        try:
+            return action()
+        except OSError as exc:
+            raise Exit(EXIT_WRITE, f"--csv {self.path}: cannot write it ({exc.strerror or exc}) after {self.rows} "
+                                   "row(s); the rows written so far are kept") from None
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if self.file is None:
+            return
+        self._guard(lambda: (self.writer.writerows(rows), self.file.flush()))
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        if self.file is not None:
+            file: IO = self.file
+            self.file = None
+            self._guard(file.close)
+
+
+def run_folder(args: argparse.Namespace) -> None:
+    images, skipped = scan_folder(args.folder)
+    check_outputs(args)
+    check_backend(args.backend)
+    check_device(args.device)
+    predictor = load_predictor(args)
     from tqdm import tqdm
 
-    from data.atomic import atomic_write_csv
-    from data.images import list_images
+    from anomaly_detection.hybrid import NON_FINITE, Prediction
 
+    rows = CsvRows(args.csv, list(Prediction("").to_dict()))
+    results: list[Prediction] = [Prediction(path, error=reason) for path, reason in skipped]
+    done = 0
     try:
-        paths = list_images(args.folder)
-    except FileNotFoundError as exc:
-        fail(str(exc), 1)
-    if not paths:
-        fail(f"{args.folder}: no JPEG/PNG/BMP/TIFF images found", 1)
-    with tqdm(total=len(paths), desc="images", unit="img", disable=args.quiet) as bar:
-        predictions = predictor.predict_paths(paths, args.batch_size, on_batch=bar.update)
-    table = pd.DataFrame([p.to_dict() for p in predictions])
-    if args.csv:
-        atomic_write_csv(args.csv, table)
+        rows.write([r.to_dict() for r in results])
+        with tqdm(total=len(images), desc="images", unit="img", disable=args.quiet) as bar:
+            for batch in predictor.predict_batches(images, args.batch_size):
+                rows.write([r.to_dict() for r in batch])
+                results.extend(batch)
+                done += len(batch)
+                bar.update(len(batch))
+    except KeyboardInterrupt:
+        kept = f"; their rows are in {args.csv}" if args.csv else ""
+        raise Exit(EXIT_INTERRUPTED, f"Ctrl-C after {done} of {len(images)} images{kept}") from None
+    finally:
+        rows.close()
     if not args.quiet:
-        bad = table[table["error"] != ""]
-        counts = table["decision"].value_counts()
-        print(
-            f"{len(table)} images: {counts.get('malignant', 0)} malignant ({int(table['rescued'].sum())} by rescue), "
-            f"{counts.get('benign', 0)} benign, {len(bad)} unreadable"
-            + (f"; results in {args.csv}" if args.csv else "")
-        )
-        for _, row in bad.iterrows():
-            print(f"  skipped: {row['error']}")
-        print(DISCLAIMER)
+        summarise(results, args.csv)
+    broken = sum(r.error.endswith(NON_FINITE) for r in results)
+    if broken:
+        raise Exit(EXIT_CHECKPOINT, f"{broken} image(s) got {NON_FINITE}"
+                                    + (f" (rows kept in {args.csv})" if args.csv else ""))
+
+
+def summarise(results: list, csv_path: str | None) -> None:
+    bad = [r for r in results if r.error]
+    malignant = sum(r.decision == "malignant" for r in results)
+    benign = sum(r.decision == "benign" for r in results)
+    print(f"{len(results)} files: {malignant} malignant ({sum(r.rescued for r in results)} by rescue), {benign} "
+          f"benign, {len(bad)} not scored" + (f"; results in {csv_path}" if csv_path else ""))
+    shown = bad[:SHOWN_SKIPPED] if csv_path else bad
+    for r in shown:
+        print(f"  not scored: {r.error}")
+    if len(shown) < len(bad):
+        print(f"  ... and {len(bad) - len(shown)} more (all listed in {csv_path})")
+    print(DISCLAIMER)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.image and not Path(args.image).exists():
-        fail(f"{args.image}: file not found", 1)
-    if args.folder and not Path(args.folder).is_dir():
-        fail(f"{args.folder}: folder not found", 1)
-    for name in ("classifier", "vae"):
-        if not Path(getattr(args, name)).with_suffix(".safetensors").is_file():
-            fail(
-                f"{getattr(args, name)}: {name} checkpoint not found (see checkpoints/README or "
-                "scripts/download_weights.py)",
-                3,
-            )
-    from anomaly_detection.hybrid import HybridPredictor
-    from data.checkpoint import CheckpointError
-    from data.runtime import init_device
-
-    device = init_device(args.device)
     try:
-        predictor = HybridPredictor(
-            args.classifier, args.vae, device, args.backend, args.malignant_threshold, args.anomaly_threshold
-        )
-    except CheckpointError as exc:
-        fail(str(exc), 3)
-    if args.image:
-        run_image(predictor, args)
-    else:
-        run_folder(predictor, args)
+        if args.image:
+            run_image(args)
+        else:
+            run_folder(args)
+    except Exit as exc:
+        prefix = "interrupted" if exc.code == EXIT_INTERRUPTED else "error"
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        sys.exit(exc.code)
+    except KeyboardInterrupt:
+        print("interrupted: Ctrl-C before any result was written", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

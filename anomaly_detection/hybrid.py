@@ -5,13 +5,21 @@ anomaly_threshold` -> anomalous; rescued = classifier benign AND anomalous; fina
 Both thresholds come from the checkpoints' sidecars (classifier: chosen on val; VAE: calibrated on calib) unless the
 caller overrides them. Each model gets its own preprocessing from its own sidecar: the classifier sees ImageNet-
 normalised pixels, the VAE [0,1] pixels, from one decode of the file.
+
+A model output that is not a finite number (NaN or infinity) is never passed on as a decision: the image's
+`Prediction` carries `error` and null numbers instead. Serving backends other than torch run exported ONNX files
+cached under the cache folder, keyed by the weights' sha256 and the sidecar fields that shape the graph; a cached
+file the runtime cannot open is exported again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,12 +31,13 @@ from PIL import Image
 
 from anomaly_detection.vae import ConvVAE, VAEScorer
 from classifiers.models import load_classifier
-from data.atomic import tmp_path
+from data.atomic import atomic_write
 from data.cache import DEFAULT_CACHE_DIR
-from data.checkpoint import CheckpointError, load_checkpoint
+from data.checkpoint import CheckpointError, file_digest, load_checkpoint, verify_checkpoint
 from data.images import ImageError, load_rgb
-from data.manifest import file_sha256
 from data.transforms import Preprocess
+
+NON_FINITE = "the model output is not a finite number (NaN or infinity): the checkpoint is unusable"
 
 
 def build_vae(meta: dict[str, Any]) -> ConvVAE:
@@ -57,14 +66,15 @@ def rescue(
 
 @dataclass
 class Prediction:
-    """One image's result; the keys of `inference.py --output` JSON."""
+    """One image's result; the keys of `inference.py --output` JSON. An image without a result (`error` set) has
+    null numbers, never NaN."""
 
     path: str
-    prob_malignant: float = float("nan")
-    malignant_threshold: float = float("nan")
+    prob_malignant: float | None = None
+    malignant_threshold: float | None = None
     classifier_malignant: bool = False
-    vae_score: float = float("nan")
-    anomaly_threshold: float = float("nan")
+    vae_score: float | None = None
+    anomaly_threshold: float | None = None
     anomalous: bool = False
     rescued: bool = False
     final_malignant: bool = False
@@ -103,22 +113,29 @@ class _Probabilities(torch.nn.Module):
 
 def export_onnx(module: torch.nn.Module, size: int, path: Path, outputs: list[str]) -> Path:
     """Export with a dynamic batch axis, atomically (TorchScript-based exporter: no extra dependency)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(),
-            (torch.rand(1, 3, size, size),),
-            str(tmp),
-            input_names=["x"],
-            output_names=outputs,
-            dynamic_axes={"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
-            opset_version=17,
-            dynamo=False,
-        )
-    os.replace(tmp, path)
-    return path
+
+    def export(file: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(),
+                (torch.rand(1, 3, size, size),),
+                str(file),
+                input_names=["x"],
+                output_names=outputs,
+                dynamic_axes={"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+                opset_version=17,
+                dynamo=False,
+            )
+
+    return atomic_write(path, export)
+
+
+def export_key(path: str | os.PathLike, meta: dict[str, Any]) -> str:
+    """The cache key of a checkpoint's exported graph: its weights' sha256 and the sidecar fields that shape it."""
+    shape = {k: meta.get(k) for k in ("kind", "arch", "arch_kwargs", "input_size", "class_names")}
+    weights = Path(path).with_suffix(".safetensors")
+    return hashlib.sha256((file_digest(weights) + json.dumps(shape, sort_keys=True)).encode()).hexdigest()[:16]
 
 
 def exported_models(
@@ -130,10 +147,10 @@ def exported_models(
     vae_path: str,
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[Path, Path]:
-    """ONNX files of both models, exported once per weights file (keyed by its sha256) into the cache folder."""
+    """ONNX files of both models, exported once per checkpoint (`export_key`) into the cache folder."""
     folder = Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx"
-    cls_file = folder / f"classifier_{file_sha256(Path(cls_path).with_suffix('.safetensors'))[:16]}.onnx"
-    vae_file = folder / f"vae_{file_sha256(Path(vae_path).with_suffix('.safetensors'))[:16]}.onnx"
+    cls_file = folder / f"classifier_{export_key(cls_path, cls_meta)}.onnx"
+    vae_file = folder / f"vae_{export_key(vae_path, vae_meta)}.onnx"
     if not cls_file.exists():
         export_onnx(_Probabilities(classifier), cls_meta["input_size"], cls_file, ["probs"])
     if not vae_file.exists():
@@ -185,6 +202,23 @@ class OpenVinoBackend:
 BACKENDS = ("torch", "onnx", "openvino", "openvino-bf16")
 
 
+def open_exported(export: Callable[[], tuple[Path, Path]], open_backend: Callable[[tuple[Path, Path]], Any]) -> Any:
+    """Open a backend on the cached exports; if the runtime cannot read them (a damaged or truncated cache file),
+    delete them, export again and retry once."""
+    files = export()
+    try:
+        return open_backend(files)
+    except Exception:  # noqa: BLE001 - ONNX Runtime raises its own Exception subclasses, OpenVINO RuntimeError
+        for file in files:
+            file.unlink(missing_ok=True)
+    files = export()
+    try:
+        return open_backend(files)
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise CheckpointError(f"{files[0].parent}: the exported models cannot be opened even after exporting them "
+                              f"again ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
 class HybridPredictor:
     """Classifier + VAE + rescue. `predict_paths` decodes files (in parallel threads), `predict_arrays` takes
     already-decoded uint8 images; both return per-image `Prediction`s."""
@@ -215,6 +249,9 @@ class HybridPredictor:
         self.anomaly_threshold = float(
             anomaly_threshold if anomaly_threshold is not None else self.vae_meta["anomaly_threshold"]
         )
+        if not (math.isfinite(self.malignant_threshold) and math.isfinite(self.anomaly_threshold)):
+            raise ValueError("thresholds must be finite numbers (a NaN threshold would call every image benign)")
+        self.integrity = {"classifier": verify_checkpoint(classifier_path), "vae": verify_checkpoint(vae_path)}
         self.cls_prep, self.vae_prep = Preprocess.from_meta(self.cls_meta), Preprocess.from_meta(self.vae_meta)
         quantiles = self.vae_meta.get("calib_benign_score_quantiles", {})
         self.ood_score = float(quantiles["1.0"]) if "1.0" in quantiles else float("inf")
@@ -225,12 +262,17 @@ class HybridPredictor:
         if backend == "torch":
             self.backend = TorchBackend(classifier, vae, torch.device(device))
         else:
-            files = exported_models(classifier, self.cls_meta, str(classifier_path), vae, self.vae_meta, str(vae_path))
-            self.backend = (
-                OnnxBackend(files, threads)
-                if backend == "onnx"
-                else OpenVinoBackend(files, threads, bf16=backend == "openvino-bf16")
-            )
+            def export() -> tuple[Path, Path]:
+                return exported_models(
+                    classifier, self.cls_meta, str(classifier_path), vae, self.vae_meta, str(vae_path)
+                )
+
+            def open_backend(files: tuple[Path, Path]) -> OnnxBackend | OpenVinoBackend:
+                if backend == "onnx":
+                    return OnnxBackend(files, threads)
+                return OpenVinoBackend(files, threads, bf16=backend == "openvino-bf16")
+
+            self.backend = open_exported(export, open_backend)
         self.classifier, self.vae = classifier, vae
 
     def versions(self) -> dict[str, Any]:
@@ -242,6 +284,7 @@ class HybridPredictor:
             },
             "vae": {"path": self.paths["vae"], **{k: self.vae_meta.get(k) for k in keys if k in self.vae_meta}},
             "backend": self.backend_name,
+            "integrity": self.integrity,
         }
 
     def pixels(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
@@ -261,9 +304,16 @@ class HybridPredictor:
         return self.backend.run(np.ascontiguousarray(cls_x), np.ascontiguousarray(vae_x))
 
     def decide(self, names: list[str], probs: np.ndarray, scores: np.ndarray) -> list[Prediction]:
-        r = rescue(probs, scores, self.malignant_threshold, self.anomaly_threshold)
+        """The rescue rule per image; an image whose outputs are not finite (or missing: None) gets `error`
+        (NON_FINITE) instead of a decision."""
+        probs, scores = np.asarray(probs, dtype=float), np.asarray(scores, dtype=float)
+        finite = np.isfinite(probs) & np.isfinite(scores)
+        with np.errstate(invalid="ignore"):
+            r = rescue(probs, scores, self.malignant_threshold, self.anomaly_threshold)
         return [
-            Prediction(
+            Prediction(name, error=f"{name}: {NON_FINITE}")
+            if not finite[i]
+            else Prediction(
                 name,
                 float(p),
                 self.malignant_threshold,
@@ -284,13 +334,13 @@ class HybridPredictor:
         probs, scores, recon = self.run_arrays(cls_px[None], vae_px[None])
         return self.decide([name], probs, scores)[0], (recon[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
-    def predict_paths(
-        self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 2, on_batch=None
-    ) -> list[Prediction]:
-        """Files -> Predictions, in input order. Unreadable files give a Prediction with `error` set; the run goes
-        on. Decoding runs in a thread pool ahead of the models (PIL releases the GIL while decoding)."""
+    def predict_batches(
+        self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 2
+    ) -> Iterator[list[Prediction]]:
+        """Files -> one list of Predictions per batch, in input order, as each batch is done (a caller can save them
+        before the next batch runs). Unreadable files give a Prediction with `error` set; the run goes on. Decoding
+        runs in a thread pool ahead of the models (PIL releases the GIL while decoding)."""
         paths = [str(p) for p in paths]
-        results: list[Prediction] = []
 
         def prepare(path: str) -> tuple[str, np.ndarray | None, np.ndarray | None, str]:
             try:
@@ -310,8 +360,10 @@ class HybridPredictor:
                 if good:
                     probs, scores, _ = self.run_arrays(np.stack([g[1] for g in good]), np.stack([g[2] for g in good]))
                     decided = dict(zip([g[0] for g in good], self.decide([g[0] for g in good], probs, scores)))
-                batch = [decided.get(path) or Prediction(path, error=err) for path, _, _, err in items]
-                results.extend(batch)
-                if on_batch:
-                    on_batch(len(batch))
-        return results
+                yield [decided.get(path) or Prediction(path, error=err) for path, _, _, err in items]
+
+    def predict_paths(
+        self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 2
+    ) -> list[Prediction]:
+        """All of `predict_batches` as one list."""
+        return [p for batch in self.predict_batches(paths, batch_size, workers) for p in batch]

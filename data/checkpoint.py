@@ -15,7 +15,10 @@ Integrity rule: every hash recorded for a checkpoint must match. Recorded hashes
 `SHA256SUMS` file in the checkpoint's folder that name the weights or the sidecar (what scripts/ship_models.py
 writes for checkpoints/), and (2) the sidecar's `weights_sha256` (what `save_checkpoint` writes, so a user's own
 run in runs/ is verified too). A checkpoint with neither (written before the field existed) still loads, and
-`verify_checkpoint` says "unverified". Hashing is cached per file state, so a 30 MB checkpoint is hashed once.
+`verify_checkpoint` says "unverified". The project's own writers keep a listing true: `save_checkpoint` and
+`write_sidecar` update the lines of a folder's SHA256SUMS that name the files they replace (a re-ship, a
+recalibration), so only a change made outside them (damage, a partial download, a hand edit) fails the check.
+Hashing is cached per file state, so a 30 MB checkpoint is hashed once.
 """
 from __future__ import annotations
 
@@ -127,14 +130,15 @@ def validate_sidecar(meta: Any, source: str | os.PathLike) -> dict[str, Any]:
 # Integrity
 
 @functools.lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
+def _digest(path: str, state: tuple[int, ...]) -> str:
     return file_sha256(path)
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, hashed once per (path, size, modification time)."""
+    """sha256 of a file, hashed once per state (inode, size, modification and change times: an atomic rewrite is a
+    new inode, so even a coarse clock cannot serve a stale digest)."""
     stat = Path(path).stat()
-    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return _digest(str(Path(path).resolve()), (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
 
 
 def read_sums(path: str | os.PathLike) -> dict[str, str]:
@@ -148,6 +152,18 @@ def read_sums(path: str | os.PathLike) -> dict[str, str]:
             raise CheckpointError(f"{path}: line {number} is not '<sha256>  <file name>'")
         sums[match[2]] = match[1].lower()
     return sums
+
+
+def _relist(*files: Path) -> None:
+    """Update the lines of the folder's SHA256SUMS that name `files` (just rewritten by this module)."""
+    sums = files[0].parent / SUMS_FILE
+    if not sums.is_file():
+        return
+    listed = read_sums(sums)
+    if not {f.name for f in files} & set(listed):
+        return
+    listed.update({f.name: file_digest(f) for f in files if f.name in listed})
+    atomic_write_text(sums, "".join(f"{digest}  {name}\n" for name, digest in listed.items()))
 
 
 def _verify(weights: Path, sidecar: Path, meta: dict[str, Any]) -> str:
@@ -210,6 +226,7 @@ def save_checkpoint(
         "weights_sha256": file_digest(weights),
     }
     atomic_write_text(sidecar, json.dumps(full_meta, indent=2, default=str) + "\n")
+    _relist(weights, sidecar)
     return weights
 
 
@@ -230,7 +247,9 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_sidecar(path: str | os.PathLike, meta: dict[str, Any]) -> None:
-    atomic_write_text(_paths(path)[1], json.dumps(meta, indent=2, default=str) + "\n")
+    sidecar = _paths(path)[1]
+    atomic_write_text(sidecar, json.dumps(meta, indent=2, default=str) + "\n")
+    _relist(sidecar)
 
 
 def load_checkpoint(

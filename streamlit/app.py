@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -44,7 +45,8 @@ SAMPLES = Path(os.environ.get("MELANOMA_SAMPLES", ROOT / "samples"))
 CLASSIFIER_GLOBS = (str(DEFAULT_CLASSIFIER.relative_to(ROOT)), "runs/classifiers/*/best.safetensors",
                     "checkpoints/grid/*.safetensors")
 VAE_GLOBS = (str(DEFAULT_VAE.relative_to(ROOT)), "runs/vae/best.safetensors", "runs/vae/*/best.safetensors")
-UPLOAD_TYPES = ["jpg", "jpeg", "png", "bmp"]
+# The uploader takes any file (no `type=` filter, no widget size limit below the server's): a file the widget refused
+# would only get a small icon in the browser, while the app's own checks below show the CLI's message in plain view.
 MAX_UPLOAD_MB = 20
 RED, GREEN, ORANGE = "#c0392b", "#2e8b57", "#e67e22"
 LIMITS = """
@@ -111,10 +113,15 @@ def model_lock() -> threading.Lock:
 
 
 def decode(name: str, data: bytes) -> Image.Image:
-    """Uploaded bytes -> RGB image, or ImageError naming the uploaded file."""
+    """Uploaded bytes -> RGB image, or ImageError naming the uploaded file with the CLI's message for a file."""
     if len(data) > MAX_UPLOAD_MB * 2**20:
-        raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_MB} MB limit")
-    return load_rgb(data, name)
+        raise ImageError(f"{name}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_MB} MB upload limit")
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    try:
+        return load_rgb(data, name)
+    except ImageError as exc:  # PIL names an in-memory upload by its Python object; name the file instead
+        raise ImageError(re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", repr(name), str(exc))) from None
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -239,9 +246,12 @@ def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], nam
         with st.spinner("Running the classifier and the VAE..."):
             out = model_outputs(*paths, name, data)
     except ImageError as exc:
-        st.error(f"Could not analyse this file. {exc}. Please upload a JPEG, PNG or BMP image.")
+        st.error(f"Could not analyse this file. {exc}. Please upload a JPEG, PNG, BMP or TIFF image.")
         return
     p = decide(predictor, thresholds, [name], [out["prob"]], [out["score"]])[0]
+    if p.error:  # the models gave NaN or infinity: no decision to show
+        st.error(f"Could not analyse this file. {p.error}.")
+        return
     how = (" (rescued: the classifier said benign, the VAE found the image anomalous)" if p.rescued else
            " (the classifier says malignant)" if p.classifier_malignant else " (classifier benign, VAE not anomalous)")
     verdict = f"Final decision: **{p.decision.upper()}**{how}. {DISCLAIMER}"
@@ -288,8 +298,8 @@ def image_tab(predictor: HybridPredictor, thresholds: tuple[float, float]) -> No
     if samples:
         source = st.radio("Image", ["Upload an image", "Bundled sample"], horizontal=True, key="source")
     if source == "Upload an image":
-        upload = st.file_uploader(f"Dermoscopic image (JPEG, PNG or BMP, up to {MAX_UPLOAD_MB} MB)", type=UPLOAD_TYPES,
-                                  max_upload_size=MAX_UPLOAD_MB, key="single_upload")
+        upload = st.file_uploader(f"Dermoscopic image (JPEG, PNG, BMP or TIFF, up to {MAX_UPLOAD_MB} MB)",
+                                  key="single_upload")
         if upload is None:
             st.info("Upload a dermoscopic image to see the classifier, the VAE and the final decision."
                     + ("" if samples else f" (No bundled samples found in {SAMPLES}.)"))
@@ -303,8 +313,8 @@ def image_tab(predictor: HybridPredictor, thresholds: tuple[float, float]) -> No
 
 
 def batch_tab(predictor: HybridPredictor, thresholds: tuple[float, float]) -> None:
-    uploads = st.file_uploader(f"Several images (JPEG, PNG or BMP, up to {MAX_UPLOAD_MB} MB each)", type=UPLOAD_TYPES,
-                               accept_multiple_files=True, max_upload_size=MAX_UPLOAD_MB, key="batch_upload")
+    uploads = st.file_uploader(f"Several images (JPEG, PNG, BMP or TIFF, up to {MAX_UPLOAD_MB} MB each)",
+                               accept_multiple_files=True, key="batch_upload")
     if not uploads:
         st.info("Upload several images to get one row per image and a CSV.")
         return
@@ -325,10 +335,11 @@ def batch_tab(predictor: HybridPredictor, thresholds: tuple[float, float]) -> No
     table = pd.DataFrame([(decided.get(i) or Prediction(u.name, error=errors[i])).to_dict()
                           for i, u in enumerate(uploads)]).rename(columns={"path": "file"})
     counts = table["decision"].value_counts()
+    bad = table["error"][table["error"] != ""]
     st.markdown(f"{len(table)} images: **{counts.get('malignant', 0)} malignant** ({int(table['rescued'].sum())} by "
-                f"rescue), {counts.get('benign', 0)} benign, {len(errors)} unreadable.")
-    for message in errors.values():
-        st.warning(f"Skipped: {message}")
+                f"rescue), {counts.get('benign', 0)} benign, {len(bad)} not scored.")
+    for message in bad:
+        st.warning(f"Not scored: {message}")
     st.dataframe(table, hide_index=True)
     st.download_button("Download CSV", table.to_csv(index=False).encode(), file_name="melanoma_predictions.csv",
                        mime="text/csv")

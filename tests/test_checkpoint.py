@@ -12,7 +12,8 @@ from conftest import ROOT
 from safetensors import safe_open
 from torch import nn
 
-from data.checkpoint import CheckpointError, load_checkpoint, read_sidecar, save_checkpoint
+from data.checkpoint import CheckpointError, load_checkpoint, read_sidecar, save_checkpoint, verify_checkpoint
+from data.manifest import file_sha256
 
 
 class Tiny(nn.Module):
@@ -33,7 +34,7 @@ def build(meta: dict) -> nn.Module:
 
 
 META = {"kind": "classifier", "arch": "tiny", "arch_kwargs": {"hidden": 8}, "class_names": ["benign", "malignant"],
-        "malignant_threshold": 0.37}
+        "malignant_threshold": 0.37, "input_size": 8, "resize": "squash", "normalization": "unit"}
 
 
 @pytest.fixture
@@ -122,6 +123,94 @@ def test_missing_files_bad_sidecar_and_wrong_kind(tmp_path: Path, trained: Tiny)
     (tmp_path / "m.json").unlink()
     with pytest.raises(CheckpointError, match="m.safetensors: its sidecar m.json is missing"):
         load_checkpoint(weights, build)
+
+
+def flip_bytes(path: Path, offset: int = -64) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_integrity_rule_sidecar_hash_then_sha256sums(tmp_path: Path, trained: Tiny):
+    """save_checkpoint records weights_sha256; a folder's SHA256SUMS is checked for the files it lists; a
+    checkpoint with neither loads, reported as unverified."""
+    weights = save_checkpoint(tmp_path / "m", trained, META)
+    assert read_sidecar(weights)["weights_sha256"] == file_sha256(weights)
+    assert verify_checkpoint(weights) == "sidecar weights_sha256"
+    (tmp_path / "SHA256SUMS").write_text(f"{file_sha256(weights)}  m.safetensors\n"
+                                         f"{file_sha256(tmp_path / 'm.json')}  m.json\n")
+    assert verify_checkpoint(weights) == "SHA256SUMS and sidecar weights_sha256"
+    (tmp_path / "m.json").write_text((tmp_path / "m.json").read_text() + " ")  # same JSON, other bytes
+    with pytest.raises(CheckpointError, match="m.json: its sha256 does not match .*SHA256SUMS"):
+        load_checkpoint(weights, build)
+    (tmp_path / "SHA256SUMS").write_text("not a sums line\n")
+    with pytest.raises(CheckpointError, match="SHA256SUMS: line 1 is not"):
+        load_checkpoint(weights, build)
+    (tmp_path / "SHA256SUMS").unlink()
+    flip_bytes(weights)  # a damaged float: still finite, only the hash can tell
+    with pytest.raises(CheckpointError, match="m.safetensors: its sha256 does not match the weights_sha256"):
+        load_checkpoint(weights, build)
+    meta = read_sidecar(weights)
+    del meta["weights_sha256"]
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    assert verify_checkpoint(weights) == "unverified"
+    load_checkpoint(weights, build)
+
+
+def test_the_projects_writers_keep_sha256sums_true(tmp_path: Path, trained: Tiny):
+    """A re-ship or a recalibration through save_checkpoint / write_sidecar updates the listing, other lines kept."""
+    from data.checkpoint import read_sums, write_sidecar
+
+    weights = save_checkpoint(tmp_path / "m", trained, META)
+    (tmp_path / "SHA256SUMS").write_text(f"{'0' * 64}  m.safetensors\n{'1' * 64}  other.safetensors\n")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(weights, build)
+    save_checkpoint(tmp_path / "m", trained, {**META, "epoch": 2})
+    assert read_sums(tmp_path / "SHA256SUMS") == {"m.safetensors": file_sha256(weights), "other.safetensors": "1" * 64}
+    (tmp_path / "SHA256SUMS").write_text(f"{file_sha256(weights)}  m.safetensors\n{'2' * 64}  m.json\n")
+    write_sidecar(weights, {**read_sidecar(weights), "malignant_threshold": 0.5})
+    assert load_checkpoint(weights, build)[1]["malignant_threshold"] == 0.5
+    assert read_sums(tmp_path / "SHA256SUMS")["m.json"] == file_sha256(tmp_path / "m.json")
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path, trained: Tiny):
+    with torch.no_grad():
+        trained.fc2.weight[0, 0] = float("nan")
+    weights = save_checkpoint(tmp_path / "m", trained, META, dtype=torch.float16)
+    with pytest.raises(CheckpointError, match="m.safetensors: 1 tensor.s. hold NaN or infinite values .fc2.weight"):
+        load_checkpoint(weights, build)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"input_size": 0}, "'input_size' must be an integer from 8"),
+    ({"resize": "stretch"}, "'resize' must be one of"),
+    ({"normalization": {"mean": [0.5, 0.5], "std": [1, 1, 1]}}, "'normalization' must be"),
+    ({"normalization": {"mean": [0.5] * 3, "std": [0, 1, 1]}}, "'normalization' must be"),
+    ({"malignant_threshold": "high"}, "'malignant_threshold' must be null or a number from 0 to 1"),
+    ({"malignant_threshold": float("nan")}, "'malignant_threshold' must be"),
+    ({"class_names": ["benign"]}, "'class_names' must be"),
+    ({"color_constancy": {"method": "retinex", "p": 6}}, "'color_constancy' must be"),
+    ({"normalization": None}, "a classifier sidecar needs 'normalization'"),  # None: the field is absent
+], ids=["size0", "resize", "mean2", "std0", "threshold_text", "threshold_nan", "one_class", "cc", "no_norm"])
+def test_sidecar_schema(tmp_path: Path, trained: Tiny, change: dict, message: str):
+    weights = save_checkpoint(tmp_path / "m", trained, META)
+    meta = {k: v for k, v in {**read_sidecar(weights), **change}.items() if v is not None}
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"m.json: {message}"):
+        read_sidecar(weights)
+    (tmp_path / "m.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="m.json: must be a JSON object, not a list"):
+        load_checkpoint(weights, build)
+
+
+def test_schema_accepts_every_registered_architecture_and_both_normalizations():
+    from classifiers.models import list_models
+    from data.checkpoint import validate_sidecar
+
+    for arch in list_models():
+        for norm in ("unit", {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}):
+            validate_sidecar({**META, "arch": arch, "normalization": norm,
+                              "color_constancy": {"method": "shades_of_gray", "p": 6}}, "x.json")
 
 
 def unsafe_loads(source: str) -> list[str]:
