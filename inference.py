@@ -52,7 +52,6 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_CLASSIFIER = ROOT / "checkpoints" / "densenet121.safetensors"
 DEFAULT_VAE = ROOT / "checkpoints" / "convvae.safetensors"
 DISCLAIMER = "Research software, not a diagnosis: any concerning lesion needs a clinician's examination."
 EXIT_INPUT, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_WRITE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130  # 5 is reserved (docstring)
@@ -130,8 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--csv", type=path_text, help="--folder: write one row per file found (errors included) here")
     p.add_argument("--gradcam", type=path_text,
                    help="--image: save a Grad-CAM overlay (an explanation aid, not evidence) to this .png/.jpg")
-    p.add_argument("--classifier", type=path_text, default=str(DEFAULT_CLASSIFIER),
-                   help="classifier checkpoint (.safetensors with its .json sidecar; any architecture it names)")
+    p.add_argument("--classifier", type=path_text, default=None,
+                   help="classifier: the name of a shipped one (e.g. efficientnet_lite0, densenet121) or a checkpoint "
+                        "path (.safetensors with its .json sidecar; any registry architecture). Default: the shipped "
+                        "classifier with the best validation AUC (checkpoints/MODEL_CARD.md says which)")
     p.add_argument("--vae", type=path_text, default=str(DEFAULT_VAE),
                    help="calibrated VAE checkpoint (.safetensors with its .json sidecar)")
     p.add_argument("--malignant-threshold", type=probability,
@@ -288,13 +289,18 @@ def check_backend(name: str) -> None:
 
 def load_predictor(args: argparse.Namespace):
     """Checkpoints (sidecars first: cheap) then the models; any checkpoint problem exits 3."""
+    from classifiers.shipped import CHECKPOINTS, resolve_classifier
     from data.checkpoint import CheckpointError, read_sidecar
 
+    try:
+        args.classifier = str(resolve_classifier(args.classifier))
+    except FileNotFoundError as exc:
+        raise Exit(EXIT_CHECKPOINT, f"--classifier: {exc}") from None
     for flag, path in (("--classifier", args.classifier), ("--vae", args.vae)):
         try:
             read_sidecar(path)
         except CheckpointError as exc:
-            default = Path(path).resolve() in (DEFAULT_CLASSIFIER, DEFAULT_VAE)
+            default = Path(path).resolve().parent == CHECKPOINTS
             hint = " (fetch the shipped weights with scripts/download_weights.py)" if default else ""
             raise Exit(EXIT_CHECKPOINT, f"{flag}: {exc}{hint}") from None
     from anomaly_detection.hybrid import HybridPredictor  # the model code: imported once the sidecars are good

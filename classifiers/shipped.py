@@ -11,13 +11,13 @@ import json
 import os
 from pathlib import Path
 
-from data.manifest import LABELS
-
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 def shipped_classifiers(folder: str | os.PathLike = CHECKPOINTS) -> dict[str, Path]:
     """name -> weights path for every benign/malignant classifier sidecar in `folder` whose weights exist."""
+    from data.manifest import LABELS  # here, not at import: the CLI resolves names before the heavy imports
+
     found = {}
     for sidecar in sorted(Path(folder).glob("*.json")):
         try:

@@ -1,0 +1,129 @@
+"""Compare evaluated classifiers side by side, paired on the same images: AUC with its CI, the AUC difference to a
+reference model with a paired bootstrap CI, sensitivity/specificity at each model's own val threshold, the
+all-malignant baseline, and the training cost read from each run's log.
+
+Inputs are classifiers/evaluate.py output folders (metrics.csv + predictions.csv), so nothing is re-scored here.
+
+    python classifiers/compare.py --reference "Lite0 fine-tuned" \
+        --run "Lite0 fine-tuned=runs/eval_lite0_ft" "Lite0 linear probe=runs/eval_lite0_probe" \
+        --train-log "Lite0 fine-tuned=runs/lite0_ft" --out results/pretrained
+(CPU only, seconds. GPU and several machines change nothing here.)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from data.atomic import write_rows  # noqa: E402
+from evaluation.metrics import paired_auc_difference  # noqa: E402
+from evaluation.plots import save_figure  # noqa: E402
+
+# evaluation set -> (dataset, split in predictions.csv, split in metrics.csv: evaluate.py names ISIC's official split)
+SETS = {"HAM10000 test": ("ham10000", "test", "test"),
+        "ISIC 2017 val (held out)": ("isic2017", "external", "external-val")}
+
+
+def named_paths(items: list[str], flag: str) -> dict[str, Path]:
+    pairs = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag} {item!r}: expected NAME=PATH")
+        pairs[name] = Path(path)
+    return pairs
+
+
+def training_cost(run: Path) -> dict[str, float]:
+    log = pd.read_csv(run / "metrics.csv")
+    return {"train_minutes": float(log["epoch_seconds"].sum() / 60), "epochs_run": len(log),
+            "train_images_per_s": float(log["images_per_s"].mean())}
+
+
+def rows_of(df: pd.DataFrame, dataset: str, split: str) -> pd.DataFrame:
+    return df[(df["dataset"] == dataset) & (df["split"] == split)]
+
+
+def compare(runs: dict[str, Path], reference: str, logs: dict[str, Path], n_boot: int = 1000) -> pd.DataFrame:
+    metrics = {name: pd.read_csv(path / "metrics.csv") for name, path in runs.items()}
+    preds = {name: pd.read_csv(path / "predictions.csv") for name, path in runs.items()}
+    rows = []
+    for label, (dataset, split, metrics_split) in SETS.items():
+        ref = rows_of(preds[reference], dataset, split).set_index("path")
+        for name in runs:
+            m = rows_of(metrics[name], dataset, metrics_split)
+            model_row = m[m["model"] != "all_malignant_baseline"].iloc[0]
+            p = rows_of(preds[name], dataset, split).set_index("path")
+            common = p.index.intersection(ref.index)
+            y = (p.loc[common, "label"] == "malignant").to_numpy()
+            diff = (np.nan, np.nan, np.nan) if name == reference else paired_auc_difference(
+                y, p.loc[common, "prob_malignant"].to_numpy(), ref.loc[common, "prob_malignant"].to_numpy(), n_boot)
+            rows.append({"model": name, "evaluation_set": label, "n": int(model_row["n"]),
+                         "n_malignant": int(model_row["n_malignant"]), "auc": model_row["auc"],
+                         "auc_ci_low": model_row["auc_ci_low"], "auc_ci_high": model_row["auc_ci_high"],
+                         f"auc_minus_{reference}": diff[0], "diff_ci_low": diff[1], "diff_ci_high": diff[2],
+                         "paired_n": len(common), "sensitivity": model_row["sensitivity"],
+                         "specificity": model_row["specificity"], "threshold": model_row["threshold"],
+                         **(training_cost(logs[name]) if name in logs else {})})
+        ref_metrics = rows_of(metrics[reference], dataset, metrics_split)
+        baseline = ref_metrics[ref_metrics["model"] == "all_malignant_baseline"].iloc[0]
+        rows.append({"model": "all-malignant baseline", "evaluation_set": label, "n": int(baseline["n"]),
+                     "n_malignant": int(baseline["n_malignant"]), "auc": 0.5, "sensitivity": 1.0, "specificity": 0.0})
+    return pd.DataFrame(rows)
+
+
+def plot(table: pd.DataFrame, path: Path) -> Path:
+    models = [m for m in dict.fromkeys(table["model"]) if m != "all-malignant baseline"]
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(models) + 1.8))
+    for offset, (label, colour) in zip((-0.15, 0.15), zip(SETS, ("tab:blue", "tab:orange"))):
+        part = table[table["evaluation_set"] == label].set_index("model").loc[models]
+        yy = np.arange(len(models)) + offset
+        ax.errorbar(part["auc"], yy, xerr=[part["auc"] - part["auc_ci_low"], part["auc_ci_high"] - part["auc"]],
+                    fmt="o", color=colour, capsize=3, label=label)
+    ax.axvline(0.5, color="grey", ls="--", lw=0.8, label="all-malignant baseline (0.5)")
+    ax.set_yticks(np.arange(len(models)), models)
+    ax.invert_yaxis()
+    ax.set(xlabel="AUC (95% bootstrap CI)", xlim=(0.45, 1.0))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", nargs="+", required=True, help="NAME=folder written by classifiers/evaluate.py")
+    p.add_argument("--reference", required=True, help="the NAME the paired differences are taken against")
+    p.add_argument("--train-log", nargs="*", default=[], help="NAME=training run folder (its metrics.csv: cost)")
+    p.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
+    p.add_argument("--out", required=True, help="output folder (comparison.csv, comparison.png)")
+    a = p.parse_args(argv)
+    try:
+        runs, logs = named_paths(a.run, "--run"), named_paths(a.train_log, "--train-log")
+    except ValueError as exc:
+        p.error(str(exc))
+    if a.reference not in runs:
+        p.error(f"--reference {a.reference!r} is not one of the --run names {list(runs)}")
+    missing = [str(path / name) for path in runs.values() for name in ("metrics.csv", "predictions.csv")
+               if not (path / name).is_file()] + [str(path / "metrics.csv") for path in logs.values()
+                                                   if not (path / "metrics.csv").is_file()]
+    if missing:
+        p.error(f"not found: {', '.join(missing)}")
+    table = compare(runs, a.reference, logs, a.n_boot)
+    out = Path(a.out)
+    write_rows(out / "comparison.csv", table.to_dict("records"))
+    plot(table, out / "comparison.png")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""classifiers/compare.py: paired AUC differences between evaluated models on the same images, and bad inputs."""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+compare = importlib.import_module("classifiers.compare")
+
+
+def evaluated(folder, probs: np.ndarray, y: np.ndarray) -> None:
+    """A minimal classifiers/evaluate.py output: predictions.csv and metrics.csv for HAM10000 test and ISIC val."""
+    from evaluation.metrics import baseline_row, metrics_row
+
+    folder.mkdir(parents=True)
+    n = len(y)
+    half = n // 2
+    dataset = np.where(np.arange(n) < half, "ham10000", "isic2017")
+    split = np.where(np.arange(n) < half, "test", "external")
+    pd.DataFrame({"path": [f"img{i}.jpg" for i in range(n)], "label": np.where(y == 1, "malignant", "benign"),
+                  "prob_malignant": probs, "pred": (probs >= 0.5).astype(int), "split": split,
+                  "dataset": dataset}).to_csv(folder / "predictions.csv", index=False)
+    rows = []
+    for ds, sp, msp in (("ham10000", "test", "test"), ("isic2017", "external", "external-val")):
+        idx = (dataset == ds) & (split == sp)
+        common = {"config": "c", "dataset": ds, "split": msp}
+        rows += [metrics_row(y[idx], probs[idx], 0.5, model="m", threshold_split="val", threshold_rule="youden",
+                             **common), baseline_row(y[idx], **common)]
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+
+
+def test_paired_difference_against_the_reference(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    good, weak = y + rng.normal(0, 0.5, 400), y + rng.normal(0, 2.0, 400)
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    evaluated(tmp_path / "good", sigmoid(good), y)
+    evaluated(tmp_path / "weak", sigmoid(weak), y)
+    table = compare.compare({"good": tmp_path / "good", "weak": tmp_path / "weak"}, "good", {}, n_boot=200)
+    weak_rows = table[table["model"] == "weak"]
+    assert len(weak_rows) == 2 and (weak_rows["auc_minus_good"] < 0).all() and (weak_rows["diff_ci_high"] < 0).all()
+    assert table[table["model"] == "good"]["auc_minus_good"].isna().all()
+    baseline = table[table["model"] == "all-malignant baseline"]
+    assert list(baseline["auc"]) == [0.5, 0.5] and list(baseline["n"]) == [200, 200]
+
+
+def test_bad_arguments_are_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        compare.main(["--run", "nameless", "--reference", "x", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "expected NAME=PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        compare.main(["--run", f"a={tmp_path / 'nope'}", "--reference", "a", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "not found:" in capsys.readouterr().err
