@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test app bench screenshot clean-venv
+.PHONY: demo test app bench screenshot video clean-venv
 
 $(STAMP): requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=python3.x)"; exit 1; }
@@ -28,6 +28,9 @@ bench: $(STAMP)
 
 screenshot: $(STAMP)  # the demo with the shipped models in headless chromium -> results/screenshots/demo.png
 	MELANOMA_REQUIRE_ALL_TESTS=1 MELANOMA_SCREENSHOT=results/screenshots/demo.png $(PY) -m pytest -q tests/test_browser.py
+
+video: $(STAMP)  # a short clip of the demo with the shipped models in headless chromium -> results/demo/demo.webm (needs ffmpeg)
+	MELANOMA_REQUIRE_ALL_TESTS=1 MELANOMA_VIDEO=results/demo/demo.webm $(PY) -m pytest -q tests/test_browser.py -k example
 
 clean-venv:
 	rm -rf $(VENV)

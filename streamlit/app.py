@@ -1,14 +1,17 @@
-"""Streamlit demo of the hybrid melanoma screen: DenseNet classifier + benign-only VAE "rescue", with Grad-CAM,
-a batch mode and the committed results. Research software, not a diagnosis.
+"""Streamlit demo of the hybrid melanoma screen: a classifier + benign-only VAE "rescue", with Grad-CAM, one-click
+examples (real HAM10000 test images with their ground truth), a batch mode and the committed results. Research
+software, not a diagnosis.
 
     streamlit run streamlit/app.py          # or `make app`; CPU is enough (a GPU is used when present)
     MELANOMA_CLASSIFIER=runs/classifiers/densenet121_original_s0/best.safetensors \
         MELANOMA_VAE=checkpoints/convvae.safetensors streamlit run streamlit/app.py
     OMP_NUM_THREADS=2 streamlit run streamlit/app.py   # CPU threads (default: all cores)
 
-Environment: MELANOMA_CLASSIFIER and MELANOMA_VAE put a checkpoint first in the model lists (default: the shipped
-checkpoints/densenet121 and checkpoints/convvae, then any trained runs found); MELANOMA_RESULTS and
-MELANOMA_SAMPLES move the results/ and samples/ folders (the tests point them at temporary folders).
+The sidebar offers every shipped classifier by name (classifiers/shipped.py), the default first: the one with the
+best validation AUC recorded in its sidecar, as in inference.py. Then come any trained runs found.
+Environment: MELANOMA_CLASSIFIER and MELANOMA_VAE put a checkpoint first in the model lists, preselected (default:
+the shipped default classifier and checkpoints/convvae); MELANOMA_CHECKPOINTS, MELANOMA_RESULTS and
+MELANOMA_SAMPLES move the checkpoints/, results/ and samples/ folders (the tests point them at temporary folders).
 
 Models load once per process (st.cache_resource); each image's model outputs and Grad-CAM are cached by content
 (st.cache_data), so moving a threshold re-decides without re-running the networks. The decision itself is
@@ -21,6 +24,7 @@ import os
 import re
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +39,31 @@ from PIL import Image  # noqa: E402
 import streamlit as st  # noqa: E402
 from anomaly_detection.hybrid import HybridPredictor, Prediction  # noqa: E402
 from classifiers.gradcam import gradcam_map, overlay  # noqa: E402
+from classifiers.shipped import default_classifier, shipped_classifiers, val_auc  # noqa: E402
 from data.checkpoint import CheckpointError, read_sidecar  # noqa: E402
 from data.images import ImageError, list_images, load_rgb  # noqa: E402
 from data.runtime import init_device  # noqa: E402
-from inference import DEFAULT_CLASSIFIER, DEFAULT_VAE, DISCLAIMER  # noqa: E402
+from inference import DEFAULT_VAE, DISCLAIMER  # noqa: E402
 
+CHECKPOINTS = Path(os.environ.get("MELANOMA_CHECKPOINTS", DEFAULT_VAE.parent))
 RESULTS = Path(os.environ.get("MELANOMA_RESULTS", ROOT / "results"))
 SAMPLES = Path(os.environ.get("MELANOMA_SAMPLES", ROOT / "samples"))
-CLASSIFIER_GLOBS = (str(DEFAULT_CLASSIFIER.relative_to(ROOT)), "runs/classifiers/*/best.safetensors",
-                    "checkpoints/grid/*.safetensors")
-VAE_GLOBS = (str(DEFAULT_VAE.relative_to(ROOT)), "runs/vae/best.safetensors", "runs/vae/*/best.safetensors")
+CLASSIFIER_GLOBS = ("runs/classifiers/*/best.safetensors", "checkpoints/grid/*.safetensors")  # trained runs
+VAE_GLOBS = ("runs/vae/best.safetensors", "runs/vae/*/best.safetensors")
+DEFAULT_MARK = " (default: best validation AUC)"
+SAMPLE_COLUMNS = ("file", "label", "diagnosis", "source", "split", "image_id")  # of samples/labels.csv
+DX_TYPES = {"histo": "histopathology", "follow_up": "follow-up", "consensus": "expert consensus",
+            "confocal": "confocal microscopy"}  # HAM10000's dx_type: how the diagnosis was made
 # The uploader takes any file (no `type=` filter, no widget size limit below the server's): a file the widget refused
 # would only get a small icon in the browser, while the app's own checks below show the CLI's message in plain view.
 MAX_UPLOAD_MB = 20
 RED, GREEN, ORANGE = "#c0392b", "#2e8b57", "#e67e22"
 LIMITS = """
 - **Not a diagnosis.** A research prototype; it has not been validated clinically and must not guide care.
-- **Trained on dermoscopy.** The shipped classifier and VAE learned from HAM10000 dermoscopic images. Phone photos,
-  clinical (non-dermoscopic) pictures, other devices and other hospitals are outside what they saw: accuracy there
-  is lower and can be much lower (see the external evaluations in the Results tab).
+- **Trained on dermoscopy.** The shipped classifiers and VAE learned from dermoscopic images (HAM10000, ISIC 2017;
+  each sidecar names its training manifest). Phone photos, clinical (non-dermoscopic) pictures, other devices and
+  other hospitals are outside what they saw: accuracy there is lower and can be much lower (see the external
+  evaluations in the Results tab).
 - **Thresholds are operating points.** The classifier threshold was chosen on the validation split and the anomaly
   threshold calibrated on benign images of the calibration split. Moving them trades missed melanomas against
   false alarms; the Results tab shows that trade-off.
@@ -61,33 +71,66 @@ LIMITS = """
   images, which is also true of blurred, hairy, badly lit or non-dermoscopic images.
 - **Grad-CAM is an explanation aid, not evidence.** It shows where the classifier's gradient was largest; it can
   highlight artefacts and does not localise a lesion.
-- **Bundled samples are synthetic** (made by the project's DCGAN), not photographs of real patients.
+- **Bundled samples are real HAM10000 test images** (CC BY-NC-SA 4.0, Tschandl et al. 2018; samples/ATTRIBUTION.md),
+  shown with their ground truth from samples/labels.csv. Eight images say little about accuracy: the Results tab
+  measures it on whole test sets.
 """
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models and cached computations
 
-def discover(env_var: str, globs: tuple[str, ...], threshold_key: str) -> tuple[list[str], list[str]]:
+def shown(path: str | Path) -> Path:
+    """A path as the page shows it: relative to the repository when inside it."""
+    full = Path(path).resolve()
+    return full.relative_to(ROOT) if full.is_relative_to(ROOT) else full
+
+
+def globbed(patterns: tuple[str, ...]) -> list[Path]:
+    return [weights for pattern in patterns for weights in sorted(ROOT.glob(pattern))]
+
+
+def discover(env_var: str, candidates: list[Path], threshold_key: str) -> tuple[list[str], list[str]]:
     """(offered checkpoints, notes on the ones left out). The env var's checkpoint is always offered first, so a
     wrong path gets its own error message when loaded instead of silently falling back to another model."""
     offered = [os.environ[env_var]] if os.environ.get(env_var) else []
     seen = {Path(p).resolve() for p in offered}
     notes = []
-    for pattern in globs:
-        for weights in sorted(ROOT.glob(pattern)):
-            if weights.resolve() in seen:
-                continue
-            try:
-                meta = read_sidecar(weights)
-            except CheckpointError as exc:
-                notes.append(str(exc))
-                continue
-            if meta.get(threshold_key) is None:
-                notes.append(f"{weights.relative_to(ROOT)}: no {threshold_key} in its sidecar (not calibrated yet)")
-            else:
-                offered.append(str(weights))
+    for weights in candidates:
+        if weights.resolve() in seen:
+            continue
+        seen.add(weights.resolve())
+        try:
+            meta = read_sidecar(weights)
+        except CheckpointError as exc:
+            notes.append(str(exc))
+            continue
+        if meta.get(threshold_key) is None:
+            notes.append(f"{shown(weights)}: no {threshold_key} in its sidecar (not calibrated yet)")
+        else:
+            offered.append(str(weights))
     return offered, notes
+
+
+def classifier_candidates() -> tuple[list[Path], dict[Path, str]]:
+    """The shipped classifiers (the default first, then by name) and the trained runs found; the shipped ones'
+    labels by resolved path: their name, the default's marked 'name (default: best validation AUC)'."""
+    shipped = shipped_classifiers(CHECKPOINTS)
+    default = default_classifier(CHECKPOINTS) if shipped else None
+    labels = {weights.resolve(): name + (DEFAULT_MARK if weights == default else "")
+              for name, weights in shipped.items()}
+    ordered = sorted(shipped.values(), key=lambda w: w != default)  # stable: the rest stay in name order
+    return ordered + globbed(CLASSIFIER_GLOBS), labels
+
+
+def recorded_auc(path: str) -> str:
+    """'; validation AUC 0.769' from a classifier's sidecar, or '' when it records none (or cannot be read: loading
+    the checkpoint reports that)."""
+    try:
+        auc = val_auc(Path(path))
+    except (OSError, ValueError):
+        return ""
+    return f"; validation AUC {auc:.3f}" if np.isfinite(auc) else ""
 
 
 def describe(path: str) -> str:
@@ -96,9 +139,7 @@ def describe(path: str) -> str:
     except CheckpointError:
         return path
     details = [str(meta[k]) for k in ("arch", "config") if meta.get(k)]
-    shown = Path(path).resolve()
-    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
-    return f"{' · '.join(details)} ({shown})" if details else str(shown)
+    return f"{' · '.join(details)} ({shown(path)})" if details else str(shown(path))
 
 
 @st.cache_resource(show_spinner="Loading the models...")
@@ -151,6 +192,52 @@ def decide(predictor: HybridPredictor, thresholds: tuple[float, float], names: l
     return view.decide(names, np.asarray(probs), np.asarray(scores))
 
 
+@dataclass(frozen=True)
+class Example:
+    """A bundled sample: its file, its button text and, when labels.csv lists it, its row (the ground truth)."""
+    path: Path
+    label: str
+    truth: dict[str, str] | None = None
+
+
+def examples(folder: Path) -> tuple[list[Example], list[str]]:
+    """The samples folder's images as one-click examples, in labels.csv's order and named by their true diagnosis
+    and source (e.g. 'Melanoma (malignant) · HAM10000 test · ISIC_0033871'), plus notes on what could not be
+    offered. A folder without labels.csv offers its images by file name, without ground truth."""
+    if not folder.is_dir():
+        return [], []
+    table = folder / "labels.csv"
+    if not table.is_file():
+        return [Example(path, path.name) for path in list_images(folder)], []
+    try:
+        rows = pd.read_csv(table, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        return [], [f"{shown(table)}: could not be read ({exc})"]
+    missing = [c for c in SAMPLE_COLUMNS if c not in rows.columns]
+    if missing:
+        return [], [f"{shown(table)}: missing columns {missing}"]
+    found, notes = [], []
+    for row in rows.to_dict("records"):
+        path = folder / row["file"]
+        if not path.is_file():
+            notes.append(f"{shown(path)}: listed in {table.name} but absent")
+            continue
+        diagnosis = row["diagnosis"][:1].upper() + row["diagnosis"][1:]
+        label = f"{diagnosis} ({row['label']}) · {row['source']} {row['split']} · {row['image_id']}"
+        found.append(Example(path, label, row))
+    return found, notes
+
+
+def ground_truth(truth: dict[str, str], p: Prediction) -> str:
+    """The sample's true label beside the model's decision, marked as known for the bundled samples only."""
+    method = DX_TYPES.get(truth.get("dx_type", ""))
+    right = p.final_malignant == (truth["label"] == "malignant")
+    return (f"**Ground truth** (known for this bundled sample only, from its labels.csv): "
+            f"**{truth['label'].upper()}**, {truth['diagnosis']}" + (f" (diagnosed by {method})" if method else "")
+            + f"; {truth['source']} {truth['split']} image {truth['image_id']}. The model's final decision is "
+            f"**{'right' if right else 'wrong'}** on this image.")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pictures
 
@@ -192,19 +279,25 @@ def origin(meta: dict[str, Any], rule_key: str, split_key: str) -> str:
 def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
     """Model choice and thresholds -> (predictor or None, thresholds, error message when there is no predictor)."""
     st.sidebar.header("Models")
-    classifiers, cls_notes = discover("MELANOMA_CLASSIFIER", CLASSIFIER_GLOBS, "malignant_threshold")
-    vaes, vae_notes = discover("MELANOMA_VAE", VAE_GLOBS, "anomaly_threshold")
+    candidates, labels = classifier_candidates()
+    classifiers, cls_notes = discover("MELANOMA_CLASSIFIER", candidates, "malignant_threshold")
+    vaes, vae_notes = discover("MELANOMA_VAE", [CHECKPOINTS / DEFAULT_VAE.name, *globbed(VAE_GLOBS)],
+                               "anomaly_threshold")
     if cls_notes + vae_notes:
         with st.sidebar.expander(f"{len(cls_notes + vae_notes)} checkpoint(s) not offered"):
             st.markdown("\n".join(f"- {n}" for n in cls_notes + vae_notes))
     if not classifiers or not vaes:
         missing = " and ".join(k for k, v in (("classifier", classifiers), ("VAE", vaes)) if not v)
-        message = (f"No usable {missing} checkpoint found. The demo expects {DEFAULT_CLASSIFIER.relative_to(ROOT)} and "
-                   f"{DEFAULT_VAE.relative_to(ROOT)} (with their .json sidecars); set MELANOMA_CLASSIFIER / "
-                   "MELANOMA_VAE to use other checkpoints.")
+        message = (f"No usable {missing} checkpoint found. The demo expects a classifier in {shown(CHECKPOINTS)} "
+                   f"and {shown(CHECKPOINTS / DEFAULT_VAE.name)} (with their .json sidecars); set "
+                   "MELANOMA_CLASSIFIER / MELANOMA_VAE to use other checkpoints.")
         st.sidebar.error(message)
         return None, (float("nan"), float("nan")), message
-    classifier = st.sidebar.selectbox("Classifier", classifiers, format_func=describe, key="classifier")
+    classifier = st.sidebar.selectbox(
+        "Classifier", classifiers, format_func=lambda p: labels.get(Path(p).resolve()) or describe(p),
+        key="classifier", help="The shipped classifiers by name, then any trained runs found. The default is the "
+        "shipped one with the best validation AUC recorded in its sidecar (no test number takes part).")
+    st.sidebar.caption(describe(classifier) + recorded_auc(classifier))
     vae = st.sidebar.selectbox("Anomaly detector (VAE)", vaes, format_func=describe, key="vae")
     try:
         predictor = load_predictor(classifier, vae)
@@ -239,8 +332,10 @@ def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Tabs
 
-def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], name: str, data: bytes) -> None:
-    """The whole single-image report; an unreadable file gets one readable error and nothing else."""
+def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], name: str, data: bytes,
+                truth: dict[str, str] | None = None) -> None:
+    """The whole single-image report (with the ground truth beside the verdict when `truth`, a bundled sample's
+    labels.csv row, is given); an unreadable file gets one readable error and nothing else."""
     paths = predictor.paths["classifier"], predictor.paths["vae"]
     try:
         with st.spinner("Running the classifier and the VAE..."):
@@ -255,7 +350,14 @@ def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], nam
     how = (" (rescued: the classifier said benign, the VAE found the image anomalous)" if p.rescued else
            " (the classifier says malignant)" if p.classifier_malignant else " (classifier benign, VAE not anomalous)")
     verdict = f"Final decision: **{p.decision.upper()}**{how}. {DISCLAIMER}"
-    (st.error if p.final_malignant else st.success)(verdict)
+    if truth is None:
+        (st.error if p.final_malignant else st.success)(verdict)
+    else:
+        left, right = st.columns(2)
+        with left:
+            (st.error if p.final_malignant else st.success)(verdict)
+        with right:
+            st.info(ground_truth(truth, p))
     if p.out_of_distribution:
         st.warning(f"This image looks out of distribution: its VAE score {p.vae_score:.4f} is above every benign "
                    f"calibration image (max {predictor.ood_score:.4f}). It may be of poor quality or not a dermoscopic "
@@ -292,24 +394,36 @@ def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], nam
                       caption="Grad-CAM for 'malignant': an explanation aid, not evidence")
 
 
+def choose_example(path: str | None) -> None:
+    """An example's button picks it; a change in the uploader drops it (path None): the latest action wins."""
+    st.session_state["example"] = path
+
+
 def image_tab(predictor: HybridPredictor, thresholds: tuple[float, float]) -> None:
-    samples = list_images(SAMPLES) if SAMPLES.is_dir() else []
-    source = "Upload an image"
+    samples, notes = examples(SAMPLES)
+    upload = st.file_uploader(f"Dermoscopic image (JPEG, PNG, BMP or TIFF, up to {MAX_UPLOAD_MB} MB)",
+                              key="single_upload", on_change=choose_example, args=(None,))
+    chosen = st.session_state.get("example")
     if samples:
-        source = st.radio("Image", ["Upload an image", "Bundled sample"], horizontal=True, key="source")
-    if source == "Upload an image":
-        upload = st.file_uploader(f"Dermoscopic image (JPEG, PNG, BMP or TIFF, up to {MAX_UPLOAD_MB} MB)",
-                                  key="single_upload")
-        if upload is None:
-            st.info("Upload a dermoscopic image to see the classifier, the VAE and the final decision."
-                    + ("" if samples else f" (No bundled samples found in {SAMPLES}.)"))
-            return
-        name, data = upload.name, upload.getvalue()
+        st.markdown("**Or one click on an example**" + (", named by its true diagnosis:" if samples[0].truth else ":"))
+        columns = st.columns(4)
+        for i, example in enumerate(samples):
+            columns[i % 4].button(example.label, key=f"example_{i}", on_click=choose_example,
+                                  args=(str(example.path),), width="stretch", wrap=True,
+                                  type="primary" if str(example.path) == chosen else "secondary")
+        st.caption("Real HAM10000 test images (CC BY-NC-SA 4.0, Tschandl et al. 2018; samples/ATTRIBUTION.md)."
+                   if (SAMPLES / "ATTRIBUTION.md").is_file() else f"Images from {SAMPLES}.")
+    for note in notes:
+        st.warning(f"Example not offered: {note}")
+    picked = next((e for e in samples if str(e.path) == chosen), None)
+    if picked is not None:
+        show_result(predictor, thresholds, picked.path.name, picked.path.read_bytes(), picked.truth)
+    elif upload is not None:
+        show_result(predictor, thresholds, upload.name, upload.getvalue())
     else:
-        path = st.selectbox("Sample", samples, format_func=lambda p: p.name, key="sample")
-        st.caption("Bundled samples are synthetic images generated by the project's DCGAN, not real patients.")
-        name, data = path.name, path.read_bytes()
-    show_result(predictor, thresholds, name, data)
+        st.info("Upload a dermoscopic image" + (" or click an example" if samples else
+                                                f" (no bundled samples found in {SAMPLES})")
+                + " to see the classifier, the VAE and the final decision.")
 
 
 def batch_tab(predictor: HybridPredictor, thresholds: tuple[float, float]) -> None:
@@ -373,8 +487,8 @@ def results_tab() -> None:
         if not folder.is_dir() or not any(folder.iterdir()):
             st.info(f"Not available yet: {folder} is absent (the evaluation has not been run or committed).")
             continue
-        if key_file and not (folder / key_file).is_file():
-            st.info(f"Not available yet: {folder / key_file} is absent.")
+        if key_file and not any(folder.rglob(key_file)):  # at the top or in a per-model subfolder
+            st.info(f"Not available yet: no {key_file} in {folder}.")
         show_folder(folder)
         subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
         if subfolders:
@@ -387,11 +501,11 @@ def results_tab() -> None:
 
 
 def model_card_tab(predictor: HybridPredictor | None) -> None:
-    card = ROOT / "checkpoints" / "MODEL_CARD.md"
+    card = CHECKPOINTS / "MODEL_CARD.md"
     if card.is_file():
         st.markdown(card.read_text())
     else:
-        st.info(f"Model card not available: {card.relative_to(ROOT)} is absent.")
+        st.info(f"Model card not available: {shown(card)} is absent.")
     st.subheader("Limits")
     st.markdown(LIMITS)
     if predictor is not None:

@@ -1,11 +1,15 @@
 """The Streamlit demo's logic through streamlit.testing.v1.AppTest (no browser): uploads of a real and of a corrupt
-image, threshold changes and their reset, the batch table, the results tab and a missing checkpoint.
+image, threshold changes and their reset, the batch table, the results tab, a missing checkpoint, the classifier
+selector (shipped classifiers by name, the default marked, switching changes the model) and the one-click examples
+(the bundled samples, with their ground truth beside the verdict).
 
-The app is pointed at the `tiny_checkpoints` fixture (MELANOMA_CLASSIFIER / MELANOMA_VAE), and every expected
-decision is recomputed here with HybridPredictor on the same file, so the tests do not depend on shipped weights.
+The app is pointed at the `tiny_checkpoints` fixture (MELANOMA_CLASSIFIER / MELANOMA_VAE, or a temporary
+MELANOMA_CHECKPOINTS folder of tiny "shipped" models), and every expected decision is recomputed here with
+HybridPredictor on the same file, so the tests do not depend on shipped weights.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -22,10 +26,14 @@ from streamlit.testing.v1 import (
 )
 
 from anomaly_detection.hybrid import HybridPredictor, rescue  # noqa: E402
-from data.checkpoint import read_sidecar, write_sidecar  # noqa: E402
+from classifiers.models import create_model  # noqa: E402
+from data.checkpoint import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
 from data.images import load_rgb  # noqa: E402
+from data.transforms import preprocess_meta  # noqa: E402
 
-APP = Path(__file__).resolve().parents[1] / "streamlit" / "app.py"
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "streamlit" / "app.py"
+SAMPLES = ROOT / "samples"
 TIMEOUT = 120  # seconds per script run: the first run loads the models and computes Grad-CAM on a busy CPU
 
 if not hasattr(element_tree, "FileUploader"):
@@ -43,12 +51,32 @@ def app(monkeypatch: pytest.MonkeyPatch, tiny_checkpoints: tuple[Path, Path], tm
     classifier, vae = tiny_checkpoints
     monkeypatch.setenv("MELANOMA_CLASSIFIER", str(classifier))
     monkeypatch.setenv("MELANOMA_VAE", str(vae))
+    monkeypatch.setenv("MELANOMA_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("MELANOMA_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("MELANOMA_SAMPLES", str(tmp_path / "samples"))
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+@pytest.fixture(scope="module")
+def shipped(tiny_checkpoints: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoints/ folder of two tiny classifiers of different architectures, as shipped ones: medvit_tiny
+    (val AUC 0.6, threshold 0.5) and lite0_tiny (EfficientNet-Lite0, 64 px, val AUC 0.7, so the default;
+    threshold 0.3), and the tiny VAE as convvae."""
+    folder = tmp_path_factory.mktemp("shipped")
+    classifier, vae = tiny_checkpoints
+    shutil.copyfile(classifier, folder / "medvit_tiny.safetensors")
+    write_sidecar(folder / "medvit_tiny.safetensors", {**read_sidecar(classifier), "metrics": {"val": {"auc": 0.6}}})
+    torch.manual_seed(0)
+    save_checkpoint(folder / "lite0_tiny", create_model("efficientnet_lite0", img_size=64), {
+        "kind": "classifier", "arch": "efficientnet_lite0", "arch_kwargs": {}, **preprocess_meta(64),
+        "class_names": ["benign", "malignant"], "malignant_threshold": 0.3, "threshold_split": "val",
+        "metrics": {"val": {"auc": 0.7}}})
+    for suffix in (".safetensors", ".json"):
+        shutil.copyfile(vae.with_suffix(suffix), (folder / "convvae").with_suffix(suffix))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -175,21 +203,89 @@ def test_batch_table_and_csv(app: AppTest, predictor: HybridPredictor, real_imag
     assert app.get("download_button"), "no CSV download button"
 
 
-@pytest.mark.real_data
-def test_bundled_sample(app: AppTest, real_images: list[Path], tmp_path: Path) -> None:
-    (tmp_path / "samples").mkdir()
-    (tmp_path / "samples" / "sample_0.jpg").write_bytes(real_images[3].read_bytes())
-    app.run()
-    app.radio(key="source").set_value("Bundled sample")
+def test_classifier_selector_switches_the_model(monkeypatch: pytest.MonkeyPatch, shipped: Path,
+                                                tmp_path: Path) -> None:
+    """Every shipped classifier by name, the best validation AUC preselected and marked; choosing the other one
+    runs the other model (its P(malignant), its architecture, its calibrated threshold, its Grad-CAM)."""
+    monkeypatch.delenv("MELANOMA_CLASSIFIER", raising=False)
+    monkeypatch.delenv("MELANOMA_VAE", raising=False)
+    monkeypatch.setenv("MELANOMA_CHECKPOINTS", str(shipped))
+    monkeypatch.setenv("MELANOMA_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("MELANOMA_SAMPLES", str(tmp_path / "samples"))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    selector = at.selectbox(key="classifier")
+    assert selector.options[:2] == ["lite0_tiny (default: best validation AUC)", "medvit_tiny"], selector.options
+    assert Path(selector.value) == shipped / "lite0_tiny.safetensors"
+    assert any("efficientnet_lite0" in c.value and "validation AUC 0.700" in c.value for c in at.sidebar.caption)
+    image = random_png(tmp_path / "noise.png")
+    upload(at, image)
+    vae = shipped / "convvae.safetensors"
+    for name, arch, threshold in (("lite0_tiny", "efficientnet_lite0", 0.3), ("medvit_tiny", "medvit", 0.5)):
+        if name == "medvit_tiny":
+            at.selectbox(key="classifier").set_value(str(shipped / f"{name}.safetensors")).run()
+            assert not at.exception, at.exception
+        p, _ = HybridPredictor(shipped / f"{name}.safetensors", vae).predict_image(load_rgb(image), image.name)
+        assert f"P(malignant) = **{p.prob_malignant:.3f}**" in " ".join(texts(at)), name
+        assert at.slider(key="malignant_threshold").value == pytest.approx(threshold)
+        loaded = json.loads(at.json[0].value)["classifier"]
+        assert (loaded["arch"], Path(loaded["path"]).name) == (arch, f"{name}.safetensors")
+        captions = [c for e in at.image for c in e.captions]
+        assert len(captions) == 4 and "Grad-CAM" in captions[3], captions
+
+
+def test_classifier_env_override_comes_first(monkeypatch: pytest.MonkeyPatch, shipped: Path,
+                                            tiny_checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
+    monkeypatch.setenv("MELANOMA_CHECKPOINTS", str(shipped))
+    monkeypatch.setenv("MELANOMA_CLASSIFIER", str(shipped / "medvit_tiny.safetensors"))
+    monkeypatch.setenv("MELANOMA_VAE", str(tiny_checkpoints[1]))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    selector = at.selectbox(key="classifier")
+    assert Path(selector.value) == shipped / "medvit_tiny.safetensors"
+    assert selector.options[:2] == ["medvit_tiny", "lite0_tiny (default: best validation AUC)"], selector.options
+    assert Path(at.selectbox(key="vae").value) == tiny_checkpoints[1]
+
+
+def test_example_click_shows_verdict_and_ground_truth(app: AppTest, predictor: HybridPredictor,
+                                                      tmp_path: Path) -> None:
+    """The bundled samples (copied, plus a labels.csv row whose file is absent) as one-click examples named by
+    their true diagnosis; a click gives the verdict and, beside it, the ground truth; an upload then replaces it."""
+    samples = tmp_path / "samples"
+    shutil.copytree(SAMPLES, samples)
+    labels = pd.read_csv(samples / "labels.csv", dtype=str)
+    absent = labels.iloc[[0]].assign(file="images/absent.jpg")
+    pd.concat([labels, absent]).to_csv(samples / "labels.csv", index=False)
     app.run()
     assert not app.exception, app.exception
+    buttons = {b.key: b.label for b in app.button if b.key and b.key.startswith("example_")}
+    assert len(buttons) == len(labels) == 8
+    assert buttons["example_0"] == "Melanoma (malignant) · HAM10000 test · ISIC_0033871"  # labels.csv's first row
+    assert any("Real HAM10000 test images (CC BY-NC-SA 4.0" in c.value for c in app.caption)
+    assert any("images/absent.jpg" in w.value and "absent" in w.value for w in app.warning)
+
+    for i in (0, 4):  # a malignant and a benign sample
+        row = labels.iloc[i]
+        app.button(key=f"example_{i}").click().run()
+        assert not app.exception, app.exception
+        path = samples / row["file"]
+        flags = expected(predictor, path, predictor.malignant_threshold, predictor.anomaly_threshold)
+        assert f"Final decision: **{decision(flags)}**" in verdict(app)
+        truth = [i.value for i in app.info if i.value.startswith("**Ground truth**")]
+        assert len(truth) == 1, texts(app)
+        assert "bundled sample only" in truth[0] and f"**{row['label'].upper()}**" in truth[0]
+        assert row["image_id"] in truth[0] and row["diagnosis"] in truth[0]
+        right = decision(flags).lower() == row["label"]
+        assert f"**{'right' if right else 'wrong'}** on this image" in truth[0]
+
+    upload(app, random_png(tmp_path / "mine.png"))  # the latest action wins: the upload, with no ground truth
     verdict(app)
-    assert any("synthetic" in c.value for c in app.caption)
+    assert not [i for i in app.info if i.value.startswith("**Ground truth**")]
 
 
 def test_results_tab_reads_results_and_names_what_is_absent(app: AppTest, tmp_path: Path) -> None:
     assert any("hybrid is absent" in i.value for i in app.info)
-    folder = tmp_path / "results" / "hybrid"
+    folder = tmp_path / "results" / "hybrid" / "densenet121"  # one subfolder per classifier
     folder.mkdir(parents=True)
     pd.DataFrame({"model": ["classifier", "hybrid"], "sensitivity": [0.61, 0.74]}).to_csv(
         folder / "comparison_metrics.csv", index=False)
@@ -198,6 +294,7 @@ def test_results_tab_reads_results_and_names_what_is_absent(app: AppTest, tmp_pa
     assert any(list(d.value.get("sensitivity", [])) == [0.61, 0.74] for d in app.dataframe)
     infos = [i.value for i in app.info]
     assert any("models_evaluation is absent" in i for i in infos) and not any("hybrid is absent" in i for i in infos)
+    assert not any("no comparison_metrics.csv" in i for i in infos), infos
 
 
 def test_missing_checkpoint_gives_a_message(monkeypatch: pytest.MonkeyPatch, tiny_checkpoints: tuple[Path, Path],
