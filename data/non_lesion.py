@@ -10,6 +10,9 @@
 - photo_crop: random crops (10-70% of the side) of those photographs, rescaled; greyscale ones tinted with a random
   colour half the time, so they are not trivially greyscale;
 - tiny: 8-48 px images of the kinds above.
+`development_set` is what a gate may be trained on (seed 1, no photographs, skin crops from `fit` images); the
+evaluation set is `generated(240, seed 0)` + skin crops of HAM10000 `test` images: no image is in both, and the
+photographs are never trained on.
 `skin_crops(paths, n, seed)` makes heavy crops of non-lesion skin from dermoscopic images: a corner square a quarter
 of the shorter side, kept only if no pixel group is much darker than the image's border skin (its 10th-percentile
 luminance at least 0.8 of the border band's median, its mean within 15% of it), which drops crops holding lesion
@@ -31,6 +34,7 @@ from data.atomic import atomic_write
 from data.images import load_rgb
 
 KINDS = ("flat", "gradient", "noise", "pattern", "text", "photo", "photo_crop", "tiny")
+EVALUATION_SEED, DEVELOPMENT_SEED = 0, 1
 SKIN_CROP_SIDE = 160
 WORDS = ("melanoma", "invoice", "hello", "total 42.50", "page 3", "lorem ipsum", "dermoscopy", "STOP", "2026-12-02",
          "the quick brown fox", "patient id", "EXIT", "scan", "ok")
@@ -157,15 +161,18 @@ def tiny(rng: np.random.Generator) -> np.ndarray:
     return np.asarray(Image.fromarray(maker(rng)).resize((side, int(rng.integers(8, 49)))), dtype=np.uint8)
 
 
-def generated(n: int = 240, seed: int = 0) -> list[NonLesion]:
-    """n non-lesion images cycling through KINDS (the `photo` kind takes each bundled photograph once, then its
-    turns go to `photo_crop`). The same (n, seed) gives the same images."""
-    photos = photographs()
+def generated(n: int = 240, seed: int = EVALUATION_SEED, kinds: Sequence[str] = KINDS) -> list[NonLesion]:
+    """n non-lesion images cycling through `kinds` (the `photo` kind takes each bundled photograph once, then its
+    turns go to `photo_crop`). The same (n, seed, kinds) gives the same images."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown kinds {sorted(unknown)}; choose from {KINDS}")
+    photos = photographs() if {"photo", "photo_crop"} & set(kinds) else {}
     whole = iter(sorted(photos))
     makers = {"flat": flat, "gradient": gradient, "noise": noise, "pattern": pattern, "text": text, "tiny": tiny}
     items = []
     for i in range(n):
-        kind = KINDS[i % len(KINDS)]
+        kind = kinds[i % len(kinds)]
         rng = np.random.default_rng([seed, i])
         if kind == "photo":
             name = next(whole, None)
@@ -178,6 +185,17 @@ def generated(n: int = 240, seed: int = 0) -> list[NonLesion]:
             items.append(NonLesion(f"{i:04d}_photo_crop_{name}", kind, image))
         else:
             items.append(NonLesion(f"{i:04d}_{kind}", kind, makers[kind](rng)))
+    return items
+
+
+def development_set(fit_paths_by_source: dict[str, Sequence[str]], n: int = 240, skin_per_source: int = 60,
+                    seed: int = DEVELOPMENT_SEED) -> list[NonLesion]:
+    """Non-lesion images for TRAINING a gate (its non-lesion probe), kept apart from the evaluation set: generated
+    kinds with another seed and without the scikit-image photographs (so photographs stay unseen), and skin crops
+    from `fit` images of each source (the evaluation crops come from HAM10000 `test` images)."""
+    items = generated(n, seed, [k for k in KINDS if k not in ("photo", "photo_crop")])
+    for paths in fit_paths_by_source.values():
+        items += skin_crops(paths, skin_per_source, seed)
     return items
 
 
@@ -198,7 +216,8 @@ def skin_crops(paths: Sequence[str | os.PathLike], n: int, seed: int = 0, fracti
         h, w = a.shape[:2]
         side, band = max(8, int(min(h, w) * fraction)), max(2, min(h, w) // 10)
         lum = _luminance(a)
-        border = np.concatenate([lum[:band].ravel(), lum[-band:].ravel(), lum[:, :band].ravel(), lum[:, -band:].ravel()])
+        border = np.concatenate([lum[:band].ravel(), lum[-band:].ravel(), lum[:, :band].ravel(),
+                                 lum[:, -band:].ravel()])
         skin = float(np.median(border))
         for corner in rng.permutation(4):
             y = 0 if corner < 2 else h - side

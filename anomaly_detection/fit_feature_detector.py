@@ -1,0 +1,172 @@
+"""Fit the feature detector and the out-of-distribution gate, calibrate their thresholds, save both checkpoints.
+
+    python anomaly_detection/fit_feature_detector.py --threads 1   # CPU: ~15 min the first time (backbone), then ~1
+    python anomaly_detection/fit_feature_detector.py --device cuda  # the same files, faster
+
+One backbone pass (ImageNet EfficientNet-Lite0, Shades of Gray, 224 px; features cached in .cache/features) serves
+both models (anomaly_detection/feature_detector.py, anomaly_detection/gate.py):
+- detector: a Gaussian per stage fitted on BENIGN `fit` images of every source (each source weighted equally);
+  its stages (`--levels auto`) are the candidate set with the highest `val` AUC, malignant vs benign, pooled over
+  sources (every candidate's AUC goes into the sidecar); anomaly_threshold = max over sources of each source's 98th
+  percentile of benign `calib` + `val` scores;
+- gate: the same on ALL `fit` lesions (both classes, both sources) with stages fixed in advance (gate.GATE_LEVELS),
+  and a non-lesion probe trained on those lesions against data/non_lesion.py's development set (its own seed, no
+  photographs, skin crops of `fit` images); gate_threshold and probe_threshold = max over sources of each source's
+  99.7th percentile of `calib` + `val` lesion scores.
+Rows of `test` and `external` are never used (their features may be computed into the shared cache, unread here).
+Writes --detector and --gate (safetensors + JSON sidecar each); prints each source's calibration flag rates.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from anomaly_detection.feature_detector import (  # noqa: E402
+    BENIGN_QUANTILE,
+    LEVEL_CANDIDATES,
+    STAGES,
+    FeatureDetector,
+    FeatureExtractor,
+    Features,
+    GaussianModel,
+    all_stage_features,
+    benign_percentile_threshold,
+    calibration_rows,
+    feature_spec,
+    fit_rows,
+    select,
+    source_weights,
+)
+from anomaly_detection.gate import GATE_LEVELS, GATE_QUANTILE, Gate, check_constants, check_paths  # noqa: E402
+from classifiers.models import PretrainedWeightsError  # noqa: E402
+from data.images import ImageError, to_uint8  # noqa: E402
+from data.manifest import file_sha256, read_manifest  # noqa: E402
+from data.non_lesion import development_set  # noqa: E402
+from data.runtime import init_device  # noqa: E402
+from evaluation.metrics import auc, auc_ci  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def choose_levels(df: pd.DataFrame, features: Features, balance: bool) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The LEVEL_CANDIDATES entry whose benign-`fit` Gaussian has the highest `val` AUC (malignant vs benign, pooled
+    over sources); returns its stages and every candidate's AUC."""
+    train, val = fit_rows(df, benign_only=True), df[df["split"] == "val"]
+    weights = source_weights(train["dataset"]) if balance else None
+    aucs = {}
+    for name, levels in LEVEL_CANDIDATES.items():
+        model, _ = GaussianModel.fit({level: features[level][train.index] for level in levels}, weights)
+        aucs[name] = auc(val["label"] == "malignant", model.score(select(features, val.index.to_numpy())))
+    return LEVEL_CANDIDATES[max(aucs, key=aucs.get)], aucs
+
+
+def fit_detector(df: pd.DataFrame, features: Features, spec: dict, quantile: float, balance: bool,
+                 provenance: dict) -> FeatureDetector:
+    """Benign `fit` rows -> Gaussian; benign calib/val rows -> anomaly_threshold (rule in the module docstring)."""
+    train, calib = fit_rows(df, benign_only=True), calibration_rows(df, benign_only=False)
+    weights = source_weights(train["dataset"]) if balance else None
+    detector = FeatureDetector.fit(select(features, train.index.to_numpy()), spec, weights,
+                                   trained_on="benign images of the fit split, every source",
+                                   fit_counts=train["dataset"].value_counts().to_dict(), source_balanced=balance,
+                                   **provenance)
+    scores = detector.score(select(features, calib.index.to_numpy()))
+    benign = (calib["label"] == "benign").to_numpy()
+    threshold, per_source = benign_percentile_threshold(scores[benign], calib["dataset"][benign], quantile)
+    y = (calib["label"] == "malignant").to_numpy()
+    aucs = {str(s): list(auc_ci(y[part], scores[part])) for s in calib["dataset"].unique()
+            for part in [(calib["dataset"] == s).to_numpy()]}
+    detector.set_threshold(
+        threshold, anomaly_threshold_rule=f"max over sources of each source's {quantile} quantile of benign scores",
+        anomaly_threshold_split="calib+val", anomaly_threshold_per_source=per_source,
+        calib_val_auc_malignant_vs_benign=aucs)
+    return detector
+
+
+def fit_gate(df: pd.DataFrame, features: Features, spec: dict, quantile: float, balance: bool,
+             provenance: dict, extractor: FeatureExtractor) -> tuple[Gate, list]:
+    """All `fit` lesions -> Gaussian; those lesions against the development non-lesion set -> probe; all calib/val
+    lesions -> both thresholds, and the margins the cheap checks leave on them. Returns the gate and its verdicts
+    on the calib/val lesions."""
+    train, calib = fit_rows(df, benign_only=False), calibration_rows(df, benign_only=False)
+    weights = source_weights(train["dataset"]) if balance else None
+    train_features = select(features, train.index.to_numpy())
+    gate = Gate.fit(train_features, spec, weights,
+                    trained_on="all lesion images (both classes) of the fit split, every source",
+                    fit_counts=train["dataset"].value_counts().to_dict(), source_balanced=balance, **provenance)
+    fit_paths = {str(d): list(part["path"]) for d, part in train.groupby("dataset", sort=True)}
+    items = development_set(fit_paths)
+    size, rule = spec["input_size"], spec["resize"]
+    pixels = np.stack([to_uint8(Image.fromarray(item.image), size, rule) for item in items])
+    gate.fit_probe(train_features, extractor(pixels))
+    gate.meta["probe"]["non_lesions"] = "data/non_lesion.py development_set: " + ", ".join(
+        f"{k} {v}" for k, v in pd.Series([i.kind for i in items]).value_counts().sort_index().items())
+    calib_features = select(features, calib.index.to_numpy())
+    threshold, per_source = benign_percentile_threshold(gate.score(calib_features), calib["dataset"], quantile)
+    gate.set_threshold(threshold, gate_threshold_rule=f"max over sources of each source's {quantile} quantile of "
+                       "lesion distances", gate_threshold_split="calib+val", gate_threshold_per_source=per_source)
+    probe_threshold, probe_per_source = benign_percentile_threshold(gate.probe_score(calib_features),
+                                                                    calib["dataset"], quantile)
+    gate.set_probe_threshold(probe_threshold, probe_threshold_rule=f"max over sources of each source's {quantile} "
+                             "quantile of lesion probe scores", probe_threshold_per_source=probe_per_source)
+    verdicts, spread, chroma = check_paths(gate, calib_features, list(calib["path"]), size, rule)
+    gate.meta["checks"] = check_constants(spread, chroma)
+    return gate, verdicts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "mixed.csv"),
+                   help="manifest with fit/val/calib splits and a dataset column (every source is used)")
+    p.add_argument("--levels", nargs="+", default=["auto"], choices=["auto", *STAGES],
+                   help="the detector's backbone stages; auto: the candidate with the best val AUC")
+    p.add_argument("--benign-quantile", type=float, default=BENIGN_QUANTILE,
+                   help="detector threshold: this quantile of each source's benign calib+val scores (max over sources)")
+    p.add_argument("--gate-quantile", type=float, default=GATE_QUANTILE,
+                   help="gate thresholds: this quantile of each source's calib+val lesion distances and probe "
+                   "scores (max over sources)")
+    p.add_argument("--no-balance", action="store_true", help="weight fit images equally instead of sources equally")
+    p.add_argument("--detector", default=str(ROOT / "checkpoints" / "feature_detector.safetensors"),
+                   help="where to write the detector")
+    p.add_argument("--gate", default=str(ROOT / "checkpoints" / "gate.safetensors"), help="where to write the gate")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    a = p.parse_args(argv)
+    device = init_device(a.device, a.threads)
+    df = read_manifest(a.manifest)
+    try:
+        extractor, features = all_stage_features(list(df["path"]), device)
+    except (PretrainedWeightsError, ImageError) as exc:
+        sys.exit(f"error: {exc}")
+    provenance = {"manifest": Path(a.manifest).name, "manifest_sha256": file_sha256(a.manifest)}
+    balance = not a.no_balance
+    levels, candidates = choose_levels(df, features, balance) if a.levels == ["auto"] else (a.levels, {})
+    detector = fit_detector(df, features, feature_spec(levels), a.benign_quantile, balance,
+                            {**provenance, "levels_val_auc": candidates})
+    gate, verdicts = fit_gate(df, features, feature_spec(GATE_LEVELS), a.gate_quantile, balance, provenance,
+                              extractor)
+    detector.save(a.detector)
+    gate.save(a.gate)
+    calib = calibration_rows(df, benign_only=False)
+    flagged = np.array([not v.ok for v in verdicts])
+    summary = {"detector": str(a.detector), "levels": detector.meta["levels"], "levels_val_auc": candidates,
+               "anomaly_threshold": detector.threshold,
+               "per_source": detector.meta["anomaly_threshold_per_source"],
+               "calib_val_auc": detector.meta["calib_val_auc_malignant_vs_benign"],
+               "gate": str(a.gate), "gate_threshold": gate.threshold, "probe_threshold": gate.meta["probe_threshold"],
+               "gate_flag_rate_calib_val": {str(s): float(flagged[(calib["dataset"] == s).to_numpy()].mean())
+                                            for s in calib["dataset"].unique()},
+               "checks": gate.meta["checks"]}
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
