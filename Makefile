@@ -1,4 +1,5 @@
-# Quick start: `make demo` and `make test` each create .venv, install requirements.txt, then run.
+# Quick start: `make demo` and `make test` each create .venv, install requirements.txt and this project (editable),
+# then run.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,11 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test app bench screenshot video clean-venv
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=python3.x)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)  # real HAM10000 test images (samples/README.md; truth in samples/labels.csv)

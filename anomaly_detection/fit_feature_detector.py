@@ -22,13 +22,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from anomaly_detection.feature_detector import (  # noqa: E402
+from anomaly_detection.feature_detector import (
     BENIGN_QUANTILE,
     LEVEL_CANDIDATES,
     STAGES,
@@ -44,15 +42,14 @@ from anomaly_detection.feature_detector import (  # noqa: E402
     select,
     source_weights,
 )
-from anomaly_detection.gate import GATE_LEVELS, GATE_QUANTILE, Gate, check_constants, check_paths  # noqa: E402
-from classifiers.models import PretrainedWeightsError  # noqa: E402
-from data.images import ImageError, to_uint8  # noqa: E402
-from data.manifest import file_sha256, read_manifest  # noqa: E402
-from data.non_lesion import development_set  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from evaluation.metrics import auc, auc_ci  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from anomaly_detection.gate import GATE_LEVELS, GATE_QUANTILE, Gate, check_constants, check_paths
+from classifiers.models import PretrainedWeightsError
+from data.images import ImageError, to_uint8
+from data.manifest import file_sha256, read_manifest
+from data.non_lesion import development_set
+from data.paths import CHECKPOINTS, MANIFESTS
+from data.runtime import cli_main, init_device
+from evaluation.metrics import auc, auc_ci
 
 
 def choose_levels(df: pd.DataFrame, features: Features, balance: bool) -> tuple[tuple[str, ...], dict[str, float]]:
@@ -120,9 +117,10 @@ def fit_gate(df: pd.DataFrame, features: Features, spec: dict, quantile: float, 
     return gate, verdicts
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "mixed.csv"),
+    p.add_argument("--manifest", default=str(MANIFESTS / "mixed.csv"),
                    help="manifest with fit/val/calib splits and a dataset column (every source is used)")
     p.add_argument("--levels", nargs="+", default=["auto"], choices=["auto", *STAGES],
                    help="the detector's backbone stages; auto: the candidate with the best val AUC")
@@ -132,9 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="gate thresholds: this quantile of each source's calib+val lesion distances and probe "
                    "scores (max over sources)")
     p.add_argument("--no-balance", action="store_true", help="weight fit images equally instead of sources equally")
-    p.add_argument("--detector", default=str(ROOT / "checkpoints" / "feature_detector.safetensors"),
+    p.add_argument("--detector", default=str(CHECKPOINTS / "feature_detector.safetensors"),
                    help="where to write the detector")
-    p.add_argument("--gate", default=str(ROOT / "checkpoints" / "gate.safetensors"), help="where to write the gate")
+    p.add_argument("--gate", default=str(CHECKPOINTS / "gate.safetensors"), help="where to write the gate")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     a = p.parse_args(argv)

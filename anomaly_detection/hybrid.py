@@ -6,6 +6,13 @@ Both thresholds come from the checkpoints' sidecars (classifier: chosen on val; 
 caller overrides them. Each model gets its own preprocessing from its own sidecar: the classifier sees ImageNet-
 normalised pixels, the VAE [0,1] pixels, from one decode of the file.
 
+Out-of-distribution gate (anomaly_detection/gate.py), asked before any verdict when the predictor is given one: an
+image that is not a dermoscopic lesion (too small, near-constant, greyscale, unlike every lesion in the ImageNet
+EfficientNet-Lite0 features, or like the non-lesion examples) gets `decision = "cannot assess"` with the gate's
+reason and numbers, and no benign/malignant verdict (`final_malignant` null; the classifier and VAE fields are still
+computed, for research). The gate is one extra Lite0 pass per image, loaded on first use, batched with the other
+models, and always runs on torch whatever the serving backend.
+
 A model output that is not a finite number (NaN or infinity) is never passed on as a decision: the image's
 `Prediction` carries `error` and null numbers instead. Serving backends other than torch run exported ONNX files
 cached under the cache folder, keyed by the weights' sha256 and the sidecar fields that shape the graph; a cached
@@ -19,7 +26,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from anomaly_detection.gate import GateResult, LesionScreen
 from anomaly_detection.vae import ConvVAE, VAEScorer
-from classifiers.models import load_classifier
+from classifiers.models import PretrainedWeightsError, load_classifier
 from data.atomic import atomic_write
 from data.cache import DEFAULT_CACHE_DIR
 from data.checkpoint import CheckpointError, file_digest, load_checkpoint, verify_checkpoint
@@ -67,7 +75,9 @@ def rescue(
 @dataclass
 class Prediction:
     """One image's result; the keys of `inference.py --output` JSON. An image without a result (`error` set) has
-    null numbers, never NaN."""
+    null numbers, never NaN. `gate_ok` is None when no gate ran, False for "cannot assess" (then `final_malignant`
+    is None whatever the models said). `status`: assessed, cannot assess or error; `decision`: malignant, benign,
+    cannot assess or error."""
 
     path: str
     prob_malignant: float | None = None
@@ -77,16 +87,42 @@ class Prediction:
     anomaly_threshold: float | None = None
     anomalous: bool = False
     rescued: bool = False
-    final_malignant: bool = False
+    final_malignant: bool | None = False
     out_of_distribution: bool = False
     error: str = ""
+    gate_ok: bool | None = None
+    gate_reason: str = ""
+    gate_distance: float | None = None
+    gate_threshold: float | None = None
+    gate_probe_score: float | None = None
+    gate_probe_threshold: float | None = None
+    status: str = field(default="", init=False)
     decision: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
-        self.decision = "error" if self.error else ("malignant" if self.final_malignant else "benign")
+        if self.gate_ok is False:
+            self.final_malignant = None
+        self.status = "error" if self.error else ("cannot assess" if self.gate_ok is False else "assessed")
+        if self.status == "assessed":
+            self.decision = "malignant" if self.final_malignant else "benign"
+        else:
+            self.decision = self.status
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def gate_fields(result: GateResult | None) -> dict[str, Any]:
+    """A gate verdict as Prediction keyword arguments (a score that was not computed, NaN, becomes None)."""
+    if result is None:
+        return {}
+
+    def number(value: float) -> float | None:
+        return float(value) if math.isfinite(value) else None
+
+    return {"gate_ok": bool(result.ok), "gate_reason": result.reason, "gate_distance": number(result.distance),
+            "gate_threshold": number(result.threshold), "gate_probe_score": number(result.probe_score),
+            "gate_probe_threshold": number(result.probe_threshold)}
 
 
 class TorchBackend:
@@ -220,8 +256,9 @@ def open_exported(export: Callable[[], tuple[Path, Path]], open_backend: Callabl
 
 
 class HybridPredictor:
-    """Classifier + VAE + rescue. `predict_paths` decodes files (in parallel threads), `predict_arrays` takes
-    already-decoded uint8 images; both return per-image `Prediction`s."""
+    """Classifier + VAE + rescue, behind the out-of-distribution gate when `gate` (a gate checkpoint) is given.
+    `predict_paths`/`predict_batches` decode files (in parallel threads), `predict_image` takes a decoded image;
+    both return per-image `Prediction`s."""
 
     def __init__(
         self,
@@ -232,6 +269,7 @@ class HybridPredictor:
         malignant_threshold: float | None = None,
         anomaly_threshold: float | None = None,
         threads: int | None = None,
+        gate: str | os.PathLike | None = None,
     ):
         classifier, self.cls_meta = load_classifier(classifier_path)
         vae, self.vae_meta = load_vae(vae_path)
@@ -252,10 +290,15 @@ class HybridPredictor:
         if not (math.isfinite(self.malignant_threshold) and math.isfinite(self.anomaly_threshold)):
             raise ValueError("thresholds must be finite numbers (a NaN threshold would call every image benign)")
         self.integrity = {"classifier": verify_checkpoint(classifier_path), "vae": verify_checkpoint(vae_path)}
+        self.gate_path, self._screen, self.device = gate, None, torch.device(device)
+        if gate is not None:
+            self.integrity["gate"] = verify_checkpoint(gate)
         self.cls_prep, self.vae_prep = Preprocess.from_meta(self.cls_meta), Preprocess.from_meta(self.vae_meta)
         quantiles = self.vae_meta.get("calib_benign_score_quantiles", {})
         self.ood_score = float(quantiles["1.0"]) if "1.0" in quantiles else float("inf")
         self.paths = {"classifier": str(classifier_path), "vae": str(vae_path)}
+        if gate is not None:
+            self.paths["gate"] = str(gate)
         self.backend_name = backend
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -275,6 +318,16 @@ class HybridPredictor:
             self.backend = open_exported(export, open_backend)
         self.classifier, self.vae = classifier, vae
 
+    def load_gate(self) -> LesionScreen | None:
+        """The gate (None without one), loaded on first use and kept: a predictor that never predicts, or runs
+        without a gate, does not load the backbone."""
+        if self.gate_path is not None and self._screen is None:
+            try:
+                self._screen = LesionScreen.load(self.gate_path, device=self.device)
+            except PretrainedWeightsError as exc:
+                raise CheckpointError(f"{self.gate_path}: the gate's backbone cannot be loaded ({exc})") from None
+        return self._screen
+
     def versions(self) -> dict[str, Any]:
         keys = ("arch", "epoch", "config", "manifest_sha256", "threshold_rule", "anomaly_threshold_rule")
         return {
@@ -283,6 +336,7 @@ class HybridPredictor:
                 **{k: self.cls_meta.get(k) for k in keys if k in self.cls_meta},
             },
             "vae": {"path": self.paths["vae"], **{k: self.vae_meta.get(k) for k in keys if k in self.vae_meta}},
+            "gate": {"path": self.paths["gate"], "backend": "torch"} if self.gate_path is not None else None,
             "backend": self.backend_name,
             "integrity": self.integrity,
         }
@@ -303,15 +357,30 @@ class HybridPredictor:
         ).numpy()
         return self.backend.run(np.ascontiguousarray(cls_x), np.ascontiguousarray(vae_x))
 
-    def decide(self, names: list[str], probs: np.ndarray, scores: np.ndarray) -> list[Prediction]:
-        """The rescue rule per image; an image whose outputs are not finite (or missing: None) gets `error`
-        (NON_FINITE) instead of a decision."""
+    def check_gate(self, pixels: Sequence[np.ndarray | None],
+                   sizes: Sequence[tuple[int, int]]) -> list[GateResult | None]:
+        """The gate's verdicts for images given as `gate_pixels(image)` with their original (width, height);
+        all None without a gate."""
+        screen = self.load_gate()
+        if screen is None or not len(pixels):
+            return [None] * len(pixels)
+        return screen.run(np.stack(pixels), sizes).gate
+
+    def gate_pixels(self, image: Image.Image) -> np.ndarray | None:
+        screen = self.load_gate()
+        return None if screen is None else screen.pixels(image)
+
+    def decide(self, names: list[str], probs: np.ndarray, scores: np.ndarray,
+               gates: Sequence[GateResult | None] | None = None) -> list[Prediction]:
+        """The rescue rule per image, behind the gate's verdicts (`gates`, one per image, None where no gate ran);
+        an image whose outputs are not finite (or missing: None) gets `error` (NON_FINITE) instead of a decision."""
         probs, scores = np.asarray(probs, dtype=float), np.asarray(scores, dtype=float)
+        gates = gates if gates is not None else [None] * len(names)
         finite = np.isfinite(probs) & np.isfinite(scores)
         with np.errstate(invalid="ignore"):
             r = rescue(probs, scores, self.malignant_threshold, self.anomaly_threshold)
         return [
-            Prediction(name, error=f"{name}: {NON_FINITE}")
+            Prediction(name, error=f"{name}: {NON_FINITE}", **gate_fields(gates[i]))
             if not finite[i]
             else Prediction(
                 name,
@@ -324,15 +393,23 @@ class HybridPredictor:
                 bool(r["rescued"][i]),
                 bool(r["pred_hybrid"][i]),
                 bool(s > self.ood_score),
+                **gate_fields(gates[i]),
             )
             for i, (name, p, s) in enumerate(zip(names, probs, scores))
         ]
 
-    def predict_image(self, image: Image.Image, name: str = "<image>") -> tuple[Prediction, np.ndarray]:
-        """One PIL image -> (Prediction, VAE reconstruction H x W x 3 uint8)."""
+    def image_outputs(self, image: Image.Image) -> tuple[float, float, np.ndarray, GateResult | None]:
+        """One PIL image -> what the networks say before any decision: (P(malignant), VAE score, VAE reconstruction
+        H x W x 3 uint8, the gate's verdict or None without a gate)."""
         cls_px, vae_px = self.pixels(image)
         probs, scores, recon = self.run_arrays(cls_px[None], vae_px[None])
-        return self.decide([name], probs, scores)[0], (recon[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
+        gate = self.check_gate([self.gate_pixels(image)], [image.size])[0]
+        return float(probs[0]), float(scores[0]), (recon[0].transpose(1, 2, 0) * 255).round().astype(np.uint8), gate
+
+    def predict_image(self, image: Image.Image, name: str = "<image>") -> tuple[Prediction, np.ndarray]:
+        """One PIL image -> (Prediction, VAE reconstruction H x W x 3 uint8)."""
+        prob, score, recon, gate = self.image_outputs(image)
+        return self.decide([name], [prob], [score], [gate])[0], recon
 
     def predict_batches(
         self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 2
@@ -341,12 +418,16 @@ class HybridPredictor:
         before the next batch runs). Unreadable files give a Prediction with `error` set; the run goes on. Decoding
         runs in a thread pool ahead of the models (PIL releases the GIL while decoding)."""
         paths = [str(p) for p in paths]
+        screen = self.load_gate()  # here, once, not by several decoding threads at once
 
-        def prepare(path: str) -> tuple[str, np.ndarray | None, np.ndarray | None, str]:
+        def prepare(path: str) -> tuple[str, tuple | None, str]:
+            """(path, (classifier px, VAE px, gate px, original size) or None, error)."""
             try:
-                return (path, *self.pixels(load_rgb(path)), "")
+                image = load_rgb(path)
+                gate_px = None if screen is None else screen.pixels(image)
+                return path, (*self.pixels(image), gate_px, image.size), ""
             except ImageError as exc:
-                return path, None, None, str(exc)
+                return path, None, str(exc)
 
         batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
         with ThreadPoolExecutor(workers) as pool:
@@ -355,12 +436,14 @@ class HybridPredictor:
                 items = [f.result() for f in pending]
                 # Decode the next batch while the models run on this one.
                 pending = [pool.submit(prepare, p) for p in batches[k + 1]] if k + 1 < len(batches) else []
-                good = [it for it in items if not it[3]]
+                good = [(path, px) for path, px, err in items if not err]
                 decided = {}
                 if good:
-                    probs, scores, _ = self.run_arrays(np.stack([g[1] for g in good]), np.stack([g[2] for g in good]))
-                    decided = dict(zip([g[0] for g in good], self.decide([g[0] for g in good], probs, scores)))
-                yield [decided.get(path) or Prediction(path, error=err) for path, _, _, err in items]
+                    names, (cls_px, vae_px, gate_px, sizes) = [g[0] for g in good], zip(*[g[1] for g in good])
+                    probs, scores, _ = self.run_arrays(np.stack(cls_px), np.stack(vae_px))
+                    gates = self.check_gate(gate_px, sizes)
+                    decided = dict(zip(names, self.decide(names, probs, scores, gates)))
+                yield [decided.get(path) or Prediction(path, error=err) for path, _, err in items]
 
     def predict_paths(
         self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 2

@@ -19,29 +19,26 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from anomaly_detection.vae import ConvVAE, VAEScorer, vae_loss  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import save_checkpoint  # noqa: E402
-from data.manifest import ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
-from data.runtime import init_device, seed_everything  # noqa: E402
-from data.training import load_state, save_state  # noqa: E402
-from data.transforms import Preprocess, preprocess_meta  # noqa: E402
-from evaluation import plots  # noqa: E402
-from evaluation.metrics import auc  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from anomaly_detection.vae import ConvVAE, VAEScorer, vae_loss
+from data.atomic import write_rows
+from data.cache import CachedImages
+from data.checkpoint import save_checkpoint
+from data.manifest import ManifestError, file_sha256, read_manifest, stratified_subset
+from data.paths import MANIFESTS, RUNS
+from data.runtime import cli_main, init_device, seed_everything
+from data.training import load_state, save_state
+from data.transforms import Preprocess, preprocess_meta
+from evaluation import plots
+from evaluation.metrics import auc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
     p.add_argument("--img-size", type=int, default=128, help="square input size (divisible by 16)")
     p.add_argument("--latent-dim", type=int, default=128,
                    help="latent dimension (128: as good on val as 512 was, with a 3.6x smaller checkpoint)")
@@ -55,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and sampling")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
-    p.add_argument("--out", default=str(ROOT / "runs" / "vae"), help="run folder")
+    p.add_argument("--out", default=str(RUNS / "vae"), help="run folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p.parse_args(argv)
 
@@ -92,6 +89,7 @@ def save_grid(vae: ConvVAE, images: np.ndarray, preprocess: Preprocess, path: Pa
     plt.close(fig)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = init_device(args.device, args.threads)

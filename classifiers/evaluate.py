@@ -17,22 +17,19 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from classifiers.models import load_classifier  # noqa: E402
-from classifiers.predict import predict_proba  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import CheckpointError  # noqa: E402
-from data.manifest import file_sha256, label_index, read_folder, read_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
-from evaluation import plots  # noqa: E402
-from evaluation.metrics import baseline_row, metrics_row  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from classifiers.models import load_classifier
+from classifiers.predict import predict_proba
+from data.cache import CachedImages
+from data.checkpoint import CheckpointError
+from data.manifest import file_sha256, label_index, read_folder, read_manifest
+from data.paths import MANIFESTS, ROOT, RUNS
+from data.runtime import cli_main, init_device
+from data.transforms import Preprocess
+from evaluation import plots
+from evaluation.metrics import baseline_row, metrics_row
 
 
 def evaluation_groups(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -53,7 +50,7 @@ class TrainingOverlap(ValueError):
     """Evaluation rows that the checkpoint was trained or selected on."""
 
 
-def recorded_training_manifest(meta: dict, manifests: Path = ROOT / "data" / "manifests") -> Path | None:
+def recorded_training_manifest(meta: dict, manifests: Path = MANIFESTS) -> Path | None:
     """The manifest the checkpoint was trained on, if it is still here unchanged (its sha256 is the recorded one):
     looked up by name in `manifests`, then at the path its training command was given (e.g. a grid's own folder)."""
     name, path = meta.get("manifest"), (meta.get("train_args") or {}).get("manifest")
@@ -62,7 +59,7 @@ def recorded_training_manifest(meta: dict, manifests: Path = ROOT / "data" / "ma
     return next((c for c in candidates if c.is_file() and file_sha256(c) == meta.get("manifest_sha256")), None)
 
 
-def training_manifest(meta: dict, manifests: Path = ROOT / "data" / "manifests") -> Path:
+def training_manifest(meta: dict, manifests: Path = MANIFESTS) -> Path:
     """The default evaluation manifest of every CLI, so that its held-out splits are the checkpoint's own: the one
     it was trained on (`recorded_training_manifest`), else one of that name in `manifests`, else `original.csv`."""
     named = manifests / str(meta.get("manifest", ""))
@@ -70,7 +67,7 @@ def training_manifest(meta: dict, manifests: Path = ROOT / "data" / "manifests")
             or (named if meta.get("manifest") and named.is_file() else manifests / "original.csv"))
 
 
-def check_no_training_overlap(meta: dict, df: pd.DataFrame, manifests: Path = ROOT / "data" / "manifests") -> None:
+def check_no_training_overlap(meta: dict, df: pd.DataFrame, manifests: Path = MANIFESTS) -> None:
     """Refuse to score images the checkpoint saw in `fit` or `val` (e.g. ISIC 2017 train rows, `external` in the
     original manifest, scored by a model trained on the mixed one). Checked when the training manifest is found
     unchanged (`recorded_training_manifest`)."""
@@ -145,16 +142,17 @@ def evaluate(
     return metrics
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True, help="one checkpoint, or several for an ensemble")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
     p.add_argument("--splits", nargs="+", default=["test", "external"], help="manifest splits to evaluate")
     p.add_argument("--folder", default=None, help="evaluate a folder <benign|malignant>/* instead of a manifest")
     p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
     p.add_argument("--threshold", type=float, default=None, help="override the sidecar's malignant_threshold")
     p.add_argument("--name", default=None, help="model name in the metrics rows (default: checkpoint stems)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "evaluation"), help="output folder")
+    p.add_argument("--out", default=str(RUNS / "evaluation"), help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a = p.parse_args(argv)
     device = init_device(a.device)

@@ -17,31 +17,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from pytorch_grad_cam import GradCAM  # noqa: E402
-from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from torch import nn
 
-from classifiers.models import Classifier, load_classifier  # noqa: E402
-from data.images import ImageError, load_rgb  # noqa: E402
-from data.manifest import LABELS  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
+from classifiers.models import Classifier, load_classifier
+from data.images import ImageError, load_rgb
+from data.manifest import LABELS
+from data.runtime import UserError, cli_main, init_device
+from data.transforms import Preprocess
 
 MALIGNANT = LABELS.index("malignant")
 GROUPS = ("true positives", "false negatives", "false positives")
@@ -138,10 +135,10 @@ def read_predictions(path: Path) -> pd.DataFrame:
     df = pd.read_csv(path)
     missing = [c for c in ("path", "label", "prob_malignant") if c not in df.columns]
     if missing:
-        raise SystemExit(f"error: {path}: missing columns {missing} (need path,label,prob_malignant)")
+        raise UserError(f"{path}: missing columns {missing} (need path,label,prob_malignant)")
     y = df["label"].map({LABELS[0]: 0, LABELS[1]: 1, 0: 0, 1: 1})
     if y.isna().any():
-        raise SystemExit(f"error: {path}: label must be benign|malignant or 0|1, got {df['label'][y.isna()].iloc[0]!r}")
+        raise UserError(f"{path}: label must be benign|malignant or 0|1, got {df['label'][y.isna()].iloc[0]!r}")
     df["y"] = y.astype(int)
     df["path"] = [str(p if Path(p).is_absolute() else path.parent / p) for p in df["path"]]
     return df
@@ -159,7 +156,7 @@ def _write_atomic(path: Path, save: Callable[[Path], Any]) -> Path:
 def write_overlays(model: Classifier, meta: dict[str, Any], images: list[Path], out_dir: Path) -> list[Path]:
     stems = [p.stem for p in images]
     if len(set(stems)) < len(stems):
-        raise SystemExit("error: two --images share a file name; their overlays would overwrite each other")
+        raise UserError("two --images share a file name; their overlays would overwrite each other")
     written = []
     for path in images:
         image = np.asarray(load_rgb(path))
@@ -207,6 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     device = init_device(args.device, args.threads)

@@ -17,34 +17,30 @@ decision threshold by Youden's J on `val`; nothing looks at `test` or `external`
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import GroupKFold
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.linear_model import LogisticRegressionCV  # noqa: E402
-from sklearn.model_selection import GroupKFold  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from classifiers.models import NATIVE_SIZE, NORMALIZATION, Classifier, create_model  # noqa: E402
-from classifiers.predict import predict_proba  # noqa: E402
-from classifiers.train import val_score  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import save_checkpoint  # noqa: E402
-from data.manifest import LABELS, file_sha256, read_manifest, stratified_subset  # noqa: E402
-from data.runtime import init_device, seed_everything  # noqa: E402
-from data.transforms import COLOR_CONSTANCY, Preprocess, preprocess_meta  # noqa: E402
-from evaluation.metrics import choose_threshold, decision_metrics  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from classifiers.models import NATIVE_SIZE, NORMALIZATION, Classifier, create_model
+from classifiers.predict import predict_proba
+from classifiers.train import val_score
+from data.cache import CachedImages
+from data.checkpoint import save_checkpoint
+from data.manifest import LABELS, file_sha256, read_manifest, stratified_subset
+from data.paths import MANIFESTS, RUNS
+from data.runtime import cli_main, init_device, seed_everything
+from data.transforms import COLOR_CONSTANCY, Preprocess, preprocess_meta
+from evaluation.metrics import choose_threshold, decision_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="efficientnet_lite0", choices=sorted(NATIVE_SIZE), help="backbone")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "mixed.csv"), help="manifest CSV")
+    p.add_argument("--manifest", default=str(MANIFESTS / "mixed.csv"), help="manifest CSV")
     p.add_argument("--fit-images", type=int, default=2000, help="fit images used (stratified subset; 0: all)")
     p.add_argument("--color-constancy", default="shades_of_gray", choices=COLOR_CONSTANCY, help="as in training")
     p.add_argument("--random-init", action="store_true", help="control: a random backbone instead of ImageNet")
@@ -52,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the random backbone")
-    p.add_argument("--out", default=str(ROOT / "runs" / "lite0_probe"), help="run folder (best.safetensors/.json)")
+    p.add_argument("--out", default=str(RUNS / "lite0_probe"), help="run folder (best.safetensors/.json)")
     args = p.parse_args(argv)
     if args.fit_images < 0 or args.batch_size < 1:
         p.error("--fit-images must be >= 0 and --batch-size >= 1")
@@ -87,6 +83,7 @@ def fit_head(model: Classifier, features: np.ndarray, y: np.ndarray, groups: np.
     return float(clf.C_[0])
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = init_device(args.device, args.threads)

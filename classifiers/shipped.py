@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+from data.paths import CHECKPOINTS
 
 
 def shipped_classifiers(folder: str | os.PathLike = CHECKPOINTS) -> dict[str, Path]:

@@ -19,7 +19,7 @@
         --manifest data/manifests/mixed.csv --config mixed --color-constancy shades_of_gray --balance source_class
     # 5-fold cross-validation over fit+val, grouped by lesion (mean and spread of the fold val AUCs):
     python classifiers/train.py --folds 5 --epochs 4
-    # the seven HAM10000 diagnoses instead of benign/malignant (classifiers/seven_class.py runs the experiment):
+    # the seven HAM10000 diagnoses instead of benign/malignant (studies/seven_class.py runs the experiment):
     python classifiers/train.py --target dx --epochs 6
 
 Each epoch: train on `fit` with batched augmentation from the preprocessing cache, evaluate the EMA weights on
@@ -42,29 +42,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from classifiers.distill import Teacher, soft_distillation_loss  # noqa: E402
-from classifiers.models import NATIVE_SIZE, NORMALIZATION, create_model, list_models  # noqa: E402
-from classifiers.predict import predict_proba  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from data.manifest import TARGETS, ManifestError, file_sha256, read_manifest, stratified_subset  # noqa: E402
-from data.runtime import pick_device, seed_everything, setup_cpu  # noqa: E402
-from data.splits import grouped_folds  # noqa: E402
-from data.training import EMA, load_state, save_state, warmup_cosine  # noqa: E402
-from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta, resize_uint8  # noqa: E402
-from evaluation import plots  # noqa: E402
-from evaluation.metrics import THRESHOLD_RULES, auc, balanced_accuracy, choose_threshold, decision_metrics  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from classifiers.distill import Teacher, soft_distillation_loss
+from classifiers.models import NATIVE_SIZE, NORMALIZATION, create_model, list_models
+from classifiers.predict import predict_proba
+from data.atomic import write_rows
+from data.cache import CachedImages
+from data.checkpoint import CheckpointError, save_checkpoint
+from data.manifest import TARGETS, ManifestError, file_sha256, read_manifest, stratified_subset
+from data.paths import MANIFESTS, RUNS
+from data.runtime import cli_main, pick_device, seed_everything, setup_cpu
+from data.splits import grouped_folds
+from data.training import EMA, load_state, save_state, warmup_cosine
+from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta, resize_uint8
+from evaluation import plots
+from evaluation.metrics import THRESHOLD_RULES, auc, balanced_accuracy, choose_threshold, decision_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -245,7 +242,7 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, 
 
 def cross_validate(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Train every fold (each resumable on its own) and summarise the val AUCs: mean, standard deviation, range."""
-    out = Path(args.out or ROOT / "runs" / "classifiers" / f"{args.arch}_{args.config}_s{args.seed}_cv{args.folds}")
+    out = Path(args.out or RUNS / "classifiers" / f"{args.arch}_{args.config}_s{args.seed}_cv{args.folds}")
     rows = []
     for k in range(args.folds):
         result = main([*argv, "--fold", str(k), "--out", str(out / f"fold{k}")])
@@ -264,6 +261,7 @@ def cross_validate(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -277,9 +275,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = accelerator.device
     if device.type == "cpu":
         setup_cpu(args.threads)
-    out = Path(args.out or ROOT / "runs" / "classifiers" / f"{args.arch}_{args.config}_s{args.seed}")
+    out = Path(args.out or RUNS / "classifiers" / f"{args.arch}_{args.config}_s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
-    manifest_path = Path(args.manifest or ROOT / "data" / "manifests" / f"{args.config}.csv")
+    manifest_path = Path(args.manifest or MANIFESTS / f"{args.config}.csv")
     try:
         df = read_manifest(manifest_path)
     except (FileNotFoundError, ManifestError) as exc:

@@ -22,8 +22,9 @@ from tqdm import tqdm
 from data.atomic import tmp_path
 from data.images import ImageError, load_uint8
 from data.manifest import class_index
+from data.paths import CACHE
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("MELANOMA_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+DEFAULT_CACHE_DIR = Path(os.environ.get("MELANOMA_CACHE", CACHE))
 
 
 @dataclass

@@ -1,11 +1,37 @@
-"""Device choice, CPU threads and seeding: the same few lines every CLI needs."""
+"""Device choice, CPU threads, seeding and error reporting: the same few lines every CLI needs."""
 from __future__ import annotations
 
+import functools
 import os
 import random
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class UserError(Exception):
+    """A problem the user can fix (a flag, a file, a device). Library code raises it; a CLI's `main`, wrapped in
+    `cli_main`, reports it as one `error: ...` line and exit code 1 instead of a traceback."""
+
+
+class DeviceError(UserError):
+    """An explicitly requested device is not available."""
+
+
+def cli_main(main: Callable[P, R]) -> Callable[P, R]:
+    """Decorator of a CLI's `main`: a UserError raised below it exits with `error: <message>` (status 1)."""
+    @functools.wraps(main)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return main(*args, **kwargs)
+        except UserError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    return wrapper
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -17,7 +43,7 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} requested but CUDA is not available (use --device auto or cpu)")
+        raise DeviceError(f"--device {name} requested but CUDA is not available (use --device auto or cpu)")
     return torch.device(name)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from data.atomic import tmp_path
+from data.runtime import UserError
 
 
 class EMA:
@@ -65,8 +66,12 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+class ResumeError(UserError):
+    """A run's state file cannot be read (truncated, foreign): resuming would silently start over."""
+
+
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which and why, do not start over silently
-        raise SystemExit(f"error: cannot resume from {path}: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+        raise ResumeError(f"cannot resume from {path}: {exc.__class__.__name__}: {str(exc)[:200]}") from None

@@ -25,6 +25,12 @@ def _arrays(y_true, score) -> tuple[np.ndarray, np.ndarray]:
     return y, s
 
 
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), with p clipped to [1e-6, 1 - 1e-6] so a saturated probability stays finite."""
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
 def auc(y_true, score) -> float:
     y, s = _arrays(y_true, score)
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")

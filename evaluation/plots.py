@@ -8,13 +8,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-from sklearn.metrics import auc as area  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import TwoSlopeNorm
+from sklearn.metrics import auc as area
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from evaluation.metrics import confusion  # noqa: E402
+from evaluation.metrics import confusion
 
 
 def auc_image(ax, values: np.ndarray):

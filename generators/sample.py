@@ -27,22 +27,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from data.atomic import atomic_write_text
+from data.checkpoint import CheckpointError, load_checkpoint, read_sidecar
+from data.images import load_rgb
+from data.manifest import MALIGNANT_DX, file_sha256, write_manifest
+from data.paths import RUNS
+from data.runtime import UserError, cli_main, init_device
+from generators import dcgan, ddpm, from_signed, save_grid, save_png
+from generators.upscaler import Upscaler, load_upscaler, upscale
 
-from data.atomic import atomic_write_text  # noqa: E402
-from data.checkpoint import CheckpointError, load_checkpoint, read_sidecar  # noqa: E402
-from data.images import load_rgb  # noqa: E402
-from data.manifest import MALIGNANT_DX, file_sha256, write_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from generators import dcgan, ddpm, from_signed, save_grid, save_png  # noqa: E402
-from generators.upscaler import Upscaler, load_upscaler, upscale  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 BUILDERS = {"dcgan": dcgan.build_generator, "ddpm": ddpm.build_unet}
 
 
@@ -94,7 +92,7 @@ def load_pngs(paths: list[Path]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(load_rgb(p))).permute(2, 0, 1) for p in paths])
 
 
-class SampleFolderError(ValueError):
+class SampleFolderError(UserError, ValueError):
     """A sample folder that holds images made with other settings; the message names what differs."""
 
 
@@ -148,6 +146,7 @@ def sample_to_folder(model: torch.nn.Module, meta: dict[str, Any], counts: dict[
     return df
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="DCGAN or DDPM .safetensors (with its .json sidecar)")
@@ -185,13 +184,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         upscaler.to(device)
     info = provenance(a.checkpoint, meta, a.sampler, a.steps, a.upscale)
     source = meta["kind"] + ("_up" if upscaler is not None else "")
-    out = Path(a.out or ROOT / "runs" / "generators" / "synthetic" / source)
-    try:
-        df = sample_to_folder(model.to(device), meta, {c: a.n for c in classes}, out, upscaler, a.sampler, a.steps,
-                              a.batch_size, a.seed, a.bf16, not a.no_progress, info,
-                              Path(a.upscale_from) if a.upscale_from else None)
-    except SampleFolderError as exc:
-        sys.exit(f"error: {exc}")
+    out = Path(a.out or RUNS / "generators" / "synthetic" / source)
+    df = sample_to_folder(model.to(device), meta, {c: a.n for c in classes}, out, upscaler, a.sampler, a.steps,
+                          a.batch_size, a.seed, a.bf16, not a.no_progress, info,
+                          Path(a.upscale_from) if a.upscale_from else None)
     if a.grid:
         first = df.groupby("label", sort=False).head(8)
         save_grid(load_pngs(list(first["path"])), a.grid, nrow=8)

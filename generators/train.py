@@ -26,31 +26,28 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
+import torch
+from tqdm import tqdm
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from data.atomic import write_rows
+from data.cache import CachedImages
+from data.checkpoint import save_checkpoint
+from data.manifest import TARGETS, file_sha256, read_manifest, stratified_subset
+from data.paths import MANIFESTS, RUNS
+from data.runtime import UserError, cli_main, init_device, seed_everything
+from data.training import load_state, save_state
+from data.transforms import augment
+from evaluation import plots
+from generators import from_signed, from_unit, save_grid
+from generators.dcgan import DCGANTrainer
+from generators.ddpm import NOISE_SCHEDULE, DDPMTrainer
+from generators.upscaler import UpscalerTrainer, bicubic, compare_with_bicubic, upscale
 
-from data.atomic import write_rows  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import save_checkpoint  # noqa: E402
-from data.manifest import TARGETS, file_sha256, read_manifest, stratified_subset  # noqa: E402
-from data.runtime import init_device, seed_everything  # noqa: E402
-from data.training import load_state, save_state  # noqa: E402
-from data.transforms import augment  # noqa: E402
-from evaluation import plots  # noqa: E402
-from generators import from_signed, from_unit, save_grid  # noqa: E402
-from generators.dcgan import DCGANTrainer  # noqa: E402
-from generators.ddpm import NOISE_SCHEDULE, DDPMTrainer  # noqa: E402
-from generators.upscaler import UpscalerTrainer, bicubic, compare_with_bicubic, upscale  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("dcgan", "ddpm", "upscaler")
 # Per model and preset: training length, batch, learning rate, architecture. Flags given explicitly win.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -82,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, choices=MODELS, help="what to train")
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "full"),
                    help="smoke: seconds (tests); cpu: a 2-core machine, minutes to hours; full: one GPU")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"),
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"),
                    help="manifest whose real fit rows are the training images")
     p.add_argument("--target", default="label", choices=sorted(TARGETS),
                    help="generators: the classes they are conditioned on, label (benign/malignant) or dx (the seven "
@@ -128,7 +125,7 @@ def fit_images(args: argparse.Namespace) -> tuple[CachedImages, CachedImages | N
     if args.limit:
         fit = stratified_subset(fit, args.limit, args.seed)
     if fit.empty:
-        raise SystemExit(f"error: {args.manifest} has no real rows in the fit split")
+        raise UserError(f"{args.manifest} has no real rows in the fit split")
     size = args.img_size * args.scale if args.model == "upscaler" else args.img_size
     val = None
     if args.model == "upscaler":
@@ -185,11 +182,12 @@ def checkpoint_meta(args: argparse.Namespace, trainer, fit_df: pd.DataFrame,
                    "last_epoch": epochs[-1]}
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = init_device(args.device, args.threads)
     name = f"{args.model}{'_dx' if args.target == 'dx' else ''}_{args.preset}_s{args.seed}"
-    out = Path(args.out or ROOT / "runs" / "generators" / name)
+    out = Path(args.out or RUNS / "generators" / name)
     out.mkdir(parents=True, exist_ok=True)
     fit, val = fit_images(args)
     steps_per_epoch = len(fit) // args.batch_size

@@ -30,18 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data.atomic import atomic_write_csv  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import load_checkpoint  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from data.training import warmup_cosine  # noqa: E402
-from data.transforms import augment  # noqa: E402
-from generators import from_unit  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from data.atomic import atomic_write_csv
+from data.cache import CachedImages
+from data.checkpoint import load_checkpoint
+from data.manifest import read_manifest
+from data.paths import MANIFESTS, RESULTS
+from data.runtime import cli_main, init_device
+from data.training import warmup_cosine
+from data.transforms import augment
+from generators import from_unit
 
 
 class ResBlock(nn.Module):
@@ -196,13 +193,14 @@ def load_upscaler(path: str | os.PathLike) -> tuple[Upscaler, dict[str, Any]]:
     return load_checkpoint(path, build_upscaler, kind="upscaler")
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="upscaler .safetensors (with its .json sidecar)")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
     p.add_argument("--split", default="val", help="real held-out split to compare on (never the upscaler's fit)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many images (quick checks)")
-    p.add_argument("--out", default=str(ROOT / "results" / "generators" / "upscaler_vs_bicubic.csv"),
+    p.add_argument("--out", default=str(RESULTS / "generators" / "upscaler_vs_bicubic.csv"),
                    help="CSV to write")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")

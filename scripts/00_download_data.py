@@ -23,10 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from data.isic_export import (  # noqa: E402
+from data.isic_export import (
     COLLECTIONS,
     ArchiveError,
     ExportError,
@@ -35,9 +32,10 @@ from data.isic_export import (  # noqa: E402
     convert,
     download_command,
 )
-from data.manifest import ManifestError, read_manifest  # noqa: E402
+from data.manifest import ManifestError, read_manifest
+from data.paths import MANIFESTS, SHARED_DATA
 
-DEFAULT_ROOT = ROOT.parent / "shared" / "data"
+DEFAULT_ROOT = SHARED_DATA
 
 
 def collection_ids(text: str) -> tuple[int, ...]:
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{dataset}-collections", type=collection_ids, default=COLLECTIONS[dataset], metavar="IDS",
                        help=f"ISIC Archive collection ids of {what}, comma-separated (default "
                             f"{','.join(map(str, COLLECTIONS[dataset]))}; see `isic collection list`)")
-    p.add_argument("--reference", type=Path, default=ROOT / "data" / "manifests" / "original.csv",
+    p.add_argument("--reference", type=Path, default=MANIFESTS / "original.csv",
                    help="manifest giving labels, lesion ids and splits (default the committed original.csv)")
     p.add_argument("--convert-only", action="store_true",
                    help="skip the download: lay out what --export-dir already holds (works offline)")

@@ -14,18 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data.manifest import read_manifest  # noqa: E402
-from data.prepare import prepare, prepare_mixed  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-MANIFESTS = ROOT / "data" / "manifests"
+from data.manifest import read_manifest
+from data.paths import MANIFESTS, SHARED_DATA
+from data.prepare import prepare, prepare_mixed
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
+    p.add_argument("--data-root", default=str(SHARED_DATA),
                    help="folder holding ham10000/ and isic2017/ (each with labels.csv)")
     p.add_argument("--out", default=None,
                    help="manifest CSV to write (default data/manifests/original.csv, or mixed.csv with --mixed)")

@@ -15,14 +15,11 @@ the real `val` split (results/generators/upscaler_vs_bicubic.csv).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data.paths import CHECKPOINTS, MANIFESTS, RESULTS, RUNS
+from generators import train, upscaler
 
-from generators import train, upscaler  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("dcgan", "upscaler")
 
 
@@ -30,13 +27,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(train.MODELS), choices=train.MODELS, help="what to train")
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "full"), help="see generators/train.py")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"),
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"),
                    help="manifest whose real fit rows train the models (its real val rows test the upscaler)")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "generators"),
+    p.add_argument("--runs-dir", default=str(RUNS / "generators"),
                    help="run folders go here as <model>_<preset>_s<seed>")
-    p.add_argument("--ship-dir", default=str(ROOT / "checkpoints" / "generators"),
+    p.add_argument("--ship-dir", default=str(CHECKPOINTS / "generators"),
                    help=f"where the fp16 weights of {', '.join(SHIPPED)} go")
-    p.add_argument("--results", default=str(ROOT / "results" / "generators" / "upscaler_vs_bicubic.csv"),
+    p.add_argument("--results", default=str(RESULTS / "generators" / "upscaler_vs_bicubic.csv"),
                    help="upscaler vs bicubic table")
     p.add_argument("--resume", action="store_true", help="continue each model's run from its state.pt")
     p.add_argument("--seed", type=int, default=0, help="training seed")

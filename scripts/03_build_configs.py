@@ -12,7 +12,7 @@ For each generator whose checkpoint exists, as many images per class as balancin
 (configs.needed) are sampled into <synthetic-dir>/<source>/, once as they are (source dcgan|ddpm) and once through
 the learned upscaler (dcgan_up|ddpm_up). Both use the same seed, so an `_up` image is the upscaled version of the
 `_aug` image with the same name: the two configurations differ only by the upscaler. The `_up` images are made
-from the `_aug` PNGs (the generator runs once), and files already there are reused. Then generators/configs.py
+from the `_aug` PNGs (the generator runs once), and files already there are reused. Then data/configs.py
 writes original, dcgan_aug, dcgan_up, ddpm_aug and ddpm_up to --out-dir (those whose samples exist); synthetic rows
 are in `fit` only.
 """
@@ -22,30 +22,29 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data.manifest import read_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from generators import configs, ddpm, sample  # noqa: E402
-from generators.upscaler import load_upscaler  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from data import configs
+from data.manifest import read_manifest
+from data.paths import CHECKPOINTS, MANIFESTS, RUNS
+from data.runtime import cli_main, init_device
+from generators import ddpm, sample
+from generators.upscaler import load_upscaler
 
 
+@cli_main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--original", default=str(ROOT / "data" / "manifests" / "original.csv"), help="real manifest")
+    p.add_argument("--original", default=str(MANIFESTS / "original.csv"), help="real manifest")
     p.add_argument("--generators", nargs="+", default=["dcgan", "ddpm"], choices=("dcgan", "ddpm"),
                    help="generators to sample (a missing checkpoint is skipped with a message)")
-    p.add_argument("--dcgan", default=str(ROOT / "checkpoints" / "generators" / "dcgan.safetensors"),
+    p.add_argument("--dcgan", default=str(CHECKPOINTS / "generators" / "dcgan.safetensors"),
                    help="DCGAN checkpoint")
-    p.add_argument("--ddpm", default=str(ROOT / "checkpoints" / "generators" / "ddpm.safetensors"),
+    p.add_argument("--ddpm", default=str(CHECKPOINTS / "generators" / "ddpm.safetensors"),
                    help="DDPM checkpoint (EMA weights)")
-    p.add_argument("--upscaler", default=str(ROOT / "checkpoints" / "generators" / "upscaler.safetensors"),
+    p.add_argument("--upscaler", default=str(CHECKPOINTS / "generators" / "upscaler.safetensors"),
                    help="upscaler checkpoint for the *_up configurations")
-    p.add_argument("--synthetic-dir", default=str(ROOT / "runs" / "generators" / "synthetic"),
+    p.add_argument("--synthetic-dir", default=str(RUNS / "generators" / "synthetic"),
                    help="where the synthetic PNGs and their samples.csv go")
-    p.add_argument("--out-dir", default=str(ROOT / "data" / "manifests"), help="where the manifests go")
+    p.add_argument("--out-dir", default=str(MANIFESTS), help="where the manifests go")
     p.add_argument("--ratio", type=float, default=1.0, help="minority:majority ratio of fit after adding (1: 1:1)")
     p.add_argument("--sampler", default="ddim", choices=ddpm.SAMPLERS, help="DDPM sampler")
     p.add_argument("--steps", type=int, default=None, help="DDPM steps (default 50 for DDIM, 1000 for DDPM)")

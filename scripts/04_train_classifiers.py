@@ -10,10 +10,10 @@
     CUDA_VISIBLE_DEVICES=1 python scripts/04_train_classifiers.py --preset full --archs swin medvit biovit &
 
 Each model is classifiers/train.py on <manifest-dir>/<config>.csv into <runs-dir>/<arch>_<config>_s<seed>/ with
-the preset's budget (scripts/presets.py), then classifiers/evaluate.py of its best (val-selected) checkpoint on
+the preset's budget (studies/presets.py), then classifiers/evaluate.py of its best (val-selected) checkpoint on
 HAM10000 `test` and ISIC 2017 `val` (into <run>/evaluation/). Models already trained and evaluated are skipped, a
 killed one continues from its last epoch, and after each model the table --results is rebuilt from every finished
-run (classifiers/grid.py). Configurations are the outer loop, so every architecture's `original` comes first.
+run (studies/grid.py). Configurations are the outer loop, so every architecture's `original` comes first.
 """
 from __future__ import annotations
 
@@ -21,15 +21,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from classifiers import grid  # noqa: E402
-from classifiers.evaluate import evaluate  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from data.runtime import pick_device, setup_cpu  # noqa: E402
-from scripts.presets import PRESETS, flags  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from classifiers.evaluate import evaluate
+from data.manifest import read_manifest
+from data.paths import MANIFESTS, RESULTS, ROOT, RUNS
+from data.runtime import cli_main, pick_device, setup_cpu
+from studies import grid
+from studies.presets import PRESETS, flags
 
 
 def as_recorded(args: list[str]) -> list[str]:
@@ -39,15 +36,16 @@ def as_recorded(args: list[str]) -> list[str]:
             for v in args]
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=list(PRESETS),
-                   help="budget and default grid (scripts/presets.py)")
+                   help="budget and default grid (studies/presets.py)")
     p.add_argument("--archs", nargs="+", default=None, help="architectures (default: the preset's)")
     p.add_argument("--configs", nargs="+", default=None, help="dataset configurations (default: the preset's)")
-    p.add_argument("--manifest-dir", default=str(ROOT / "data" / "manifests"), help="folder of <config>.csv")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "classifiers"), help="one run folder per model here")
-    p.add_argument("--results", default=str(ROOT / "results" / "models_evaluation" / "grid_evaluation.csv"),
+    p.add_argument("--manifest-dir", default=str(MANIFESTS), help="folder of <config>.csv")
+    p.add_argument("--runs-dir", default=str(RUNS / "classifiers"), help="one run folder per model here")
+    p.add_argument("--results", default=str(RESULTS / "models_evaluation" / "grid_evaluation.csv"),
                    help="evaluation table of every finished model (rebuilt after each model)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every model")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")

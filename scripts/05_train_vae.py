@@ -7,28 +7,25 @@
     # several GPUs: the VAE is small; train it on one and give the others to step 4's grid
 
 A thin layer over anomaly_detection/train_vae.py: the budget (input size, latent size, epochs, batch, subset)
-comes from scripts/presets.py, and a killed run continues from its last epoch (--resume is always on). The best
+comes from studies/presets.py, and a killed run continues from its last epoch (--resume is always on). The best
 epoch by val anomaly AUC is <out>/best.safetensors + best.json; step 6 adds the calibrated threshold.
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from anomaly_detection import train_vae  # noqa: E402
-from scripts.presets import PRESETS, flags  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from anomaly_detection import train_vae
+from data.paths import MANIFESTS, RUNS
+from data.runtime import cli_main
+from studies.presets import PRESETS, flags
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="budget (scripts/presets.py)")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
-    p.add_argument("--out", default=str(ROOT / "runs" / "vae"), help="run folder")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="budget (studies/presets.py)")
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
+    p.add_argument("--out", default=str(RUNS / "vae"), help="run folder")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")

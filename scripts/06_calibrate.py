@@ -10,12 +10,7 @@ its defaults already read step 5's VAE and write results/vae_calibration/.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from anomaly_detection.calibrate import main  # noqa: E402
+from anomaly_detection.calibrate import main
 
 if __name__ == "__main__":
     main()

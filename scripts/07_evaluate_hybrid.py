@@ -5,33 +5,29 @@
     python scripts/07_evaluate_hybrid.py --classifier runs/classifiers/resnet50_original_s0/best.safetensors
     # one GPU: add --device cuda. Several GPUs: nothing here is worth spreading.
 
-anomaly_detection/evaluate_hybrid.py (which documents the rules compared) with the pipeline's inputs as defaults:
+studies/evaluate_hybrid.py (which documents the rules compared) with the pipeline's inputs as defaults:
 the classifier from step 4 and the calibrated VAE from steps 5 and 6, rather than the shipped checkpoints.
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from anomaly_detection import evaluate_hybrid  # noqa: E402
-from data.runtime import pick_device  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from data.paths import MANIFESTS, RESULTS, RUNS
+from data.runtime import cli_main, pick_device
+from studies import evaluate_hybrid
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classifier", default=str(ROOT / "runs" / "classifiers" / "densenet121_original_s0" /
+    p.add_argument("--classifier", default=str(RUNS / "classifiers" / "densenet121_original_s0" /
                                                "best.safetensors"), help="classifier checkpoint (step 4)")
-    p.add_argument("--vae", default=str(ROOT / "runs" / "vae" / "best.safetensors"),
+    p.add_argument("--vae", default=str(RUNS / "vae" / "best.safetensors"),
                    help="VAE checkpoint with its calibrated anomaly_threshold (steps 5 and 6)")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
-    p.add_argument("--out", default=str(ROOT / "results" / "hybrid"), help="output folder")
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
+    p.add_argument("--out", default=str(RESULTS / "hybrid"), help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu or cuda")
     a = p.parse_args(argv)
     return evaluate_hybrid.main(["--classifier", a.classifier, "--vae", a.vae, "--manifest", a.manifest,

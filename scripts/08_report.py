@@ -27,21 +27,19 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from classifiers import grid  # noqa: E402
-from data.atomic import atomic_write_csv  # noqa: E402
-from data.runtime import pick_device, setup_cpu  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from data.atomic import atomic_write_csv
+from data.paths import RESULTS, ROOT, RUNS
+from data.runtime import cli_main, pick_device, setup_cpu
+from studies import grid
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results-dir", default=str(ROOT / "results"), help="writes every output under it")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "classifiers"), help="the grid's run folders (step 4)")
+    p.add_argument("--results-dir", default=str(RESULTS), help="writes every output under it")
+    p.add_argument("--runs-dir", default=str(RUNS / "classifiers"), help="the grid's run folders (step 4)")
     p.add_argument("--seeds-dir", default=None,
                    help="grid models retrained with another --seed (step 4 with its own --runs-dir): reported against "
                         "their twins as the noise floor of the changes (seed_noise.csv)")

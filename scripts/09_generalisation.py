@@ -22,18 +22,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from classifiers import cross_dataset, grid, train  # noqa: E402
-from classifiers.evaluate import evaluate  # noqa: E402
-from data.checkpoint import CheckpointError  # noqa: E402
-from data.manifest import read_manifest, stratified_subset  # noqa: E402
-from data.runtime import pick_device, setup_cpu  # noqa: E402
-from scripts.presets import flags  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from classifiers import train
+from classifiers.evaluate import evaluate
+from data import paths
+from data.checkpoint import CheckpointError
+from data.manifest import read_manifest, stratified_subset
+from data.runtime import cli_main, pick_device, setup_cpu
+from studies import cross_dataset, grid
+from studies.presets import flags
 
 # The full recipe: every technique on. Each key is a classifiers/train.py flag.
 RECIPE = {
@@ -109,14 +107,15 @@ def train_and_evaluate(name: str, manifest: Path, runs: Path, device, runtime: l
     grid.mark(run, args, RECIPE["arch"], name, seed, done=True)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="RUN",
                    help=f"runs to train, in order (default all): {', '.join(RUNS)}")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "mixed.csv"),
+    p.add_argument("--manifest", default=str(paths.MANIFESTS / "mixed.csv"),
                    help="multi-source manifest (scripts/01_prepare_data.py --mixed)")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "generalisation"), help="one folder per run here")
-    p.add_argument("--out", default=str(ROOT / "results" / "generalisation"), help="report folder")
+    p.add_argument("--runs-dir", default=str(paths.RUNS / "generalisation"), help="one folder per run here")
+    p.add_argument("--out", default=str(paths.RESULTS / "generalisation"), help="report folder")
     p.add_argument("--report-only", action="store_true", help="skip training; report the finished runs")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="change a train.py option in every run, e.g. --set img_size=32 epochs=1 (quick checks)")

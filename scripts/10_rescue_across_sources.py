@@ -5,7 +5,7 @@
     # one GPU: add --device cuda. Run anomaly_detection/fit_feature_detector.py first (it writes the detector/gate).
 
 Reports, per source (HAM10000 `test`, ISIC 2017 `external` = its official val), everything that
-anomaly_detection/rescue_sources.py documents: the VAE and the feature detector alone (AUC with bootstrap CIs), the
+studies/rescue_sources.py documents: the VAE and the feature detector alone (AUC with bootstrap CIs), the
 hybrid rescue with each anomaly score against the classifier at its threshold and at equal specificity, a learned
 fusion, the all-malignant baseline; leave-one-source-out; the gate's flag rates on >= 200 non-lesion images
 (data/non_lesion.py, seeded) and on lesions; and whether each target of the issue is met. Every threshold comes from
@@ -19,31 +19,21 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from anomaly_detection import rescue_sources as rs  # noqa: E402
-from anomaly_detection.feature_detector import FeatureDetector, all_stage_features  # noqa: E402
-from anomaly_detection.gate import Gate  # noqa: E402
-from classifiers.evaluate import TrainingOverlap, check_no_training_overlap  # noqa: E402
-from classifiers.grid import markdown  # noqa: E402
-from data.atomic import atomic_write_csv, atomic_write_text  # noqa: E402
-from data.checkpoint import CheckpointError, read_sidecar  # noqa: E402
-from data.images import ImageError  # noqa: E402
-from data.manifest import file_sha256, read_manifest  # noqa: E402
-from data.non_lesion import EVALUATION_SEED, generated, skin_crops  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from evaluation import plots  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINTS = ROOT / "checkpoints"
-
-
-def display_path(path: str) -> str:
-    """A path relative to the repository when it is inside it (what a README should show)."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+from anomaly_detection.feature_detector import FeatureDetector, all_stage_features
+from anomaly_detection.gate import Gate
+from classifiers.evaluate import TrainingOverlap, check_no_training_overlap
+from data.atomic import atomic_write_csv, atomic_write_text
+from data.checkpoint import CheckpointError, read_sidecar
+from data.images import ImageError
+from data.manifest import file_sha256, read_manifest
+from data.non_lesion import EVALUATION_SEED, generated, skin_crops
+from data.paths import CHECKPOINTS, MANIFESTS, RESULTS, repo_relative
+from data.runtime import cli_main, init_device
+from evaluation import plots
+from studies import rescue_sources as rs
+from studies.grid import markdown
 
 
 def pipe_table(df: pd.DataFrame) -> str:
@@ -64,7 +54,7 @@ def readme(command: str, metrics: pd.DataFrame, loso: pd.DataFrame, gate: pd.Dat
         f"Made by `{command}` (classifier `{classifier}`), after `python anomaly_detection/fit_feature_detector.py "
         "--threads 1` wrote checkpoints/feature_detector.* and checkpoints/gate.*. Every threshold is chosen on "
         "`calib`/`val`; HAM10000 `test` and ISIC 2017 `external` (its official val) are only reported. Rules: "
-        "anomaly_detection/rescue_sources.py, anomaly_detection/feature_detector.py, anomaly_detection/gate.py.",
+        "studies/rescue_sources.py, anomaly_detection/feature_detector.py, anomaly_detection/gate.py.",
         f"Rescue threshold rule, for either anomaly score: {rs.RESCUE_RULE} (so the rescue costs at most 0.02 "
         "specificity on each source's calibration images). `hybrid_vae_shipped` uses the VAE sidecar's own "
         "threshold (HAM10000 calib only) for comparison.",
@@ -89,6 +79,7 @@ def readme(command: str, metrics: pd.DataFrame, loso: pd.DataFrame, gate: pd.Dat
         "the gate passed; green = passed, red = flagged)."]) + "\n"
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", default=str(CHECKPOINTS / "densenet121.safetensors"), help="classifier checkpoint")
@@ -96,13 +87,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--detector", default=str(CHECKPOINTS / "feature_detector.safetensors"),
                    help="feature detector (anomaly_detection/fit_feature_detector.py)")
     p.add_argument("--gate", default=str(CHECKPOINTS / "gate.safetensors"), help="gate (the same script)")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "mixed.csv"),
+    p.add_argument("--manifest", default=str(MANIFESTS / "mixed.csv"),
                    help="the manifest the detector and gate were fitted on (checked by sha256)")
     p.add_argument("--non-lesion", type=int, default=240, help="generated non-lesion images (data/non_lesion.py)")
     p.add_argument("--skin-crops", type=int, default=60, help="corner crops of skin from HAM10000 test images")
     p.add_argument("--seed", type=int, default=EVALUATION_SEED,
                    help="seed of the non-lesion set (the gate's probe was trained on another: data/non_lesion.py)")
-    p.add_argument("--out", default=str(ROOT / "results" / "rescue_sources"), help="output folder")
+    p.add_argument("--out", default=str(RESULTS / "rescue_sources"), help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
     a = p.parse_args(argv)
@@ -148,7 +139,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rs.contact_sheet(items, gated, out / "non_lesion_sheet.png")
     command = "python scripts/10_rescue_across_sources.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     atomic_write_text(out / "README.md", readme(command.strip(), metrics, loso, gate_summary, goals,
-                                                     display_path(a.classifier)))
+                                                     repo_relative(a.classifier)))
     print(goals.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {out}")
     return metrics

@@ -15,16 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
+import torch
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from data.cache import DEFAULT_CACHE_DIR, CachedImages, build_cache, cache_key  # noqa: E402
-from data.images import load_uint8  # noqa: E402
-from data.manifest import label_index, read_manifest  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from data.cache import DEFAULT_CACHE_DIR, CachedImages, build_cache, cache_key
+from data.images import load_uint8
+from data.manifest import label_index, read_manifest
+from data.paths import MANIFESTS
 
 
 class DecodedImages(torch.utils.data.Dataset):
@@ -55,7 +52,7 @@ def epoch_rate(dataset: torch.utils.data.Dataset, batch_size: int, workers: int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
     p.add_argument("--split", default="fit", help="split of the manifest to read")
     p.add_argument("--dataset", default="ham10000", help="keep rows of this dataset column value ('' for all)")
     p.add_argument("--size", type=int, default=128, help="square image size in pixels")

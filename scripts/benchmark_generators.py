@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from data.runtime import init_device  # noqa: E402
-from generators import ddpm  # noqa: E402
-from generators.train import MODELS, build_trainer  # noqa: E402
+from data.runtime import cli_main, init_device
+from generators import ddpm
+from generators.train import MODELS, build_trainer
 from generators.train import parse_args as train_args
-from generators.upscaler import upscale  # noqa: E402
+from generators.upscaler import upscale
 
 
 def timed(fn, repeat: int, warmup: bool = True) -> float:
@@ -43,6 +39,7 @@ def timed(fn, repeat: int, warmup: bool = True) -> float:
     return sorted(times)[len(times) // 2]
 
 
+@cli_main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "full"), help="architectures and batch sizes")

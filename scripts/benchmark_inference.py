@@ -17,22 +17,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from anomaly_detection.hybrid import HybridPredictor  # noqa: E402
-from classifiers.shipped import resolve_classifier  # noqa: E402
-from data.atomic import atomic_write_text  # noqa: E402
-from data.images import load_rgb  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from data.runtime import setup_cpu  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from anomaly_detection.hybrid import HybridPredictor
+from classifiers.shipped import resolve_classifier
+from data.atomic import atomic_write_text
+from data.images import load_rgb
+from data.manifest import read_manifest
+from data.paths import CHECKPOINTS, MANIFESTS
+from data.runtime import setup_cpu
 
 
 def one_at_a_time(predictor: HybridPredictor, paths: list[str]) -> tuple[float, np.ndarray]:
@@ -58,9 +54,9 @@ def main(argv: list[str] | None = None) -> str:
         "--classifier", default=None,
         help="classifier checkpoint or the name of a shipped one (default: the shipped default; classifiers/shipped.py)"
     )
-    p.add_argument("--vae", default=str(ROOT / "checkpoints" / "convvae.safetensors"), help="VAE checkpoint")
+    p.add_argument("--vae", default=str(CHECKPOINTS / "convvae.safetensors"), help="VAE checkpoint")
     p.add_argument(
-        "--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="where the images come from"
+        "--manifest", default=str(MANIFESTS / "original.csv"), help="where the images come from"
     )
     p.add_argument("--n", type=int, default=256, help="number of real test images")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the batched paths")

@@ -24,20 +24,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
+import torch
+import torch.nn.functional as F
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from classifiers.models import MODELS, create_model, list_models
+from data.cache import CachedImages
+from data.checkpoint import atomic_write_text
+from data.manifest import read_manifest
+from data.paths import MANIFESTS, RESULTS
+from data.runtime import UserError, cli_main, init_device, seed_everything
+from data.transforms import Preprocess, preprocess_meta
 
-from classifiers.models import MODELS, create_model, list_models  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import atomic_write_text  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from data.runtime import init_device, seed_everything  # noqa: E402
-from data.transforms import Preprocess, preprocess_meta  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"bf16_channels_last": (True, torch.channels_last), "fp32_nchw": (False, torch.contiguous_format)}
 BASELINE_ARCH = "densenet121"
 
@@ -50,14 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per architecture and setting")
     p.add_argument("--steps", type=int, default=5, help="timed steps per architecture and setting")
-    p.add_argument("--manifest", type=Path, default=ROOT / "data" / "manifests" / "original.csv",
+    p.add_argument("--manifest", type=Path, default=MANIFESTS / "original.csv",
                    help="manifest whose fit split supplies the images (through the preprocessing cache)")
     p.add_argument("--synthetic", action="store_true", help="random uint8 images instead of the manifest's")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch draw")
     p.add_argument("--note", default="", help="free text for the Markdown note (e.g. what else ran on the machine)")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "training_throughput.csv",
+    p.add_argument("--out", type=Path, default=RESULTS / "benchmarks" / "training_throughput.csv",
                    help="CSV to write; the note goes beside it with the suffix .md")
     return p.parse_args(argv)
 
@@ -78,7 +76,7 @@ def batches(args: argparse.Namespace, size: int) -> list[tuple[torch.Tensor, tor
         fit = CachedImages(df[df["split"] == "fit"], size, in_memory=False)
         rows = torch.randperm(len(fit), generator=gen)[:n].tolist()
         if len(rows) < n:
-            raise SystemExit(f"error: {args.manifest}: fit split has {len(fit)} images, the run needs {n}")
+            raise UserError(f"{args.manifest}: fit split has {len(fit)} images, the run needs {n}")
         images, labels = (torch.stack(t) for t in zip(*(fit[i] for i in rows)))
     return list(zip(images.split(args.batch_size), labels.split(args.batch_size)))
 
@@ -114,6 +112,7 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     device = init_device(args.device, args.threads)

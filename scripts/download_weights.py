@@ -16,20 +16,20 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from data.manifest import file_sha256  # noqa: E402
+from data.manifest import file_sha256
+from data.paths import CHECKPOINTS
+from data.runtime import UserError, cli_main
 
 DEFAULT_REPO = "melanoma-toolkit/densenet121-convvae"
 
 
 def read_sums(path: Path) -> dict[str, str]:
     if not path.is_file():
-        sys.exit(f"error: {path} not found: it lists the expected sha256 of every shipped file")
+        raise UserError(f"{path} not found: it lists the expected sha256 of every shipped file")
     return {name: digest for digest, name in (line.split() for line in path.read_text().splitlines() if line.strip())}
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         help="Hugging Face Hub model repository (env MELANOMA_WEIGHTS_REPO)",
     )
     p.add_argument("--revision", default="main", help="branch, tag or commit of that repository")
-    p.add_argument("--sums", default=str(ROOT / "checkpoints" / "SHA256SUMS"), help="expected sha256 per file")
-    p.add_argument("--out", default=str(ROOT / "checkpoints"), help="where verified files go")
+    p.add_argument("--sums", default=str(CHECKPOINTS / "SHA256SUMS"), help="expected sha256 per file")
+    p.add_argument("--out", default=str(CHECKPOINTS), help="where verified files go")
     p.add_argument("--timeout", type=int, default=10, help="seconds to wait for the Hub before giving up")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(a.timeout)))
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as exc:  # offline, unknown repository, missing file: one line, no traceback
             sys.exit(
                 f"error: cannot fetch {name} from the Hugging Face Hub repository {a.repo_id} "
-                f"({exc.__class__.__name__}); the shipped weights are already in {ROOT / 'checkpoints'}"
+                f"({exc.__class__.__name__}); the shipped weights are already in {CHECKPOINTS}"
             )
         actual = file_sha256(local)
         if actual != digest:

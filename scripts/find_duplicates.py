@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from data.atomic import atomic_write_csv  # noqa: E402
-from data.dedup import DEFAULT_THRESHOLD, find_duplicates  # noqa: E402
-from data.manifest import read_ham10000, read_isic2017, read_manifest  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from data.atomic import atomic_write_csv
+from data.dedup import DEFAULT_THRESHOLD, find_duplicates
+from data.manifest import read_ham10000, read_isic2017, read_manifest
+from data.paths import MANIFESTS, RESULTS
+from data.runtime import UserError, cli_main
 
 
 def load(args: argparse.Namespace) -> pd.DataFrame:
@@ -32,7 +29,7 @@ def load(args: argparse.Namespace) -> pd.DataFrame:
     readers = {"ham10000": read_ham10000, "isic2017": read_isic2017}
     parts = [read(root / name) for name, read in readers.items() if (root / name / "labels.csv").is_file()]
     if not parts:
-        sys.exit(f"error: no ham10000/labels.csv or isic2017/labels.csv under {root}")
+        raise UserError(f"no ham10000/labels.csv or isic2017/labels.csv under {root}")
     return pd.concat(parts, ignore_index=True)
 
 
@@ -60,17 +57,18 @@ def summary(df: pd.DataFrame, pairs: pd.DataFrame, threshold: float) -> str:
     return "\n".join(lines)
 
 
+@cli_main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"),
+    source.add_argument("--manifest", default=str(MANIFESTS / "original.csv"),
                         help="manifest CSV (columns path,split,...); the default is the original configuration")
     source.add_argument("--data-root", default=None,
                         help="instead of a manifest: folder holding ham10000/ and/or isic2017/ with labels.csv "
                              "(their official splits train/test/val)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="cosine similarity of 32x32 grayscale thumbnails at or above which two images are a pair")
-    p.add_argument("--out", default=str(ROOT / "results" / "data_checks" / "duplicates.csv"),
+    p.add_argument("--out", default=str(RESULTS / "data_checks" / "duplicates.csv"),
                    help="CSV of all pairs to write (paths relative to its folder)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     args = p.parse_args()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
+from data.paths import SHARED_DATA
 
 
 def by_lesion(part: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -55,7 +55,7 @@ def count(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
+    p.add_argument("--data-root", default=str(SHARED_DATA),
                    help="folder holding ham10000/ and isic2017/")
     p.add_argument("--out", required=True, help="new data root (must not exist yet)")
     p.add_argument("--ham-train", type=count, default=520, help="about this many HAM10000 train images (whole lesions)")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from data.paths import RESULTS
 from evaluation import plots
 
-RESULTS = Path(__file__).resolve().parent.parent / "results"
 LOGS = {"classifier_training/*_metrics.csv": "{stem}: training log of the shipped run",
         "vae_training/losses.csv": "ConvVAE: training log of the shipped run"}
 

@@ -12,7 +12,7 @@
 
 Steps: 1 prepare_data, 2 train_generators, 3 build_configs, 4 train_classifiers, 5 train_vae, 6 calibrate,
 7 evaluate_hybrid, 8 report; each is a scripts/0N_*.py run as a subprocess (the list of commands is in
-scripts/presets.py; --dry-run prints them). After a step succeeds, a stamp <work-dir>/runs/pipeline/NN_<name>.json
+studies/presets.py; --dry-run prints them). After a step succeeds, a stamp <work-dir>/runs/pipeline/NN_<name>.json
 records the step's key: the sha256 of its commands and of the content of its input files. A step is skipped when
 its stamp's key is unchanged and all its declared outputs exist; changing an input (say, a manifest) or a budget
 re-runs it and the steps that read its outputs. A killed run is resumed by running the same command again: finished
@@ -31,13 +31,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data.atomic import atomic_write_text  # noqa: E402
-from data.manifest import file_sha256  # noqa: E402
-from scripts.presets import PRESETS, Layout, Step, describe, steps  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from data.atomic import atomic_write_text
+from data.manifest import file_sha256
+from data.paths import ROOT, RUNS, SHARED_DATA
+from data.runtime import UserError, cli_main
+from studies.presets import PRESETS, Layout, Step, describe, steps
 
 
 def action_text(action) -> str:
@@ -79,6 +77,10 @@ def write_stamp(layout: Layout, step: Step, seconds: float) -> None:
          "outputs": [str(o) for o in step.outputs]}, indent=2) + "\n")
 
 
+class StepError(UserError):
+    """A step's command failed or did not write its outputs."""
+
+
 def run_step(step: Step, device: str, env: dict[str, str]) -> None:
     for action in step.actions:
         if not isinstance(action, list):
@@ -88,20 +90,21 @@ def run_step(step: Step, device: str, env: dict[str, str]) -> None:
         print("$ " + " ".join(command), flush=True)
         code = subprocess.run(command, cwd=ROOT, env=env).returncode
         if code != 0:
-            sys.exit(f"error: step {step.number} ({step.name}) failed with exit code {code}; fix it and run the "
-                     f"same command again to resume")
+            raise StepError(f"step {step.number} ({step.name}) failed with exit code {code}; fix it and run the "
+                            f"same command again to resume")
     missing = [p for p in step.outputs if not p.exists()]
     if missing:
-        sys.exit(f"error: step {step.number} ({step.name}) finished without writing {missing[0]}")
+        raise StepError(f"step {step.number} ({step.name}) finished without writing {missing[0]}")
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[str]:
-    p = argparse.ArgumentParser(description=__doc__, epilog="presets and their budgets (scripts/presets.py):\n"
+    p = argparse.ArgumentParser(description=__doc__, epilog="presets and their budgets (studies/presets.py):\n"
                                 + describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, choices=list(PRESETS), help="budget of every step (see below)")
     p.add_argument("--work-dir", default=None,
                    help="root of every output (default: runs/smoke for the smoke preset, else the repository)")
-    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
+    p.add_argument("--data-root", default=str(SHARED_DATA),
                    help="folder holding ham10000/ and isic2017/")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--from-step", type=int, default=1, choices=range(1, 9), metavar="N",
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per step, as OMP_NUM_THREADS (default: inherited, else all cores)")
     a = p.parse_args(argv)
-    work = Path(a.work_dir or (ROOT / "runs" / "smoke" if a.preset == "smoke" else ROOT))
+    work = Path(a.work_dir or (RUNS / "smoke" if a.preset == "smoke" else ROOT))
     layout = Layout(work)
     env = dict(os.environ)
     env.setdefault("MELANOMA_CACHE", str(layout.work / ".cache"))

@@ -11,7 +11,7 @@ Steps, all on the fp16 files users will get (not on the fp32 run outputs):
    results/classifier_training/<arch>_metrics.csv and <arch>_curves.png;
 2. with --vae: calibrate the VAE's anomaly threshold on `calib` (anomaly_detection/calibrate.py) -> results/vae_calibration/;
 3. evaluate the classifier on HAM10000 `test` and ISIC 2017 (classifiers/evaluate.py) -> results/classifier/<arch>/;
-4. compare the rescue rules with this classifier (anomaly_detection/evaluate_hybrid.py) -> results/hybrid/<arch>/;
+4. compare the rescue rules with this classifier (studies/evaluate_hybrid.py) -> results/hybrid/<arch>/;
 5. rewrite checkpoints/MODEL_CARD.md from the CSVs of every shipped classifier, so every number in it comes from a
    ship command, and checkpoints/SHA256SUMS (what loading and scripts/download_weights.py verify).
 The hybrid's default classifier is the shipped one with the best validation AUC (classifiers/shipped.py).
@@ -31,22 +31,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
+import torch
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+from anomaly_detection import calibrate
+from anomaly_detection.hybrid import load_vae
+from classifiers import evaluate
+from classifiers.models import load_classifier
+from classifiers.shipped import default_classifier, shipped_classifiers
+from data.atomic import atomic_write_text
+from data.checkpoint import CheckpointError, save_checkpoint
+from data.manifest import file_sha256, read_manifest
+from data.paths import CHECKPOINTS, MANIFESTS, RESULTS, repo_relative
+from evaluation import plots
+from studies import evaluate_hybrid
 
-from anomaly_detection import calibrate, evaluate_hybrid  # noqa: E402
-from anomaly_detection.hybrid import load_vae  # noqa: E402
-from classifiers import evaluate  # noqa: E402
-from classifiers.models import load_classifier  # noqa: E402
-from classifiers.shipped import default_classifier, shipped_classifiers  # noqa: E402
-from data.atomic import atomic_write_text  # noqa: E402
-from data.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from data.manifest import file_sha256, read_manifest  # noqa: E402
-from evaluation import plots  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 TRAINING_LOGS = Path("classifier_training")  # under --results-dir: <arch>_metrics.csv and <arch>_curves.png
 ARCH_NAMES = {"densenet121": "DenseNet-121", "efficientnet_lite0": "EfficientNet-Lite0",
               "efficientnet_lite1": "EfficientNet-Lite1", "efficientnet_lite2": "EfficientNet-Lite2",
@@ -62,9 +61,7 @@ def ship(source: str, target: Path, loader, command: str) -> None:
     model, meta = loader(source)
     meta = {
         **{k: v for k, v in meta.items() if k not in ("versions", "weights_dtype", "format_version")},
-        "shipped_from": str(Path(source).resolve().relative_to(ROOT))
-        if Path(source).resolve().is_relative_to(ROOT)
-        else str(source),
+        "shipped_from": repo_relative(source),
         "shipped_by": command,
     }
     save_checkpoint(target, model, meta, dtype=torch.float16)
@@ -126,7 +123,7 @@ def copy_training_log(classifier: str, results: Path, arch: str) -> Path:
     return out
 
 
-def training_data(meta: dict, manifests: Path = ROOT / "data" / "manifests") -> str:
+def training_data(meta: dict, manifests: Path = MANIFESTS) -> str:
     """'HAM10000 `fit` (6,408 images) + ISIC 2017 `fit` (1,700)', counted from the manifest the sidecar names."""
     df = read_manifest(manifests / meta["manifest"])
     datasets = (meta.get("train_args") or {}).get("datasets")
@@ -259,14 +256,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="trained benign/malignant classifier (a run's best.safetensors), shipped as <arch>.safetensors")
     p.add_argument("--vae", default=None,
                    help="trained VAE checkpoint to ship and recalibrate (default: keep the shipped convvae)")
-    p.add_argument("--out", default=str(ROOT / "checkpoints"), help="folder for the shipped files")
+    p.add_argument("--out", default=str(CHECKPOINTS), help="folder for the shipped files")
     p.add_argument(
         "--manifest",
         default=None,
         help="manifest with the calib, test and external splits (default: the classifier's training manifest, so "
         "no evaluation image was seen in training)",
     )
-    p.add_argument("--results-dir", default=str(ROOT / "results"), help="where the evaluation outputs go")
+    p.add_argument("--results-dir", default=str(RESULTS), help="where the evaluation outputs go")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (evaluation)")
     a = p.parse_args(argv)
     try:

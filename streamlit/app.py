@@ -10,8 +10,13 @@ software, not a diagnosis.
 The sidebar offers every shipped classifier by name (classifiers/shipped.py), the default first: the one with the
 best validation AUC recorded in its sidecar, as in inference.py. Then come any trained runs found.
 Environment: MELANOMA_CLASSIFIER and MELANOMA_VAE put a checkpoint first in the model lists, preselected (default:
-the shipped default classifier and checkpoints/convvae); MELANOMA_CHECKPOINTS, MELANOMA_RESULTS and
+the shipped default classifier and checkpoints/convvae); MELANOMA_GATE names the out-of-distribution gate (default:
+gate.safetensors in the checkpoints folder, when it is there); MELANOMA_CHECKPOINTS, MELANOMA_RESULTS and
 MELANOMA_SAMPLES move the checkpoints/, results/ and samples/ folders (the tests point them at temporary folders).
+
+The gate (anomaly_detection/gate.py) runs before any verdict, as in inference.py: an image that is not a dermoscopic
+lesion shows "Cannot assess: <reason>" and no verdict, gauges or Grad-CAM. Without a gate checkpoint the sidebar
+says that images are not screened.
 
 Models load once per process (st.cache_resource); each image's model outputs and Grad-CAM are cached by content
 (st.cache_data), so moving a threshold re-decides without re-running the networks. The decision itself is
@@ -22,32 +27,30 @@ from __future__ import annotations
 import copy
 import os
 import re
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import matplotlib
+import numpy as np
+import pandas as pd
+from PIL import Image
 
-import matplotlib  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import streamlit as st  # noqa: E402
-from anomaly_detection.hybrid import HybridPredictor, Prediction  # noqa: E402
-from classifiers.gradcam import gradcam_map, overlay  # noqa: E402
-from classifiers.shipped import default_classifier, shipped_classifiers, val_auc  # noqa: E402
-from data.checkpoint import CheckpointError, read_sidecar  # noqa: E402
-from data.images import ImageError, list_images, load_rgb  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from inference import DEFAULT_VAE, DISCLAIMER  # noqa: E402
+import streamlit as st
+from anomaly_detection.gate import GateResult
+from anomaly_detection.hybrid import HybridPredictor, Prediction
+from classifiers.gradcam import gradcam_map, overlay
+from classifiers.shipped import default_classifier, shipped_classifiers, val_auc
+from data import paths
+from data.checkpoint import CheckpointError, read_sidecar
+from data.images import ImageError, list_images, load_rgb
+from data.runtime import init_device
+from inference import DEFAULT_GATE, DEFAULT_VAE, DISCLAIMER
 
 CHECKPOINTS = Path(os.environ.get("MELANOMA_CHECKPOINTS", DEFAULT_VAE.parent))
-RESULTS = Path(os.environ.get("MELANOMA_RESULTS", ROOT / "results"))
-SAMPLES = Path(os.environ.get("MELANOMA_SAMPLES", ROOT / "samples"))
+RESULTS = Path(os.environ.get("MELANOMA_RESULTS", paths.RESULTS))
+SAMPLES = Path(os.environ.get("MELANOMA_SAMPLES", paths.SAMPLES))
 CLASSIFIER_GLOBS = ("runs/classifiers/*/best.safetensors", "checkpoints/grid/*.safetensors")  # trained runs
 VAE_GLOBS = ("runs/vae/best.safetensors", "runs/vae/*/best.safetensors")
 DEFAULT_MARK = " (default: best validation AUC)"
@@ -64,9 +67,12 @@ LIMITS = """
   each sidecar names its training manifest). Phone photos, clinical (non-dermoscopic) pictures, other devices and
   other hospitals are outside what they saw: accuracy there is lower and can be much lower (see the external
   evaluations in the Results tab).
+- **"Cannot assess" is a screen too.** The out-of-distribution gate refuses images that do not look like dermoscopic
+  lesions (blank, greyscale, tiny, patterns, photographs...); it was checked on generated and cropped images
+  (results/rescue_sources), so an unusual real picture can still pass it, and a rare real lesion can be refused.
 - **Thresholds are operating points.** The classifier threshold was chosen on the validation split and the anomaly
-  threshold calibrated on benign images of the calibration split. Moving them trades missed melanomas against
-  false alarms; the Results tab shows that trade-off.
+  threshold calibrated on benign images of the calibration splits of every source. Moving them trades missed
+  melanomas against false alarms; the Results tab shows that trade-off.
 - **The rescue is a screen, not a finding.** A high VAE score says the image is unlike the benign training
   images, which is also true of blurred, hairy, badly lit or non-dermoscopic images.
 - **Grad-CAM is an explanation aid, not evidence.** It shows where the classifier's gradient was largest; it can
@@ -83,11 +89,11 @@ LIMITS = """
 def shown(path: str | Path) -> Path:
     """A path as the page shows it: relative to the repository when inside it."""
     full = Path(path).resolve()
-    return full.relative_to(ROOT) if full.is_relative_to(ROOT) else full
+    return full.relative_to(paths.ROOT) if full.is_relative_to(paths.ROOT) else full
 
 
 def globbed(patterns: tuple[str, ...]) -> list[Path]:
-    return [weights for pattern in patterns for weights in sorted(ROOT.glob(pattern))]
+    return [weights for pattern in patterns for weights in sorted(paths.ROOT.glob(pattern))]
 
 
 def discover(env_var: str, candidates: list[Path], threshold_key: str) -> tuple[list[str], list[str]]:
@@ -142,9 +148,20 @@ def describe(path: str) -> str:
     return f"{' · '.join(details)} ({shown(path)})" if details else str(shown(path))
 
 
+def gate_checkpoint() -> str | None:
+    """MELANOMA_GATE (a missing file is then an error when the models load), else the checkpoints folder's gate
+    when it is there, else None (no gate: the sidebar says so)."""
+    if os.environ.get("MELANOMA_GATE"):
+        return os.environ["MELANOMA_GATE"]
+    default = CHECKPOINTS / DEFAULT_GATE.name
+    return str(default) if default.is_file() else None
+
+
 @st.cache_resource(show_spinner="Loading the models...")
-def load_predictor(classifier: str, vae: str) -> HybridPredictor:
-    return HybridPredictor(classifier, vae, init_device("auto"))
+def load_predictor(classifier: str, vae: str, gate: str | None) -> HybridPredictor:
+    predictor = HybridPredictor(classifier, vae, init_device("auto"), gate=gate)
+    predictor.load_gate()  # now, so that an unusable gate is reported with the other checkpoints
+    return predictor
 
 
 @st.cache_resource
@@ -166,30 +183,35 @@ def decode(name: str, data: bytes) -> Image.Image:
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def model_outputs(classifier: str, vae: str, name: str, data: bytes) -> dict[str, Any]:
-    """One image through both networks: P(malignant), VAE score, and the pixels to show."""
-    predictor = load_predictor(classifier, vae)
+def model_outputs(classifier: str, vae: str, gate: str | None, name: str, data: bytes) -> dict[str, Any]:
+    """One image through the networks: P(malignant), VAE score, the gate's verdict, and the pixels to show."""
+    predictor = load_predictor(classifier, vae, gate)
     image = decode(name, data)
     with model_lock():
-        prediction, recon = predictor.predict_image(image, name)
+        prob, score, recon, verdict = predictor.image_outputs(image)
     _, vae_px = predictor.pixels(image)
-    return {"prob": prediction.prob_malignant, "score": prediction.vae_score, "vae_px": vae_px, "recon": recon}
+    return {"prob": prob, "score": score, "gate": verdict, "vae_px": vae_px, "recon": recon}
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def gradcam_overlay(classifier: str, vae: str, name: str, data: bytes) -> np.ndarray:
-    predictor = load_predictor(classifier, vae)
+def gradcam_overlay(classifier: str, vae: str, gate: str | None, name: str, data: bytes) -> np.ndarray:
+    predictor = load_predictor(classifier, vae, gate)
     pixels = predictor.cls_prep.pixels(decode(name, data))
     with model_lock():
         return overlay(pixels, gradcam_map(predictor.classifier, predictor.cls_meta, pixels))
 
 
 def decide(predictor: HybridPredictor, thresholds: tuple[float, float], names: list[str], probs: list[float],
-           scores: list[float]) -> list[Prediction]:
+           scores: list[float], gates: list[GateResult | None]) -> list[Prediction]:
     """The predictor's own rule at the sidebar's thresholds (a shallow copy: the cached predictor is shared)."""
     view = copy.copy(predictor)
     view.malignant_threshold, view.anomaly_threshold = thresholds
-    return view.decide(names, np.asarray(probs), np.asarray(scores))
+    return view.decide(names, np.asarray(probs), np.asarray(scores), gates)
+
+
+def model_paths(predictor: HybridPredictor) -> tuple[str, str, str | None]:
+    """The cache keys of a predictor's models: classifier, VAE and gate (None without one)."""
+    return predictor.paths["classifier"], predictor.paths["vae"], predictor.paths.get("gate")
 
 
 @dataclass(frozen=True)
@@ -299,12 +321,19 @@ def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
         "shipped one with the best validation AUC recorded in its sidecar (no test number takes part).")
     st.sidebar.caption(describe(classifier) + recorded_auc(classifier))
     vae = st.sidebar.selectbox("Anomaly detector (VAE)", vaes, format_func=describe, key="vae")
+    gate = gate_checkpoint()
     try:
-        predictor = load_predictor(classifier, vae)
+        predictor = load_predictor(classifier, vae, gate)
     except (ValueError, OSError) as exc:  # CheckpointError is a ValueError, as is an unknown architecture
         message = f"Cannot load the models: {exc}"
         st.sidebar.error(message)
         return None, (float("nan"), float("nan")), message
+    if gate is None:
+        st.sidebar.warning(f"No out-of-distribution gate ({shown(CHECKPOINTS / DEFAULT_GATE.name)} is absent): every "
+                           "image gets a verdict, even one that is not a dermoscopic lesion.")
+    else:
+        st.sidebar.caption(f"Out-of-distribution gate: {describe(gate)}. An image that is not a dermoscopic lesion "
+                           "gets 'cannot assess' instead of a verdict.")
 
     state = st.session_state
     # A new model pair starts at its calibrated thresholds (so does a session whose sliders were not drawn).
@@ -336,16 +365,25 @@ def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], nam
                 truth: dict[str, str] | None = None) -> None:
     """The whole single-image report (with the ground truth beside the verdict when `truth`, a bundled sample's
     labels.csv row, is given); an unreadable file gets one readable error and nothing else."""
-    paths = predictor.paths["classifier"], predictor.paths["vae"]
+    keys = model_paths(predictor)
     try:
         with st.spinner("Running the classifier and the VAE..."):
-            out = model_outputs(*paths, name, data)
+            out = model_outputs(*keys, name, data)
     except ImageError as exc:
         st.error(f"Could not analyse this file. {exc}. Please upload a JPEG, PNG, BMP or TIFF image.")
         return
-    p = decide(predictor, thresholds, [name], [out["prob"]], [out["score"]])[0]
+    p = decide(predictor, thresholds, [name], [out["prob"]], [out["score"]], [out["gate"]])[0]
     if p.error:  # the models gave NaN or infinity: no decision to show
         st.error(f"Could not analyse this file. {p.error}.")
+        return
+    if p.status == "cannot assess":  # no verdict, so no gauges and no Grad-CAM to read one into
+        st.error(f"Cannot assess: {p.gate_reason}. {name} does not look like a dermoscopic lesion image the models "
+                 f"can judge, so no benign/malignant verdict is given. {DISCLAIMER}")
+        st.image(out["vae_px"], caption=f"{name}, as the models see it", width=256)
+        st.caption(f"Out-of-distribution gate: feature distance {p.gate_distance:.0f} (limit {p.gate_threshold:.0f})"
+                   + (f", non-lesion probe score {p.gate_probe_score:.1f} (limit {p.gate_probe_threshold:.1f})"
+                      if p.gate_probe_score is not None and p.gate_probe_threshold is not None else "")
+                   + ". anomaly_detection/gate.py lists its checks.")
         return
     how = (" (rescued: the classifier said benign, the VAE found the image anomalous)" if p.rescued else
            " (the classifier says malignant)" if p.classifier_malignant else " (classifier benign, VAE not anomalous)")
@@ -390,7 +428,7 @@ def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], nam
     cols[1].image(out["recon"], caption="VAE reconstruction", width="stretch")
     cols[2].image(heat, caption=f"Reconstruction error (brightest = {peak:.3f})", width="stretch")
     with cols[3], st.spinner("Grad-CAM..."):
-        cols[3].image(gradcam_overlay(*paths, name, data), width="stretch",
+        cols[3].image(gradcam_overlay(*keys, name, data), width="stretch",
                       caption="Grad-CAM for 'malignant': an explanation aid, not evidence")
 
 
@@ -432,26 +470,31 @@ def batch_tab(predictor: HybridPredictor, thresholds: tuple[float, float]) -> No
     if not uploads:
         st.info("Upload several images to get one row per image and a CSV.")
         return
-    paths = predictor.paths["classifier"], predictor.paths["vae"]
+    keys = model_paths(predictor)
     outputs: dict[int, dict[str, Any]] = {}
     errors: dict[int, str] = {}
     progress = st.progress(0.0, text="Analysing...")
     for i, upload in enumerate(uploads):
         try:
-            outputs[i] = model_outputs(*paths, upload.name, upload.getvalue())
+            outputs[i] = model_outputs(*keys, upload.name, upload.getvalue())
         except ImageError as exc:
             errors[i] = str(exc)
         progress.progress((i + 1) / len(uploads), text=f"{i + 1}/{len(uploads)} images")
     progress.empty()
     good = sorted(outputs)
     decided = dict(zip(good, decide(predictor, thresholds, [uploads[i].name for i in good],
-                                    [outputs[i]["prob"] for i in good], [outputs[i]["score"] for i in good])))
+                                    [outputs[i]["prob"] for i in good], [outputs[i]["score"] for i in good],
+                                    [outputs[i]["gate"] for i in good])))
     table = pd.DataFrame([(decided.get(i) or Prediction(u.name, error=errors[i])).to_dict()
                           for i, u in enumerate(uploads)]).rename(columns={"path": "file"})
     counts = table["decision"].value_counts()
     bad = table["error"][table["error"] != ""]
-    st.markdown(f"{len(table)} images: **{counts.get('malignant', 0)} malignant** ({int(table['rescued'].sum())} by "
-                f"rescue), {counts.get('benign', 0)} benign, {len(bad)} not scored.")
+    gated = table[table["status"] == "cannot assess"]
+    rescued = int((table["rescued"] & (table["decision"] == "malignant")).sum())
+    st.markdown(f"{len(table)} images: **{counts.get('malignant', 0)} malignant** ({rescued} by rescue), "
+                f"{counts.get('benign', 0)} benign, {len(gated)} cannot assess, {len(bad)} not scored.")
+    for file, reason in zip(gated["file"], gated["gate_reason"]):
+        st.warning(f"Cannot assess {file}: {reason}")
     for message in bad:
         st.warning(f"Not scored: {message}")
     st.dataframe(table, hide_index=True)

@@ -1,7 +1,7 @@
 """The pipeline's presets (one definition of each budget) and its eight steps, as commands run from the repository.
 
-`run_pipeline.py` runs `steps(...)` in order; `04_train_classifiers.py` and `05_train_vae.py` read their budget from
-`PRESETS` by name, so a preset means the same thing whether a step is run alone or by the pipeline.
+scripts/run_pipeline.py runs `steps(...)` in order; scripts/04_train_classifiers.py and 05_train_vae.py read their
+budget from `PRESETS` by name, so a preset means the same thing whether a step is run alone or by the pipeline.
 
 - smoke: a small real subset (SMOKE_SUBSET: 64 fit, 32 val, 32 calib, 48 HAM10000 test, 48 ISIC 2017 val images),
   32-px inputs, one epoch, 2 architectures x 2 configurations, the generators' own smoke preset, DDIM-5 sampling,
@@ -23,11 +23,12 @@ from typing import Any
 
 import pandas as pd
 
-from classifiers import grid
-from generators.configs import CONFIGS
+from data.configs import CONFIGS
+from data.paths import SCRIPTS
+from studies import grid
 
-ROOT = Path(__file__).resolve().parent.parent
-ALL_ARCHS = ["densenet121", "resnet50", "vit", "swin", "medvit", "biovit"]  # training order; the registry's six
+# Training order: the grid's six (the registry's pretrained efficientnet_lite* are trained on their own, see README).
+ALL_ARCHS = ["densenet121", "resnet50", "vit", "swin", "medvit", "biovit"]
 ALL_CONFIGS = list(CONFIGS)
 # (dataset, split, official_split) -> images kept by the smoke preset; rows of other groups are dropped.
 SMOKE_SUBSET = {("ham10000", "fit", "train"): 64, ("ham10000", "val", "train"): 32,
@@ -121,7 +122,7 @@ class Layout:
 
 
 def script(name: str) -> str:
-    return str(ROOT / "scripts" / name)
+    return str(SCRIPTS / name)
 
 
 def steps(preset: str, work_dir: str | os.PathLike, data_root: str | os.PathLike, seed: int = 0) -> list[Step]:

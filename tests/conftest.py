@@ -1,4 +1,4 @@
-"""Shared test set-up: the repository on sys.path, the real datasets in ../shared/data, and a tiny real manifest.
+"""Shared test set-up: the real datasets in ../shared/data, and a tiny real manifest.
 
 Tests marked `@pytest.mark.real_data` (or using the `real_data` fixture) are skipped with a reason when the
 datasets are absent, so unit tests still run on a machine without them. With MELANOMA_REQUIRE_ALL_TESTS=1 (what
@@ -6,30 +6,40 @@ datasets are absent, so unit tests still run on a machine without them. With MEL
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Generator
 from pathlib import Path
+from types import ModuleType
 
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from data.manifest import read_manifest, write_manifest
+from data.paths import MANIFESTS, SCRIPTS, SHARED_DATA
+from data.paths import ROOT as ROOT  # re-exported: test files import it from here
+
 # A fresh preprocessing/ONNX cache per test session (subprocesses inherit it), never the repository's .cache/:
-# a stale export keyed by a seeded test checkpoint's hash would otherwise hide an export regression.
+# a stale export keyed by a seeded test checkpoint's hash would otherwise hide an export regression. It must be set
+# before data.cache is first imported (it reads MELANOMA_CACHE then); no module imported above imports it.
 MADE_CACHE = None if "MELANOMA_CACHE" in os.environ else tempfile.mkdtemp(prefix="melanoma-test-cache-")
 if MADE_CACHE:
     os.environ["MELANOMA_CACHE"] = MADE_CACHE
 
-from data.manifest import read_manifest, write_manifest  # noqa: E402
-
-DATA_ROOT = ROOT.parent / "shared" / "data"
-ORIGINAL_MANIFEST = ROOT / "data" / "manifests" / "original.csv"
+DATA_ROOT = SHARED_DATA
+ORIGINAL_MANIFEST = MANIFESTS / "original.csv"
 HAVE_DATA = (DATA_ROOT / "ham10000" / "labels.csv").is_file() and (DATA_ROOT / "isic2017" / "labels.csv").is_file()
 NO_DATA_REASON = f"real datasets not found at {DATA_ROOT} (see README.md, Data)"
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module: scripts are run by path, not installed, so tests load them from their file."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -5,6 +5,10 @@ exit code, that stderr is exactly one line holding the expected message (none on
 temporary file is left behind, and that nothing already finished is lost: a run that stops before its results
 leaves the folder exactly as it was; one that stops after (a failed write, Ctrl-C, NaN outputs) keeps what it wrote.
 Kinds that must be refused before the models load run with HybridPredictor made to fail if it is built.
+The out-of-distribution gate (the shipped checkpoints/gate.*) is on only in the kinds marked `gate`: the others test
+the plumbing around a verdict on small random-noise images, which the gate would rightly refuse ("cannot assess",
+exit 5), so they run with --no-gate. The gate kinds cover images that decode but are not lesions (unusual formats
+included) and a gate checkpoint that cannot be used.
 The image kinds that a demo user can upload go through the Streamlit app (AppTest), which must show the CLI's line.
 """
 from __future__ import annotations
@@ -30,8 +34,8 @@ from test_inference import run as run_cli
 
 from anomaly_detection.hybrid import HybridPredictor, export_key
 from data.checkpoint import read_sidecar, save_checkpoint
+from data.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "streamlit" / "app.py"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -168,6 +172,25 @@ def created(env: Env, out: str) -> None:
     assert json_without_nan((env.tmp / "new" / "deeper" / "result.json").read_text())["error"] == ""
 
 
+def cannot_assess_on_screen(env: Env, out: str) -> None:
+    assert "FINAL DECISION:   CANNOT ASSESS" in out and "P(malignant)" not in out
+
+
+def gated_json_without_overlay(env: Env, out: str) -> None:
+    result = json_without_nan((env.tmp / "result.json").read_text())
+    assert (result["decision"], result["status"], result["gate_ok"], result["final_malignant"]) == (
+        "cannot assess", "cannot assess", False, None)
+    assert result["gate_reason"].startswith("near-constant image") and result["models"]["gate"]["path"]
+    assert not (env.tmp / "cam.png").exists()
+
+
+def csv_of_non_lesions(env: Env, out: str) -> None:
+    rows = csv_rows(env.tmp / "out.csv")
+    assert len(rows) == 3 and all(r["status"] == r["decision"] == "cannot assess" for r in rows)
+    assert all(r["gate_reason"] and r["final_malignant"] == "" and r["error"] == "" for r in rows)
+    assert "3 files: 0 malignant (0 by rescue), 0 benign, 3 cannot assess, 0 not scored" in out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The table
 
@@ -180,6 +203,7 @@ class Kind:
     before_models: bool = False  # must be refused before any model loads
     kept: Callable[[Env, str], None] | None = None  # None: the run must leave the folder exactly as it was
     upload: bool = False  # an image kind the demo can receive as an upload
+    gate: bool = False  # run with the out-of-distribution gate (the default); the other kinds get --no-gate
     marks: tuple = ()
 
 
@@ -319,6 +343,21 @@ def edited(which: str, changes: dict | None = None, sidecar: str | None = None) 
         return ["--image", str(env.image()), f"--{which}", str(env.checkpoint(source, which[0], changes, sidecar))]
 
     return argv
+
+
+def flat_image(env: Env, name: str = "flat.png") -> Path:
+    """A skin-coloured flat picture, large enough for every check: the gate finds it near-constant."""
+    path = env.tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (200, 160), (190, 140, 120)).save(path)
+    return path
+
+
+def non_lesion_folder(env: Env) -> list[str]:
+    flat_image(env, "plain/flat.png")
+    env.image("plain/noise.png", (128, 128))
+    env.image("plain/tiny.png", (40, 9))
+    return ["--folder", str(env.tmp / "plain"), "--csv", str(env.tmp / "out.csv")]
 
 
 def pixel_bomb(env: Env) -> Path:
@@ -463,14 +502,33 @@ KINDS = [
     Kind("output_folder_created", 0, "",
          lambda e: ["--image", str(e.image()), "--output", str(e.tmp / "new" / "deeper" / "result.json")],
          kept=created),
-    Kind("cmyk_jpeg", 0, "", lambda e: ["--image", str(e.image("cmyk.jpg", mode="CMYK"))], kept=report_on_screen,
-         upload=True),
-    Kind("palette_png", 0, "", lambda e: ["--image", str(e.image("p.png", mode="P"))], kept=report_on_screen,
-         upload=True),
-    Kind("grey_16_bit_png", 0, "", lambda e: ["--image", str(e.image("g16.png", mode="I;16"))], kept=report_on_screen,
-         upload=True),
     Kind("shipped_style_folder_intact", 0, "", lambda e: same_checkpoint_in_shipped_folder(e, damage=False),
          kept=report_on_screen),
+    Kind("folder_of_non_lesions", 0, "", non_lesion_folder, kept=csv_of_non_lesions, gate=True),
+    # images that decode but are not lesions (unusual formats included): the gate says "cannot assess", exit 5
+    Kind("cmyk_jpeg", 5, "cmyk.jpg: does not look like a dermoscopic lesion (feature distance",
+         lambda e: ["--image", str(e.image("cmyk.jpg", (128, 128), mode="CMYK"))], kept=cannot_assess_on_screen,
+         upload=True, gate=True),
+    Kind("palette_png", 5, "p.png: does not look like a dermoscopic lesion (feature distance",
+         lambda e: ["--image", str(e.image("p.png", (128, 128), mode="P"))], kept=cannot_assess_on_screen,
+         upload=True, gate=True),
+    Kind("grey_16_bit_png", 5, "g16.png: greyscale image (dermoscopic images are in colour)",
+         lambda e: ["--image", str(e.image("g16.png", (128, 128), mode="I;16"))], kept=cannot_assess_on_screen,
+         upload=True, gate=True),
+    Kind("noise_too_small_to_assess", 5, "image too small to assess (64x48 px; a side needs at least 64 px)",
+         lambda e: ["--image", str(e.image())], kept=cannot_assess_on_screen, upload=True, gate=True),
+    Kind("flat_image", 5, "flat.png: near-constant image (pixel spread 0.0 of 255)",
+         lambda e: ["--image", str(flat_image(e))], kept=cannot_assess_on_screen, upload=True, gate=True),
+    Kind("gated_image_keeps_json", 5, "near-constant image (pixel spread 0.0 of 255) (no --gradcam overlay written)",
+         lambda e: ["--image", str(flat_image(e)), "--output", str(e.tmp / "result.json"), "--gradcam",
+                    str(e.tmp / "cam.png")], kept=gated_json_without_overlay, gate=True),
+    # the gate's own arguments and checkpoint
+    Kind("gate_and_no_gate", 2, "--gate and --no-gate contradict each other",
+         lambda e: ["--image", str(e.image()), "--gate", str(e.vae), "--no-gate"], True, gate=True),
+    Kind("gate_missing", 3, "none.safetensors: checkpoint not found",
+         lambda e: ["--image", str(e.image()), "--gate", str(e.tmp / "none.safetensors")], gate=True),
+    Kind("vae_given_as_gate", 3, "is a 'vae' checkpoint, expected 'gate'",
+         lambda e: ["--image", str(e.image()), "--gate", str(e.vae)], gate=True),
 ]
 
 
@@ -493,7 +551,7 @@ def env(tmp_path: Path, tiny_checkpoints: tuple[Path, Path], monkeypatch: pytest
 def test_the_table_is_large_enough():
     failing = [k for k in KINDS if k.code != 0]
     assert len(failing) >= 40 and len({k.name for k in KINDS}) == len(KINDS)
-    assert {k.code for k in KINDS} == {0, 1, 2, 3, 4, 130}
+    assert {k.code for k in KINDS} == {0, 1, 2, 3, 4, 5, 130}
 
 
 @pytest.mark.parametrize("kind", [pytest.param(k, id=k.name, marks=k.marks) for k in KINDS])
@@ -502,6 +560,7 @@ def test_bad_input(kind: Kind, env: Env, capsys: pytest.CaptureFixture) -> None:
     argv = kind.argv(env)
     argv += [a for flag, path in (("--classifier", env.classifier), ("--vae", env.vae)) if flag not in argv
              for a in (flag, str(path))]
+    argv += [] if kind.gate else ["--no-gate"]
     if kind.before_models:
         def loaded(*args, **kwargs):
             raise AssertionError("the models loaded before the input was refused")
@@ -515,7 +574,7 @@ def test_bad_input(kind: Kind, env: Env, capsys: pytest.CaptureFixture) -> None:
     if kind.code == 0:
         assert lines == [], err
     else:
-        assert len(lines) == 1 and lines[0].startswith(("error: ", "interrupted: ")), err
+        assert len(lines) == 1 and lines[0].startswith(("error: ", "interrupted: ", "cannot assess: ")), err
         assert kind.message in lines[0], lines[0]
     assert not [p for p in snapshot(env.tmp) if p.endswith(".tmp")]
     if kind.kept is None:
@@ -533,7 +592,8 @@ def test_real_ctrl_c_keeps_a_valid_csv(tiny_checkpoints: tuple[Path, Path], tmp_
     out_csv = tmp_path / "out.csv"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "inference.py"), "--folder", str(folder), "--csv", str(out_csv), "--quiet",
-         "--batch-size", "1", "--classifier", str(tiny_checkpoints[0]), "--vae", str(tiny_checkpoints[1])],
+         "--batch-size", "1", "--classifier", str(tiny_checkpoints[0]), "--vae", str(tiny_checkpoints[1]),
+         "--no-gate"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -587,12 +647,11 @@ def test_demo_shows_the_cli_message(kind: Kind, demo, env: Env, capsys: pytest.C
     path = Path(kind.argv(env)[1])
     code, out, err = run_cli(capsys, "--image", str(path), "--classifier", str(env.classifier), "--vae", str(env.vae))
     shown = upload(demo, path.name, path.read_bytes())
-    verdicts = [t for t in shown if t.startswith("Final decision:")]
-    if kind.code == 0:
-        assert len(verdicts) == 1 and code == 0
-    else:
-        cli_message = err.strip().removeprefix("error: ").replace(str(path), path.name)
-        assert not verdicts and any(cli_message in t for t in demo_errors(demo)), (cli_message, demo_errors(demo))
+    assert code == kind.code and not [t for t in shown if t.startswith("Final decision:")], (code, err, shown)
+    cli_message = re.sub(r"^(error|cannot assess): ", "", err.strip()).replace(str(path), path.name)
+    if code == 5:  # the CLI says "cannot assess: <file>: <reason>", the demo "Cannot assess: <reason>"
+        cli_message = "Cannot assess: " + cli_message.removeprefix(f"{path.name}: ")
+    assert any(cli_message in t for t in demo_errors(demo)), (cli_message, demo_errors(demo))
 
 
 def demo_errors(at) -> list[str]:

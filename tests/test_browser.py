@@ -37,12 +37,11 @@ import torch
 from anomaly_detection.hybrid import HybridPredictor
 from classifiers.shipped import default_classifier
 from data.images import load_rgb
+from data.paths import ROOT, SAMPLES
 from data.runtime import pick_device
 from inference import DEFAULT_VAE
 
-ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "streamlit" / "app.py"
-SAMPLES = ROOT / "samples"
 SCREENSHOT = os.environ.get("MELANOMA_SCREENSHOT")  # where to keep the picture of the page (make screenshot)
 VIDEO = os.environ.get("MELANOMA_VIDEO")  # where to keep the recording of the example test (make video)
 VIDEO_SIZE = {"width": 1120, "height": 760}  # viewport and frame size of the recording

@@ -3,11 +3,13 @@ a test file that skips fails, unless its file is in MELANOMA_ALLOWED_SKIPS; the 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from data.paths import ROOT
+
 SKIPPING_FILES = {
     "test_needs_chromium.py": "import pytest\n\n\ndef test_browser():\n    pytest.skip('chromium not found')\n",
     "test_needs_a_package.py": "import pytest\n\npytest.skip('no such package', allow_module_level=True)\n",
@@ -18,10 +20,12 @@ SKIPPING_FILES = {
 def run_pytest(tmp_path: Path, **env: str) -> str:
     for name, text in SKIPPING_FILES.items():
         (tmp_path / name).write_text(text)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300", "MELANOMA_ALLOWED_SKIPS": "", **env}
+    # the project's conftest beside the files (`-p tests.conftest` would find another package's `tests`)
+    shutil.copyfile(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    env = {**os.environ, "COLUMNS": "300", "MELANOMA_ALLOWED_SKIPS": "", **env}
     # --continue-on-collection-errors: see all three outcomes in one run (a failed collection otherwise stops it)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "--continue-on-collection-errors", "-p",
-                           "tests.conftest", "-p", "no:cacheprovider", *SKIPPING_FILES], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "--continue-on-collection-errors",
+                           "-p", "no:cacheprovider", *SKIPPING_FILES], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     return proc.stdout
 

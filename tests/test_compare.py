@@ -1,4 +1,4 @@
-"""classifiers/compare.py: paired AUC differences between evaluated models on the same images, and bad inputs."""
+"""studies/compare.py: paired AUC differences between evaluated models on the same images, and bad inputs."""
 from __future__ import annotations
 
 import importlib
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-compare = importlib.import_module("classifiers.compare")
+compare = importlib.import_module("studies.compare")
 
 
 def evaluated(folder, probs: np.ndarray, y: np.ndarray) -> None:

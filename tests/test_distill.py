@@ -14,9 +14,8 @@ from classifiers.distill import soft_distillation_loss
 from classifiers.models import create_model
 from data.checkpoint import save_checkpoint
 from data.manifest import LABELS
+from data.paths import MANIFESTS
 from data.transforms import preprocess_meta
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_soft_distillation_loss_matches_hand_computation():
@@ -53,7 +52,7 @@ def teacher_checkpoint(path: Path, color_constancy: str) -> Path:
 
 def test_distilled_run_records_its_teacher(original, tmp_path):
     teacher = teacher_checkpoint(tmp_path / "teacher", "none")
-    result = train(tmp_path / "run", ROOT / "data" / "manifests" / "original.csv", "--epochs", "1",
+    result = train(tmp_path / "run", MANIFESTS / "original.csv", "--epochs", "1",
                    "--teacher", str(teacher), "--distill-alpha", "0.7")
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((tmp_path / "run" / "best.json").read_text())
@@ -63,7 +62,7 @@ def test_distilled_run_records_its_teacher(original, tmp_path):
 
 def test_teacher_with_other_colour_constancy_is_refused(original, tmp_path):
     teacher = teacher_checkpoint(tmp_path / "teacher", "shades_of_gray")
-    result = train(tmp_path / "run", ROOT / "data" / "manifests" / "original.csv", "--teacher", str(teacher))
+    result = train(tmp_path / "run", MANIFESTS / "original.csv", "--teacher", str(teacher))
     assert result.returncode == 1 and "train the student with the teacher's setting" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -29,12 +29,12 @@ from data.isic_export import (
     reference_labels,
 )
 from data.manifest import read_ham10000, read_isic2017, read_manifest
+from data.paths import MANIFESTS, SAMPLES, SCRIPTS, SHARED_DATA
 from data.prepare import build_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-SCRIPT = ROOT / "scripts" / "00_download_data.py"
-REFERENCE = ROOT / "data" / "manifests" / "original.csv"
+DATA = SHARED_DATA
+SCRIPT = SCRIPTS / "00_download_data.py"
+REFERENCE = MANIFESTS / "original.csv"
 # A terminal value of the archive's diagnosis hierarchy (isic-metadata) for each label the test images carry.
 ARCHIVE_DIAGNOSIS = {"mel": "Melanoma Invasive", "nv": "Nevus", "bkl": "Pigmented benign keratosis",
                      "bcc": "Basal cell carcinoma", "akiec": "Solar or actinic keratosis", "df": "Dermatofibroma",
@@ -262,7 +262,7 @@ def test_a_dataset_not_written_by_the_script_stops_it_before_any_download(tmp_pa
 def test_bundled_samples_are_labelled_ham10000_test_images():
     """samples/: at most 8 HAM10000 `test` images of both classes, each named and listed with its true diagnosis
     (checked against the committed manifest), its bytes (md5) and its licence beside it."""
-    samples = ROOT / "samples"
+    samples = SAMPLES
     labels = pd.read_csv(samples / "labels.csv")
     assert len(labels) <= 8 and set(labels["label"]) == {"benign", "malignant"}
     assert sorted(labels["file"]) == sorted(f"images/{p.name}" for p in (samples / "images").iterdir())

@@ -1,6 +1,6 @@
 """The feature detector: Ledoit-Wolf, Mahalanobis scores, the threshold rule, the checkpoint round trip, the
 backbone's features, the splits it is fitted and calibrated on, the shipped detector on real lesions, and the rescue
-evaluation's rules (anomaly_detection/rescue_sources.py) on synthetic scores."""
+evaluation's rules (studies/rescue_sources.py) on synthetic scores."""
 from __future__ import annotations
 
 import json
@@ -28,12 +28,12 @@ from anomaly_detection.feature_detector import (
 )
 from anomaly_detection.gate import Gate
 from anomaly_detection.hybrid import rescue
-from anomaly_detection.rescue_sources import Rules, rescue_change, rescue_threshold, source_rows
 from data.checkpoint import CheckpointError, write_sidecar
 from data.images import load_uint8
 from data.manifest import file_sha256, read_manifest
 from data.splits import assert_grouped
 from evaluation.metrics import auc
+from studies.rescue_sources import Rules, rescue_change, rescue_threshold, source_rows
 
 LEVELS = ("block2", "block3")
 DIMS = {"block2": 40, "block3": 80}

@@ -9,16 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT
+from conftest import load_script
 
 from classifiers.train import stratum_weights
 from data.images import load_uint8
 from data.manifest import read_manifest
+from data.paths import MANIFESTS, RESULTS
 from data.prepare import build_mixed_manifest
 from data.splits import assert_grouped
 from data.transforms import Preprocess, augment, preprocess_meta, shades_of_gray
 
-MIXED_MANIFEST = ROOT / "data" / "manifests" / "mixed.csv"
+MIXED_MANIFEST = MANIFESTS / "mixed.csv"
 
 
 def as_batch(image: np.ndarray) -> torch.Tensor:
@@ -125,7 +126,7 @@ def test_committed_mixed_manifest_keeps_groups_within_one_split(original: pd.Dat
     assert set(isic.loc[isic["official_split"] == "val", "split"]) == {"external"}
     assert not {"ISIC_0012970", "ISIC_0000171"} & set(isic["image_id"])  # copies of ISIC 2017 val images
     assert set(isic.loc[isic["official_split"] == "train", "split"]) == {"fit", "val"}
-    pairs = pd.read_csv(ROOT / "results" / "data_checks" / "duplicates.csv")
+    pairs = pd.read_csv(RESULTS / "data_checks" / "duplicates.csv")
     split = dict(zip(mixed["image_id"], mixed["split"]))
     both = [(a, b) for a, b in zip(pairs["image_id_a"], pairs["image_id_b"]) if a in split and b in split]
     assert len(both) > 50  # most of the 99 near-duplicate pairs are HAM10000 images, all in mixed.csv
@@ -134,9 +135,7 @@ def test_committed_mixed_manifest_keeps_groups_within_one_split(original: pd.Dat
 
 @pytest.mark.real_data
 def test_matrix_cli_runs_on_a_small_real_subset(tmp_path: Path, original: pd.DataFrame):
-    import importlib
-
-    step9 = importlib.import_module("scripts.09_generalisation")
+    step9 = load_script("09_generalisation")
     quick = ["--set", "img_size=32", "epochs=1", "epoch_size=32", "batch_size=16", "--limit", "40",
              "--threads", "1", "--device", "cpu", "--no-progress", "--runs-dir", str(tmp_path / "runs"),
              "--out", str(tmp_path / "out")]
@@ -185,9 +184,7 @@ def test_evaluation_refuses_images_the_checkpoint_was_trained_on(original: pd.Da
 
 @pytest.mark.real_data
 def test_model_card_names_the_training_sources_from_the_manifest(original: pd.DataFrame):
-    import importlib
-
-    ship = importlib.import_module("scripts.ship_models")
+    ship = load_script("ship_models")
     both = ship.training_data({"manifest": "mixed.csv", "train_args": {}})
     assert both == "HAM10000 `fit` (6,408 images) + ISIC 2017 train `fit` (1,700 images)"
     assert ship.training_data({"manifest": "mixed.csv", "train_args": {"datasets": ["isic2017"]}}).startswith(
@@ -196,12 +193,10 @@ def test_model_card_names_the_training_sources_from_the_manifest(original: pd.Da
 
 
 def test_shipping_refuses_a_seven_class_classifier_before_writing_anything(tmp_path, capsys):
-    import importlib
-
     from classifiers.models import create_model
     from data.checkpoint import save_checkpoint
 
-    ship = importlib.import_module("scripts.ship_models")
+    ship = load_script("ship_models")
     meta = {"kind": "classifier", "arch": "medvit", "arch_kwargs": {}, "class_names": list("abcdefg"),
             **preprocess_meta(32), "decision": "argmax"}
     save_checkpoint(tmp_path / "run" / "best", create_model("medvit", img_size=32, num_classes=7), meta)
@@ -213,9 +208,7 @@ def test_shipping_refuses_a_seven_class_classifier_before_writing_anything(tmp_p
 
 
 def test_shipping_copies_the_classifiers_training_log_and_refuses_a_run_without_one(tmp_path):
-    import importlib
-
-    ship = importlib.import_module("scripts.ship_models")
+    ship = load_script("ship_models")
     run = tmp_path / "run"
     run.mkdir()
     with pytest.raises(FileNotFoundError, match="no training log"):
@@ -254,12 +247,10 @@ def test_inference_applies_the_checkpoints_colour_constancy(tiny_checkpoints, re
 
 def test_a_failed_ship_puts_the_previous_model_and_results_back(tmp_path, tiny_checkpoints, tiny_manifest,
                                                                monkeypatch, capsys):
-    import importlib
-
     from classifiers.models import create_model
     from data.checkpoint import save_checkpoint
 
-    ship = importlib.import_module("scripts.ship_models")
+    ship = load_script("ship_models")
     meta = {"kind": "classifier", "arch": "densenet121", "arch_kwargs": {}, "class_names": ["benign", "malignant"],
             **preprocess_meta(32), "malignant_threshold": 0.5, "threshold_split": "val"}
     save_checkpoint(tmp_path / "run" / "best", create_model("densenet121", img_size=32), meta)

@@ -11,14 +11,16 @@ import torch
 from PIL import Image
 
 import data.cache
+from data import configs
 from data.checkpoint import load_checkpoint, save_checkpoint
 from data.manifest import read_manifest, write_manifest
 from data.training import load_state, save_state
 from data.transforms import preprocess_meta
-from generators import configs, ddpm, quality, sample, train
+from generators import ddpm, sample, train
 from generators.dcgan import DCGANTrainer, build_generator
 from generators.ddpm import DDPMTrainer
 from generators.upscaler import Upscaler, UpscalerTrainer, bicubic, build_upscaler, load_upscaler, psnr, ssim
+from studies import generator_quality as quality
 
 TINY_DDPM = {"channels": [8, 16], "attention": [False, True], "norm_groups": 4, "image_size": 32}
 

@@ -21,10 +21,10 @@ from classifiers.models import Classifier, create_model, list_models
 from data.checkpoint import save_checkpoint
 from data.images import load_rgb
 from data.manifest import LABELS
+from data.paths import ROOT, SHARED_DATA
 from data.transforms import Preprocess, preprocess_meta
 
-ROOT = Path(__file__).resolve().parents[1]
-HAM = ROOT.parent / "shared" / "data" / "ham10000"
+HAM = SHARED_DATA / "ham10000"
 SIZE = 64
 META = preprocess_meta(SIZE)
 

@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 
 import inference
-
-ROOT = Path(__file__).resolve().parents[1]
+from data.paths import ROOT
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -47,13 +46,18 @@ def test_report_and_json_agree(capsys, models, real_images, tmp_path):
 
 @pytest.mark.real_data
 def test_grayscale_rgba_and_huge_aspect_images_work(capsys, models, real_images, tmp_path):
+    """All three decode; the gate then refuses the greyscale and the 40 px high one (exit 5), which --no-gate
+    lets through to a verdict."""
     base = Image.open(real_images[0])
-    variants = {"gray.png": base.convert("L"), "rgba.png": base.convert("RGBA"), "wide.bmp": base.resize((900, 40))}
-    for name, img in variants.items():
+    variants = {"gray.png": (base.convert("L"), "greyscale image"), "rgba.png": (base.convert("RGBA"), ""),
+                "wide.bmp": (base.resize((900, 40)), "image too small to assess (900x40 px")}
+    for name, (img, reason) in variants.items():
         img.save(tmp_path / name)
         code, out, err = run(capsys, "--image", str(tmp_path / name), *models)
-        assert code == 0, (name, err)
-        assert "FINAL DECISION" in out
+        assert code == (5 if reason else 0), (name, err)
+        assert reason in err and ("FINAL DECISION:   CANNOT ASSESS" in out) == bool(reason)
+        code, out, err = run(capsys, "--image", str(tmp_path / name), *models, "--no-gate")
+        assert code == 0 and "Lesion gate:      off (--no-gate)" in out, (name, err)
 
 
 @pytest.mark.parametrize("content,message", [

@@ -23,7 +23,6 @@ Where they differ, and why (each pinned by a test below):
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,10 +31,10 @@ from isic_challenge_scoring import metrics as isic_metrics
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 from isic_challenge_scoring.confusion import create_binary_confusion_matrix
 
+from data.paths import MANIFESTS, RESULTS
 from evaluation.metrics import auc, balanced_accuracy, decision_metrics, multiclass_bootstrap
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "results" / "classifier" / "densenet121"
+RESULTS = RESULTS / "classifier" / "densenet121"
 TASK3 = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
 BOTH_DEFINE = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
 
@@ -84,7 +83,7 @@ def test_binary_metrics_agree_on_the_shipped_models_predictions(dataset: str):
 
 def test_seven_class_metrics_agree_in_the_task3_format():
     """HAM10000 test diagnoses (the committed manifest) with seeded probabilities that lean towards the truth."""
-    manifest = pd.read_csv(ROOT / "data" / "manifests" / "original.csv")
+    manifest = pd.read_csv(MANIFESTS / "original.csv")
     test = manifest[(manifest["dataset"] == "ham10000") & (manifest["split"] == "test")]
     classes = list(TASK3.values())
     y = test["dx"].map({dx: k for k, dx in enumerate(classes)}).to_numpy()

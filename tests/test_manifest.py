@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ORIGINAL_MANIFEST
+from conftest import ORIGINAL_MANIFEST, load_script
 from PIL import Image
 
 from data.manifest import (
@@ -200,11 +200,9 @@ def test_assert_grouped_raises_on_a_crossing_group():
 
 
 def test_data_subset_keeps_whole_lesions_and_loads_like_the_full_data(real_data: Path, tmp_path: Path):
-    import importlib
-
     from data.prepare import build_manifest
 
-    subset = importlib.import_module("scripts.make_data_subset")
+    subset = load_script("make_data_subset")
     out = tmp_path / "subset"
     subset.main(["--data-root", str(real_data), "--out", str(out), "--ham-train", "60", "--ham-test", "20",
                  "--isic-train", "4", "--isic-val", "6"])

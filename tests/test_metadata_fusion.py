@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from classifiers import metadata_fusion
-from classifiers.metadata_fusion import MetadataFusion, encode_metadata, metadata_vocabulary
+from studies import metadata_fusion
+from studies.metadata_fusion import MetadataFusion, encode_metadata, metadata_vocabulary
 
 
 def test_missing_and_unseen_metadata_have_their_own_columns():

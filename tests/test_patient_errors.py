@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-patient_errors = importlib.import_module("classifiers.patient_errors")
+patient_errors = importlib.import_module("studies.patient_errors")
 
 
 def test_age_bands():
@@ -40,7 +40,7 @@ def test_group_counts_rates_and_cis():
 def test_permutation_importance_finds_the_informative_input():
     from sklearn.linear_model import LogisticRegression
 
-    importance = importlib.import_module("classifiers.metadata_importance")
+    importance = importlib.import_module("studies.metadata_importance")
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     x = np.column_stack([y + rng.normal(0, 0.7, 400), rng.normal(size=400), rng.normal(size=400)])

@@ -18,23 +18,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_script
 from PIL import Image
 
-from classifiers import grid
 from data.manifest import file_sha256, read_manifest
+from data.paths import ROOT, RUNS, SCRIPTS, SHARED_DATA
 from evaluation.metrics import paired_auc_difference
-from scripts import run_pipeline
-from scripts.presets import ALL_ARCHS, ALL_CONFIGS, PRESETS, Layout, Step, steps
+from studies import grid
+from studies.presets import ALL_ARCHS, ALL_CONFIGS, PRESETS, Layout, Step, steps
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_ROOT = ROOT.parent / "shared" / "data"
+DATA_ROOT = SHARED_DATA
+run_pipeline = load_script("run_pipeline")
 
 
 def test_presets_name_every_architecture_and_configuration():
-    from classifiers.models import list_models
-    from generators.configs import CONFIGS
+    from classifiers.models import NATIVE_SIZE, list_models
+    from data.configs import CONFIGS
 
-    assert sorted(ALL_ARCHS) == list_models()
+    assert sorted(ALL_ARCHS) == [a for a in list_models() if a not in NATIVE_SIZE]  # the grid's six; not the Lites
     assert ALL_CONFIGS == list(CONFIGS)
     for name in ("cpu", "full"):
         assert len(PRESETS[name]["classifier"]["archs"]) * len(PRESETS[name]["classifier"]["configs"]) == 30
@@ -84,10 +85,10 @@ def test_a_step_is_up_to_date_until_an_input_or_output_changes(tmp_path):
 
 def test_a_failing_step_stops_the_pipeline_with_its_name(tmp_path):
     step = Step(2, "broken", [["-c", "raise SystemExit(3)"]], [], [tmp_path / "never.txt"], device=False)
-    with pytest.raises(SystemExit, match="step 2 \\(broken\\) failed with exit code 3"):
+    with pytest.raises(run_pipeline.StepError, match="step 2 \\(broken\\) failed with exit code 3"):
         run_pipeline.run_step(step, "cpu", dict(os.environ))
     step = Step(2, "silent", [["-c", "pass"]], [], [tmp_path / "never.txt"], device=False)
-    with pytest.raises(SystemExit, match="without writing"):
+    with pytest.raises(run_pipeline.StepError, match="without writing"):
         run_pipeline.run_step(step, "cpu", dict(os.environ))
 
 
@@ -148,12 +149,8 @@ def test_grid_report_refuses_two_models_in_one_cell_and_unequal_budgets(tmp_path
 
 
 def test_grid_records_paths_inside_the_repository_relative_to_it(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_grid", ROOT / "scripts" / "04_train_classifiers.py")
-    step4 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step4)
-    inside = str(ROOT / "runs" / "grid" / "densenet121_original_s0")
+    step4 = load_script("04_train_classifiers")
+    inside = str(RUNS / "grid" / "densenet121_original_s0")
     assert step4.as_recorded(["--out", inside, "--epochs", "3"]) == ["--out", "runs/grid/densenet121_original_s0",
                                                                      "--epochs", "3"]
     assert step4.as_recorded(["--out", str(tmp_path)]) == ["--out", str(tmp_path)]  # outside: kept absolute
@@ -212,11 +209,7 @@ def test_changes_by_arch_puts_each_change_and_the_noise_floor_in_its_cell():
 
 
 def test_report_on_an_empty_grid_is_a_clear_error(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "08_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_script("08_report")
     with pytest.raises(SystemExit, match="not found: run step 4"):
         report.main(["--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
     (tmp_path / "runs" / "densenet121_original_s0").mkdir(parents=True)  # started, never finished
@@ -240,7 +233,7 @@ def test_bootstrap_aucs_match_scikit_learn_on_the_same_resamples():
 
 
 def pipeline(work: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "scripts" / "run_pipeline.py"), "--preset", "smoke", "--work-dir", str(work),
+    return [sys.executable, str(SCRIPTS / "run_pipeline.py"), "--preset", "smoke", "--work-dir", str(work),
             "--data-root", str(DATA_ROOT)]
 
 

@@ -10,15 +10,16 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, precision_score, recall_score, roc_auc_score
 
 import data.cache
-from classifiers import fit_probe, seven_class
 from classifiers.models import create_model, load_classifier
 from classifiers.predict import decisions
+from data import configs
 from data.checkpoint import CheckpointError, save_checkpoint
 from data.manifest import DX_CLASSES, MALIGNANT_DX, ManifestError, class_index, read_manifest, write_manifest
 from data.transforms import preprocess_meta
 from evaluation.metrics import balanced_accuracy, bootstrap_indices, multiclass_bootstrap, proportion_ci
-from generators import configs, sample
+from generators import sample
 from generators import train as gen_train
+from studies import fit_probe, seven_class
 
 
 @pytest.fixture(autouse=True)
@@ -208,5 +209,5 @@ def test_ddpm_arm_samples_in_bf16_when_asked_and_never_mixes_settings(original, 
     assert provenance["autocast"] is True and provenance["source"] == "ddpm"
     added = read_manifest(path).query("source != 'real'")["dx"].value_counts()
     assert len(added) == 6 and (added == 2).all()  # every diagnosis but nv topped up to nv's 3
-    with pytest.raises(SystemExit, match="autocast differ"):  # fp32 samples never join bf16 ones
+    with pytest.raises(sample.SampleFolderError, match="autocast differ"):  # fp32 samples never join bf16 ones
         seven_class.arm_manifest(*arm, bf16=False)

@@ -19,21 +19,22 @@ import pytest
 import torch
 from PIL import Image
 
+from data.paths import CHECKPOINTS, ROOT, SAMPLES
+
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import (
-    AppTest,  # noqa: E402
-    element_tree,  # noqa: E402
+    AppTest,
+    element_tree,
 )
 
-from anomaly_detection.hybrid import HybridPredictor, rescue  # noqa: E402
-from classifiers.models import create_model  # noqa: E402
-from data.checkpoint import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
-from data.images import load_rgb  # noqa: E402
-from data.transforms import preprocess_meta  # noqa: E402
+from anomaly_detection.hybrid import HybridPredictor, rescue
+from classifiers.models import create_model
+from data.checkpoint import read_sidecar, save_checkpoint, write_sidecar
+from data.images import load_rgb
+from data.transforms import preprocess_meta
 
-ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "streamlit" / "app.py"
-SAMPLES = ROOT / "samples"
+GATE = CHECKPOINTS / "gate.safetensors"
 TIMEOUT = 120  # seconds per script run: the first run loads the models and computes Grad-CAM on a busy CPU
 
 if not hasattr(element_tree, "FileUploader"):
@@ -136,16 +137,58 @@ def random_png(path: Path) -> Path:
 
 def test_out_of_distribution_warning(monkeypatch: pytest.MonkeyPatch, tiny_checkpoints: tuple[Path, Path],
                                      tmp_path: Path) -> None:
-    """A VAE whose benign calibration scores all lie far below this image's score: the app must warn."""
+    """A VAE whose benign calibration scores all lie far below this image's score: the app must warn. (The gate
+    would refuse this noise image before any verdict, so the app runs without one: an empty checkpoints folder.)"""
     classifier, vae = tiny_checkpoints
     shutil.copyfile(vae, tmp_path / "vae.safetensors")
     meta = read_sidecar(vae)
     write_sidecar(tmp_path / "vae.safetensors", {**meta, "calib_benign_score_quantiles": {"0.5": 1e-4, "1.0": 1e-3}})
     monkeypatch.setenv("MELANOMA_CLASSIFIER", str(classifier))
     monkeypatch.setenv("MELANOMA_VAE", str(tmp_path / "vae.safetensors"))
+    monkeypatch.setenv("MELANOMA_CHECKPOINTS", str(tmp_path / "checkpoints"))
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert any("No out-of-distribution gate" in w.value for w in at.sidebar.warning)
     upload(at, random_png(tmp_path / "noise.png"))
     assert any("out of distribution" in w.value for w in at.warning), [w.value for w in at.warning]
+
+
+def not_lesions(folder: Path) -> list[Path]:
+    """A flat grey picture and a coloured checkerboard: neither is a dermoscopic lesion."""
+    grey, board = folder / "grey.png", folder / "checkerboard.png"
+    Image.new("RGB", (240, 200), (128, 128, 128)).save(grey)
+    ys, xs = np.mgrid[0:200, 0:240] // 20
+    Image.fromarray(np.where(((ys + xs) % 2 == 0)[..., None], (200, 60, 40), (30, 120, 200)).astype(np.uint8)).save(
+        board)
+    return [grey, board]
+
+
+def test_gated_images_show_cannot_assess(monkeypatch: pytest.MonkeyPatch, tiny_checkpoints: tuple[Path, Path],
+                                         tmp_path: Path) -> None:
+    """With the shipped gate, each non-lesion upload shows "Cannot assess: <reason>" and no verdict, gauges or
+    Grad-CAM; the batch tab gives them status "cannot assess" and counts them."""
+    classifier, vae = tiny_checkpoints
+    for name, value in (("CLASSIFIER", classifier), ("VAE", vae), ("GATE", GATE), ("CHECKPOINTS", tmp_path / "ckpt"),
+                        ("RESULTS", tmp_path / "results"), ("SAMPLES", tmp_path / "samples")):
+        monkeypatch.setenv(f"MELANOMA_{name}", str(value))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    assert any("Out-of-distribution gate" in c.value for c in at.sidebar.caption)
+    gated = HybridPredictor(classifier, vae, gate=GATE)
+    images = not_lesions(tmp_path)
+    for path in images:
+        p, _ = gated.predict_image(load_rgb(path), path.name)
+        assert p.status == "cannot assess", p
+        upload(at, path)
+        errors = [e.value for e in at.error]
+        assert any(e.startswith(f"Cannot assess: {p.gate_reason}.") for e in errors), errors
+        assert not [t for t in texts(at) if t.startswith("Final decision:") or "P(malignant) =" in t]
+        assert not [c for e in at.image for c in e.captions if "Grad-CAM" in c]
+    at.file_uploader(key="batch_upload").set_value([(p.name, p.read_bytes(), "image/png") for p in images])
+    at.run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert list(table["status"]) == ["cannot assess"] * 2 and table["final_malignant"].isna().all()
+    assert any("0 benign, 2 cannot assess, 0 not scored" in m.value for m in at.markdown)
 
 
 def test_corrupt_upload_keeps_the_app_running(app: AppTest, tmp_path: Path) -> None:

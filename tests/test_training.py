@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]  # tests that train take the `original` fixture: skipped without the data
+from data.paths import MANIFESTS, ROOT
 
 
+# tests that train take the `original` fixture: skipped without the data
 def train(out: Path, manifest: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
@@ -45,7 +46,7 @@ def train(out: Path, manifest: Path, *extra: str) -> subprocess.CompletedProcess
 
 
 def test_killed_and_resumed_run_matches_uninterrupted_run(original, tmp_path):
-    manifest = ROOT / "data" / "manifests" / "original.csv"
+    manifest = MANIFESTS / "original.csv"
     full = train(tmp_path / "full", manifest)
     assert full.returncode == 0, full.stderr[-2000:]
     killed = train(tmp_path / "resumed", manifest, "--kill-after-steps", "6")  # 4 steps an epoch: dies in epoch 2
@@ -71,7 +72,7 @@ def test_best_checkpoint_sidecar_follows_the_contract(original, tmp_path):
 
     from classifiers.models import load_classifier
 
-    assert train(tmp_path / "run", ROOT / "data" / "manifests" / "original.csv", "--epochs", "1").returncode == 0
+    assert train(tmp_path / "run", MANIFESTS / "original.csv", "--epochs", "1").returncode == 0
     meta = json.loads((tmp_path / "run" / "best.json").read_text())
     assert meta["kind"] == "classifier" and meta["threshold_split"] == "val" and meta["input_size"] == 32
     assert 0 <= meta["malignant_threshold"] <= 1 and len(meta["manifest_sha256"]) == 64
@@ -86,7 +87,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 
 
 def test_k_fold_cross_validation_trains_every_fold_and_summarises(original, tmp_path):
-    result = train(tmp_path / "cv", ROOT / "data" / "manifests" / "original.csv", "--epochs", "1", "--folds", "3")
+    result = train(tmp_path / "cv", MANIFESTS / "original.csv", "--epochs", "1", "--folds", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = pd.read_csv(tmp_path / "cv" / "cv_summary.csv")
     per_fold = summary[summary["fold"].isin(["0", "1", "2"])]
@@ -98,7 +99,7 @@ def test_k_fold_cross_validation_trains_every_fold_and_summarises(original, tmp_
 
 
 def test_bad_fold_arguments_are_clear_errors(tmp_path):
-    manifest = ROOT / "data" / "manifests" / "original.csv"
+    manifest = MANIFESTS / "original.csv"
     for args, says in (["--fold", "1"], "--fold needs --folds"), (["--folds", "3", "--fold", "3"], "at least 2 folds"):
         result = train(tmp_path / "run", manifest, *args)
         assert result.returncode == 2 and says in result.stderr and not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""classifiers/tune.py on a small real subset: the study is stored in SQLite and a second call continues it (the
+"""studies/tune.py on a small real subset: the study is stored in SQLite and a second call continues it (the
 finished trials are kept, not re-run); the best trial by val AUC is the one evaluated on test."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from classifiers import tune
+from studies import tune
 
 pytestmark = pytest.mark.real_data
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from anomaly_detection.calibrate import candidate_thresholds
+from anomaly_detection.calibrate import SOURCE_RULE, candidate_thresholds, default_rule
 from anomaly_detection.hybrid import HybridPredictor, load_vae, rescue
 from anomaly_detection.vae import ConvVAE, VAEScorer, anomaly_score, vae_loss
 from data.cache import build_cache
@@ -36,12 +37,33 @@ def test_calibration_finds_the_known_best_thresholds():
     rng = np.random.default_rng(0)
     benign, malignant = rng.normal(0, 1, 20000), rng.normal(3, 1, 20000)
     y = np.r_[np.zeros(20000), np.ones(20000)]
-    t = candidate_thresholds(y, np.r_[benign, malignant], "calib", target_sensitivity=0.5, benign_percentile=0.95)
+    one_source = np.full(40000, "a")
+    t, _ = candidate_thresholds(y, np.r_[benign, malignant], one_source, "calib", target_sensitivity=0.5,
+                                benign_percentile=0.95, source_quantile=0.98)
     assert t["youden"] == pytest.approx(1.5, abs=0.1)            # equal-variance Gaussians: the midpoint
     assert t["target_sensitivity"] == pytest.approx(3.0, abs=0.05)  # median of the malignant scores
     assert t["benign_percentile"] == pytest.approx(1.645, abs=0.05)
+    assert t[SOURCE_RULE] == pytest.approx(2.054, abs=0.05)
     with pytest.raises(ValueError, match="refusing to choose a threshold on the 'test' split"):
-        candidate_thresholds(y, np.r_[benign, malignant], "test", 0.5, 0.95)
+        candidate_thresholds(y, np.r_[benign, malignant], one_source, "test", 0.5, 0.95, 0.98)
+
+
+def test_source_rule_bounds_every_source_benign_flag_rate():
+    """A second clinic whose camera adds 1 to every score: pooled, the 95th percentile would flag a quarter of its
+    benign images; the per-source rule flags at most 2% of each source's benign images."""
+    rng = np.random.default_rng(1)
+    scores = np.r_[rng.normal(0, 1, 5000), rng.normal(1, 1, 1000), rng.normal(3, 1, 500)]
+    sources = np.r_[np.full(5000, "ham"), np.full(1000, "isic"), np.full(500, "ham")]
+    y = np.r_[np.zeros(6000), np.ones(500)]
+    t, per_source = candidate_thresholds(y, scores, sources, "calib+val", 0.5, 0.95, 0.98)
+    assert t[SOURCE_RULE] == per_source["isic"] == max(per_source.values())
+    for source in ("ham", "isic"):
+        benign = scores[(sources == source) & (y == 0)]
+        assert (benign >= t[SOURCE_RULE]).mean() <= 0.02
+    assert (scores[(sources == "isic") & (y == 0)] >= t["benign_percentile"]).mean() > 0.1
+    assert default_rule(pd.DataFrame({"dataset": ["ham", "isic"]})) == SOURCE_RULE
+    assert default_rule(pd.DataFrame({"dataset": ["ham", "ham"]})) == default_rule(pd.DataFrame({"x": [1]})) == (
+        "benign_percentile")
 
 
 def test_rescue_truth_table():
@@ -122,3 +144,25 @@ def test_predictor_refuses_an_uncalibrated_vae(tiny_checkpoints, tmp_path):
         HybridPredictor(tiny_checkpoints[0], tmp_path / "raw_vae.safetensors")
     with pytest.raises(CheckpointError, match="expected 'vae'"):
         HybridPredictor(tiny_checkpoints[0], tiny_checkpoints[0])
+
+
+@pytest.mark.real_data
+def test_calibrate_cli_writes_the_source_rule_into_the_sidecar(tiny_checkpoints, tiny_df, tmp_path):
+    from anomaly_detection import calibrate
+    from data.checkpoint import read_sidecar, save_checkpoint
+    from data.manifest import write_manifest
+
+    vae, meta = load_vae(tiny_checkpoints[1])
+    weights = save_checkpoint(tmp_path / "vae", vae, meta)
+    two_sources = tiny_df.assign(dataset=np.where(np.arange(len(tiny_df)) % 2, "ham10000", "isic2017"))
+    manifest = tmp_path / "two.csv"
+    write_manifest(two_sources, manifest)
+    result = calibrate.main(["--vae", str(weights), "--manifest", str(manifest), "--out", str(tmp_path / "out"),
+                             "--device", "cpu", "--threads", "1"])
+    sidecar = read_sidecar(weights)
+    assert (sidecar["anomaly_threshold_rule"], sidecar["anomaly_threshold_split"]) == (SOURCE_RULE, "calib+val")
+    assert sidecar["anomaly_threshold"] == max(sidecar["anomaly_threshold_per_source"].values())
+    assert set(result["per_source"]) == {"ham10000", "isic2017"} and result["n"] == 12  # calib + val rows only
+    with pytest.raises(SystemExit, match="refusing to calibrate on \\['test'\\]"):
+        calibrate.main(["--vae", str(weights), "--manifest", str(manifest), "--split", "calib,test",
+                        "--out", str(tmp_path / "out"), "--device", "cpu"])

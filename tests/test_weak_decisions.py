@@ -1,4 +1,4 @@
-"""classifiers/weak_decisions.py on real images with small untrained checkpoints: the band table is consistent
+"""studies/weak_decisions.py on real images with small untrained checkpoints: the band table is consistent
 with the per-case file, a band covering everything reproduces the overall error rate, and the figures are written."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from classifiers import weak_decisions
+from studies import weak_decisions
 
 pytestmark = pytest.mark.real_data
 

@@ -21,20 +21,20 @@ from typing import Any, TypeVar
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from classifiers.evaluate import evaluation_groups  # noqa: E402
-from data.atomic import atomic_write_csv, atomic_write_text  # noqa: E402
-from data.manifest import file_sha256  # noqa: E402
-from evaluation import plots  # noqa: E402
-from evaluation.metrics import auc, bootstrap_aucs, ci  # noqa: E402
-from generators.configs import CONFIGS  # noqa: E402
+from classifiers.evaluate import evaluation_groups
+from data.atomic import atomic_write_csv, atomic_write_text
+from data.configs import CONFIGS
+from data.manifest import file_sha256
+from data.paths import ROOT
+from evaluation import plots
+from evaluation.metrics import auc, bootstrap_aucs, ci
 
 T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "all_malignant_baseline"
 # Column prefix in the report -> the evaluation set: its name in evaluation_groups(), and (dataset, split) as
 # predictions.csv records them.

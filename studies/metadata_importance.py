@@ -1,46 +1,42 @@
 """Which inputs carry a metadata-fusion decision? Permutation importance of image score, age, sex and site.
 
 A late-fusion logistic regression on [logit of the classifier's P(malignant), age/100, age missing, one-hot sex,
-one-hot site] (the encoding of classifiers/metadata_fusion.py) is fit on HAM10000 `val`; its permutation importance
+one-hot site] (the encoding of studies/metadata_fusion.py) is fit on HAM10000 `val`; its permutation importance
 is measured on HAM10000 `calib`, which neither the classifier nor the regression saw: for each input group, the AUC
 lost when that group's columns are shuffled across images. The 95% CI comes from 1000 seeded bootstrap resamples of
 the calib images, each with a fresh shuffle. The fused model's AUC is reported beside the image score alone (paired
 bootstrap CI of the difference) and the all-malignant baseline. `test` is not used: this is an analysis on the
 validation side, not a reported result of a model.
 
-    python classifiers/metadata_importance.py                      # the shipped default classifier, CPU
-    python classifiers/metadata_importance.py --classifier densenet121 --out results/metadata_importance/densenet121
+    python studies/metadata_importance.py                      # the shipped default classifier, CPU
+    python studies/metadata_importance.py --classifier densenet121 --out results/metadata_importance/densenet121
     # one GPU: add --device cuda (only the image scores run there); several GPUs gain nothing here.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
 
-from classifiers.metadata_fusion import encode_metadata, metadata_vocabulary  # noqa: E402
-from classifiers.models import load_classifier  # noqa: E402
-from classifiers.predict import predict_proba  # noqa: E402
-from classifiers.shipped import resolve_classifier  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
-from evaluation.metrics import auc, paired_auc_difference  # noqa: E402
-from evaluation.plots import save_figure  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from classifiers.models import load_classifier
+from classifiers.predict import predict_proba
+from classifiers.shipped import resolve_classifier
+from data.atomic import write_rows
+from data.cache import CachedImages
+from data.manifest import read_manifest
+from data.paths import MANIFESTS, RESULTS
+from data.runtime import cli_main, init_device
+from data.transforms import Preprocess
+from evaluation.metrics import auc, paired_auc_difference
+from evaluation.plots import save_figure
+from studies.metadata_fusion import encode_metadata, metadata_vocabulary
 
 
 def design(scores: np.ndarray, df: pd.DataFrame, vocabulary: dict[str, list[str]]) -> tuple[np.ndarray, dict]:
@@ -73,10 +69,11 @@ def permutation_importance(model, x: np.ndarray, y: np.ndarray, groups: dict[str
                           "ci_high": float(np.percentile(v, 97.5)), "n_boot": len(v)} for name, v in drops.items()])
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", default=None, help="checkpoint or shipped name (default: the shipped default)")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "mixed.csv"),
+    p.add_argument("--manifest", default=str(MANIFESTS / "mixed.csv"),
                    help="manifest with HAM10000 val and calib rows and their age, sex, site")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of calib")
     p.add_argument("--seed", type=int, default=0, help="seed of resampling and shuffles")
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         {"input": "all-malignant baseline AUC", "auc_drop": 0.5}])
     table = pd.concat([table, summary], ignore_index=True).assign(
         classifier=path.stem, split="calib (ham10000)", n=len(y_cal), n_malignant=int(y_cal.sum()))
-    out = Path(a.out or ROOT / "results" / "metadata_importance" / path.stem)
+    out = Path(a.out or RESULTS / "metadata_importance" / path.stem)
     write_rows(out / "permutation_importance.csv", table.to_dict("records"))
     bars = table[table["n_boot"].notna()]
     fig, ax = plt.subplots(figsize=(6, 3.2))

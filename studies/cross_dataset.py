@@ -15,19 +15,19 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from classifiers import grid  # noqa: E402
-from classifiers.models import load_classifier  # noqa: E402
-from classifiers.predict import predict_proba  # noqa: E402
-from classifiers.train import source_aucs  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
-from evaluation.metrics import auc_ci, decision_metrics, paired_auc_difference  # noqa: E402
-from evaluation.plots import auc_image, auc_text_colour, save_figure  # noqa: E402
+from classifiers.models import load_classifier
+from classifiers.predict import predict_proba
+from classifiers.train import source_aucs
+from data.atomic import write_rows
+from data.cache import CachedImages
+from data.transforms import Preprocess
+from evaluation.metrics import auc_ci, decision_metrics, paired_auc_difference
+from evaluation.plots import auc_image, auc_text_colour, save_figure
+from studies import grid
 
 EVAL_NAMES = {"ham10000_test": "HAM10000 test", "isic2017_val": "ISIC 2017 val"}
 TTA_ROW = "+ flip TTA (reference re-scored)"

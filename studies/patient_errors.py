@@ -6,33 +6,30 @@ decision at the checkpoint's own val threshold) and the manifest's HAM10000 meta
 CI where the group has at least 5 of each class, and the prevalence (the all-malignant baseline's PPV; that baseline
 has sensitivity 1 and specificity 0 in every group). Nothing is chosen here: it only reads decisions already made.
 
-    python classifiers/patient_errors.py                              # the shipped default classifier's predictions
-    python classifiers/patient_errors.py --predictions results/classifier/densenet121/predictions.csv \
+    python studies/patient_errors.py                              # the shipped default classifier's predictions
+    python studies/patient_errors.py --predictions results/classifier/densenet121/predictions.csv \
         --out results/patient_errors/densenet121
 (CPU only and seconds: no model runs. GPU and several machines change nothing here.)
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from classifiers.shipped import default_classifier  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from evaluation.metrics import auc_ci, proportion_ci  # noqa: E402
-from evaluation.plots import save_figure  # noqa: E402
+from classifiers.shipped import default_classifier
+from data.atomic import write_rows
+from data.manifest import read_manifest
+from data.paths import MANIFESTS, RESULTS
+from evaluation.metrics import auc_ci, proportion_ci
+from evaluation.plots import save_figure
 
-ROOT = Path(__file__).resolve().parent.parent
 AGE_BANDS = [0, 30, 45, 60, 75, 200]
 MIN_PER_CLASS_FOR_AUC = 5
 
@@ -97,14 +94,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--predictions", default=None,
                    help="predictions.csv of classifiers/evaluate.py (default: the shipped default classifier's, "
                         "results/classifier/<name>/predictions.csv)")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "mixed.csv"),
+    p.add_argument("--manifest", default=str(MANIFESTS / "mixed.csv"),
                    help="manifest holding age, sex and site for the predicted images")
     p.add_argument("--dataset", default="ham10000", help="rows of this dataset (the one with patient metadata)")
     p.add_argument("--split", default="test", help="rows of this split")
     p.add_argument("--out", default=None, help="output folder (default: results/patient_errors/<name>)")
     a = p.parse_args(argv)
     name = default_classifier().stem if a.predictions is None else Path(a.predictions).parent.name
-    predictions = Path(a.predictions or ROOT / "results" / "classifier" / name / "predictions.csv")
+    predictions = Path(a.predictions or RESULTS / "classifier" / name / "predictions.csv")
     if not predictions.is_file():
         p.error(f"{predictions}: predictions not found (run classifiers/evaluate.py first)")
     preds = pd.read_csv(predictions)
@@ -115,7 +112,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if df.empty:
         p.error(f"{predictions}: no {a.dataset}/{a.split} rows")
     table = error_table(df)
-    out = Path(a.out or ROOT / "results" / "patient_errors" / name)
+    out = Path(a.out or RESULTS / "patient_errors" / name)
     write_rows(out / "errors_by_patient.csv", table.to_dict("records"))
     plot(table, out / "errors_by_patient.png", f"{name} on {a.dataset} {a.split}")
     print(f"{len(df)} images; {len(table) - 1} groups -> {out}")

@@ -4,7 +4,7 @@ all-malignant baseline, and the training cost read from each run's log.
 
 Inputs are classifiers/evaluate.py output folders (metrics.csv + predictions.csv), so nothing is re-scored here.
 
-    python classifiers/compare.py --reference "Lite0 fine-tuned" \
+    python studies/compare.py --reference "Lite0 fine-tuned" \
         --run "Lite0 fine-tuned=runs/eval_lite0_ft" "Lite0 linear probe=runs/eval_lite0_probe" \
         --train-log "Lite0 fine-tuned=runs/lite0_ft" --out results/pretrained
 (CPU only, seconds. GPU and several machines change nothing here.)
@@ -12,21 +12,18 @@ Inputs are classifiers/evaluate.py output folders (metrics.csv + predictions.csv
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from data.atomic import write_rows  # noqa: E402
-from evaluation.metrics import paired_auc_difference  # noqa: E402
-from evaluation.plots import save_figure  # noqa: E402
+from data.atomic import write_rows
+from evaluation.metrics import paired_auc_difference
+from evaluation.plots import save_figure
 
 # evaluation set -> (dataset, split in predictions.csv, split in metrics.csv: evaluate.py names ISIC's official split)
 SETS = {"HAM10000 test": ("ham10000", "test", "test"),

@@ -1,8 +1,8 @@
 """Weak decisions: the cases the classifier is unsure about, how often it is wrong there, and what TTA and the
 VAE rescue do to them.
 
-    python classifiers/weak_decisions.py                     # shipped models, HAM10000 test and ISIC 2017 val
-    python classifiers/weak_decisions.py --classifier runs/classifiers/x/best.safetensors --band 0.4 0.6
+    python studies/weak_decisions.py                     # shipped models, HAM10000 test and ISIC 2017 val
+    python studies/weak_decisions.py --classifier runs/classifiers/x/best.safetensors --band 0.4 0.6
     # GPU: add --device cuda. One process is plenty: the work is a few thousand forward passes.
 
 Two bands are reported for every evaluation set: the fixed band LOW < P(malignant) < HIGH (default 0.45-0.55), and
@@ -19,30 +19,27 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from anomaly_detection.evaluate_hybrid import score_split  # noqa: E402
-from anomaly_detection.hybrid import HybridPredictor, rescue  # noqa: E402
-from classifiers import grid  # noqa: E402
-from classifiers.evaluate import check_no_training_overlap, training_manifest  # noqa: E402
-from classifiers.gradcam import gradcam_map, overlay  # noqa: E402
-from classifiers.predict import predict_proba  # noqa: E402
-from classifiers.shipped import resolve_classifier  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import CheckpointError  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from evaluation.plots import save_figure  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from anomaly_detection.hybrid import HybridPredictor, rescue
+from classifiers.evaluate import check_no_training_overlap, training_manifest
+from classifiers.gradcam import gradcam_map, overlay
+from classifiers.predict import predict_proba
+from classifiers.shipped import resolve_classifier
+from data.atomic import write_rows
+from data.cache import CachedImages
+from data.checkpoint import CheckpointError
+from data.manifest import read_manifest
+from data.paths import CHECKPOINTS, RESULTS
+from data.runtime import cli_main, init_device
+from evaluation.plots import save_figure
+from studies import grid
+from studies.evaluate_hybrid import score_split
 
 
 def score(predictor: HybridPredictor, df: pd.DataFrame, device) -> pd.DataFrame:
@@ -104,17 +101,18 @@ def gallery(predictor: HybridPredictor, weak: pd.DataFrame, n: int, path: Path) 
     return save_figure(fig, path)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", default=None,
                    help="classifier checkpoint or shipped name (default: the shipped default); its threshold decides")
-    p.add_argument("--vae", default=str(ROOT / "checkpoints" / "convvae.safetensors"), help="calibrated VAE")
+    p.add_argument("--vae", default=str(CHECKPOINTS / "convvae.safetensors"), help="calibrated VAE")
     p.add_argument("--manifest", default=None, help="manifest CSV (default: the classifier's training manifest)")
     p.add_argument("--band", type=float, nargs=2, default=(0.45, 0.55), metavar=("LOW", "HIGH"),
                    help="the fixed band of weak decisions")
     p.add_argument("--gallery", type=int, default=16, help="weak cases shown with Grad-CAM (0: no gallery)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images per set (quick checks)")
-    p.add_argument("--out", default=str(ROOT / "results" / "weak_decisions"), help="output folder")
+    p.add_argument("--out", default=str(RESULTS / "weak_decisions"), help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a = p.parse_args(argv)
     a.classifier = resolve_classifier(a.classifier)

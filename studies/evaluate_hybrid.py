@@ -1,7 +1,7 @@
 """Does the VAE rescue add anything? Compare five decision rules on held-out data, honestly.
 
-    python anomaly_detection/evaluate_hybrid.py                       # shipped checkpoints, HAM10000 test + ISIC 2017
-    python anomaly_detection/evaluate_hybrid.py --classifier runs/classifiers/x/best.safetensors \\
+    python studies/evaluate_hybrid.py                       # shipped checkpoints, HAM10000 test + ISIC 2017
+    python studies/evaluate_hybrid.py --classifier runs/classifiers/x/best.safetensors \\
         --vae runs/vae/best.safetensors
     # GPU: add --device cuda. Nothing here is worth spreading over several GPUs.
 
@@ -26,31 +26,28 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.pipeline import make_pipeline  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
-
-from anomaly_detection.hybrid import HybridPredictor, rescue  # noqa: E402
-from classifiers.evaluate import (  # noqa: E402
+from anomaly_detection.hybrid import HybridPredictor, rescue
+from classifiers.evaluate import (
     TrainingOverlap,
     check_no_training_overlap,
     evaluation_groups,
     training_manifest,
 )
-from classifiers.shipped import resolve_classifier  # noqa: E402
-from data.atomic import atomic_write_csv  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import CheckpointError  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from evaluation import plots  # noqa: E402
-from evaluation.metrics import auc_ci, choose_threshold, decision_metrics, threshold_for_specificity  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from classifiers.shipped import resolve_classifier
+from data.atomic import atomic_write_csv
+from data.cache import CachedImages
+from data.checkpoint import CheckpointError
+from data.manifest import read_manifest
+from data.paths import CHECKPOINTS, RESULTS
+from data.runtime import cli_main, init_device
+from evaluation import plots
+from evaluation.metrics import auc_ci, choose_threshold, decision_metrics, logit, threshold_for_specificity
 
 
 def score_split(predictor: HybridPredictor, df: pd.DataFrame, batch: int = 64) -> pd.DataFrame:
@@ -63,11 +60,6 @@ def score_split(predictor: HybridPredictor, df: pd.DataFrame, batch: int = 64) -
         probs.append(p)
         scores.append(s)
     return cls.df.assign(y=cls.targets.numpy(), prob_malignant=np.concatenate(probs), vae_score=np.concatenate(scores))
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 class Rules:
@@ -142,17 +134,18 @@ def compare(applied: dict, df: pd.DataFrame, name: str) -> list[dict]:
     return rows
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--classifier", default=None,
         help="classifier checkpoint or the name of a shipped one (default: the shipped default; classifiers/shipped.py)"
     )
-    p.add_argument("--vae", default=str(ROOT / "checkpoints" / "convvae.safetensors"), help="calibrated VAE checkpoint")
+    p.add_argument("--vae", default=str(CHECKPOINTS / "convvae.safetensors"), help="calibrated VAE checkpoint")
     p.add_argument("--manifest", default=None,
                    help="manifest CSV (default: the classifier's training manifest: its splits are held out)")
     p.add_argument("--splits", nargs="+", default=["test", "external"], help="splits to report on")
-    p.add_argument("--out", default=str(ROOT / "results" / "hybrid"), help="output folder")
+    p.add_argument("--out", default=str(RESULTS / "hybrid"), help="output folder")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
     a = p.parse_args(argv)
     a.classifier = resolve_classifier(a.classifier)

@@ -1,11 +1,11 @@
 """Hyper-parameter search with Optuna on `val`; resumable; the best trial is then scored on `test` once.
 
     # CPU: a quick study (DenseNet-121 at 64 px on 1,500 fit images, up to 3 epochs a trial)
-    python classifiers/tune.py --trials 8 --img-size 64 --limit 1500 --max-epochs 3 --threads 1
+    python studies/tune.py --trials 8 --img-size 64 --limit 1500 --max-epochs 3 --threads 1
     # one GPU: the full-size search
-    python classifiers/tune.py --trials 50 --img-size 224 --max-epochs 30 --device cuda
+    python studies/tune.py --trials 50 --img-size 224 --max-epochs 30 --device cuda
     # several GPUs or machines: start the same command once per GPU; they share the study through --storage
-    CUDA_VISIBLE_DEVICES=1 python classifiers/tune.py --trials 50 --img-size 224 --max-epochs 30 --device cuda
+    CUDA_VISIBLE_DEVICES=1 python studies/tune.py --trials 50 --img-size 224 --max-epochs 30 --device cuda
 
 Each trial is one classifiers/train.py run (learning rate, head dropout, weight decay and epochs sampled by TPE or at
 random) whose objective is its best val AUC; test labels are never read during the search. The study lives in SQLite
@@ -22,23 +22,20 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import optuna
+import pandas as pd
 
-from classifiers import train  # noqa: E402
-from classifiers.evaluate import evaluate  # noqa: E402
-from classifiers.models import list_models  # noqa: E402
-from data.manifest import read_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from evaluation.plots import save_figure  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from classifiers import train
+from classifiers.evaluate import evaluate
+from classifiers.models import list_models
+from data.manifest import read_manifest
+from data.paths import MANIFESTS, RESULTS, RUNS
+from data.runtime import cli_main, init_device
+from evaluation.plots import save_figure
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,11 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-epochs", type=int, default=1, help="smallest epoch budget a trial may draw")
     p.add_argument("--max-epochs", type=int, default=12, help="largest epoch budget a trial may draw")
     p.add_argument("--limit", type=int, default=None, help="fit images per trial (train.py --limit), for quick studies")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
     p.add_argument("--study", default=None, help="study name (default: derived from the fixed settings)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///<runs-dir>/study.db)")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "tuning"), help="trial run folders and the study")
-    p.add_argument("--out", default=str(ROOT / "results" / "tuning"), help="report folder")
+    p.add_argument("--runs-dir", default=str(RUNS / "tuning"), help="trial run folders and the study")
+    p.add_argument("--out", default=str(RESULTS / "tuning"), help="report folder")
     p.add_argument("--seed", type=int, default=0, help="sampler seed and training seed of every trial")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per trial")
@@ -102,6 +99,7 @@ def history_plot(trials: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     a = parse_args(argv)
     if a.min_epochs < 1 or a.max_epochs < a.min_epochs:

@@ -1,7 +1,7 @@
 """How real and how new are the synthetic images: FID, KID, precision/recall, and a memorisation check.
 
     # CPU (a few minutes: feature extraction of a few thousand images)
-    python generators/quality.py --synthetic runs/generators/synthetic/dcgan/samples.csv \
+    python studies/generator_quality.py --synthetic runs/generators/synthetic/dcgan/samples.csv \
         runs/generators/synthetic/dcgan_up/samples.csv \
         --classifier runs/classifiers/densenet121_original_s0/best.safetensors --out results/generators/quality.csv
     # one GPU: add --device cuda; several GPUs: not needed (inference on a few thousand images)
@@ -33,23 +33,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
+from data.atomic import atomic_write_csv
+from data.cache import build_cache
+from data.images import load_rgb, to_uint8
+from data.manifest import file_sha256, read_manifest
+from data.paths import MANIFESTS, RESULTS, ROOT, RUNS
+from data.runtime import UserError, cli_main, init_device
+from data.transforms import Preprocess, preprocess_meta
+from generators import save_grid
 
-from data.atomic import atomic_write_csv  # noqa: E402
-from data.cache import build_cache  # noqa: E402
-from data.images import load_rgb, to_uint8  # noqa: E402
-from data.manifest import file_sha256, read_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from data.transforms import Preprocess, preprocess_meta  # noqa: E402
-from generators import save_grid  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -115,7 +113,7 @@ def nearest(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np
 
 def classifier_extractor(path: str | Path, device: torch.device) -> tuple[Extractor, int, str]:
     """Penultimate features of a project classifier; preprocessing comes from its sidecar."""
-    from classifiers.models import load_classifier  # evaluation-time use of a downstream model, by design
+    from classifiers.models import load_classifier  # only this extractor needs the classifier registry
 
     model, meta = load_classifier(path)
     model.to(device).eval()
@@ -130,7 +128,7 @@ def inception_extractor(device: torch.device) -> tuple[Extractor, int, str]:
 
     file = Path(torch.hub.get_dir()) / "checkpoints" / Path(torchvision.models.Inception_V3_Weights.DEFAULT.url).name
     if not file.is_file():
-        raise SystemExit(f"error: Inception-v3 weights not found at {file} (nothing is downloaded here); "
+        raise UserError(f"Inception-v3 weights not found at {file} (nothing is downloaded here); "
                          "use the default classifier extractor")
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
     net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
@@ -153,7 +151,7 @@ def load_pixels(paths: list[str], via_size: int, size: int) -> np.ndarray:
     cache = build_cache(paths, via_size, progress=False)
     if cache.errors:
         first = next(iter(cache.errors.values()))
-        raise SystemExit(f"error: {len(cache.errors)} images could not be decoded, e.g. {first}")
+        raise UserError(f"{len(cache.errors)} images could not be decoded, e.g. {first}")
     if via_size == size:
         return np.array(cache.images)  # in memory and writable
     return np.stack([to_uint8(Image.fromarray(np.asarray(img)), size) for img in cache.images])
@@ -239,10 +237,11 @@ def evaluate(syn_rows: pd.DataFrame, real_rows: pd.DataFrame, ref_rows: pd.DataF
     return rows, pd.concat(tables, ignore_index=True)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic", nargs="+", required=True, help="samples.csv files written by generators/sample.py")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"),
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"),
                    help="manifest of the real images (fit: the generators' training set)")
     p.add_argument("--real-split", default="val", help="held-out real split to compare with (never fit)")
     p.add_argument("--reference-split", default="calib",
@@ -250,12 +249,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--extractor", default="classifier", choices=("classifier", "inception"),
                    help="feature extractor: a project classifier's penultimate features, or local Inception-v3")
     p.add_argument("--classifier", help="classifier checkpoint for --extractor classifier",
-                   default=str(ROOT / "runs" / "classifiers" / "densenet121_original_s0" / "best.safetensors"))
+                   default=str(RUNS / "classifiers" / "densenet121_original_s0" / "best.safetensors"))
     p.add_argument("--max-per-class", type=int, default=1000, help="at most this many synthetic images per class")
     p.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds (precision/recall)")
     p.add_argument("--near-copy-percentile", type=float, default=1.0,
                    help="flag synthetic images closer to a fit image than this percentile of held-out images are")
-    p.add_argument("--out", default=str(ROOT / "results" / "generators" / "quality.csv"), help="quality CSV")
+    p.add_argument("--out", default=str(RESULTS / "generators" / "quality.csv"), help="quality CSV")
     p.add_argument("--nearest-out", default=None,
                    help="memorisation table CSV (default: <out stem>_nearest.csv) and a PNG of the closest pairs")
     p.add_argument("--nearest-top", type=int, default=100,

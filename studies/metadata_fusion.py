@@ -1,9 +1,9 @@
 """Does patient metadata help? Image-only against image + (age, sex, site) fusion, same architecture and budget.
 
     # CPU (2 cores): DenseNet-121 at 96 px, 3 epochs per arm (about 15 minutes on 1 thread)
-    python classifiers/metadata_fusion.py --img-size 96 --epochs 3 --threads 1
+    python studies/metadata_fusion.py --img-size 96 --epochs 3 --threads 1
     # one GPU: a fuller budget
-    python classifiers/metadata_fusion.py --img-size 224 --epochs 20 --device cuda
+    python studies/metadata_fusion.py --img-size 224 --epochs 20 --device cuda
     # several GPUs: not worth it; run the two arms on two GPUs with --arms image / --arms fusion and --report-only
 
 Both arms are the same model but for the metadata branch: the registry backbone's pooled features, dropout and a
@@ -17,28 +17,24 @@ seed, fit images, augmentation, optimiser and schedule; each selects its epoch o
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from classifiers.models import create_model, list_models  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.manifest import read_manifest, stratified_subset  # noqa: E402
-from data.runtime import init_device, seed_everything  # noqa: E402
-from data.training import EMA, warmup_cosine  # noqa: E402
-from data.transforms import Preprocess, augment, preprocess_meta  # noqa: E402
-from evaluation.metrics import auc, auc_ci, paired_auc_difference  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from classifiers.models import create_model, list_models
+from data.atomic import write_rows
+from data.cache import CachedImages
+from data.manifest import read_manifest, stratified_subset
+from data.paths import MANIFESTS, RESULTS
+from data.runtime import cli_main, init_device, seed_everything
+from data.training import EMA, warmup_cosine
+from data.transforms import Preprocess, augment, preprocess_meta
+from evaluation.metrics import auc, auc_ci, paired_auc_difference
 
 
 def metadata_vocabulary(fit: pd.DataFrame) -> dict[str, list[str]]:
@@ -119,6 +115,7 @@ def train_arm(arm: str, a: argparse.Namespace, data: dict, device) -> np.ndarray
     return best_test
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="densenet121", choices=list_models(), help="architecture of both arms")
@@ -127,8 +124,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--limit", type=int, default=None, help="at most this many fit images (val, test: a quarter)")
-    p.add_argument("--manifest", default=str(ROOT / "data" / "manifests" / "original.csv"), help="manifest CSV")
-    p.add_argument("--out", default=str(ROOT / "results" / "metadata_fusion"), help="output folder")
+    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
+    p.add_argument("--out", default=str(RESULTS / "metadata_fusion"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of both arms")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")

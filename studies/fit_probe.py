@@ -3,7 +3,7 @@ on images it was trained on, and compares, class by class, how often it gets the
 synthetic ones.
 
     # CPU (about a minute for 200 images per class and source)
-    python classifiers/fit_probe.py --run runs/seven_class/ddpm --out results/seven_class/fit_probe_ddpm.csv
+    python studies/fit_probe.py --run runs/seven_class/ddpm --out results/seven_class/fit_probe_ddpm.csv
     # one GPU: the same with --device cuda; several GPUs: one process per run
 
 Why: if a generator's samples are easy to tell from real images (textures rather than lesions), a classifier can
@@ -23,25 +23,22 @@ reference for how well the same recipe fits real images of each class when nothi
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from classifiers.evaluate import recorded_training_manifest  # noqa: E402
-from classifiers.models import load_classifier  # noqa: E402
-from classifiers.predict import decisions, predict_proba  # noqa: E402
-from data.atomic import write_rows  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.checkpoint import read_sidecar  # noqa: E402
-from data.manifest import file_sha256, read_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
-from evaluation import plots  # noqa: E402
-from evaluation.metrics import proportion_ci  # noqa: E402
+from classifiers.evaluate import recorded_training_manifest
+from classifiers.models import load_classifier
+from classifiers.predict import decisions, predict_proba
+from data.atomic import write_rows
+from data.cache import CachedImages
+from data.checkpoint import read_sidecar
+from data.manifest import file_sha256, read_manifest
+from data.runtime import cli_main, init_device
+from data.transforms import Preprocess
+from evaluation import plots
+from evaluation.metrics import proportion_ci
 
 
 def probe_rows(fit: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
@@ -67,6 +64,7 @@ def recall_by_origin(rows: pd.DataFrame, predicted: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder with best.safetensors (classifiers/train.py --out)")

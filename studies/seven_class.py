@@ -3,20 +3,20 @@ trained with per-class synthetic images for the minority diagnoses, from generat
 
     # CPU (2 cores): a DCGAN conditioned on dx (about an hour on one thread), then the arms side by side
     python generators/train.py --model dcgan --preset cpu --target dx --threads 1
-    python classifiers/seven_class.py --arms baseline --threads 1 &
-    python classifiers/seven_class.py --arms dcgan --threads 1 &
-    python classifiers/seven_class.py --arms baseline_seed1 --threads 1     # the noise floor, when a core is free
+    python studies/seven_class.py --arms baseline --threads 1 &
+    python studies/seven_class.py --arms dcgan --threads 1 &
+    python studies/seven_class.py --arms baseline_seed1 --threads 1     # the noise floor, when a core is free
     # the DDPM arm: a DDPM conditioned on dx (45 min on two threads), then its samples and the arm
     # (--bf16: DDIM-50 sampling in bf16 autocast; about 75 min for its 10,752 samples on two threads)
     python generators/train.py --model ddpm --preset cpu --target dx --threads 2
-    python classifiers/seven_class.py --arms ddpm --bf16 --threads 2
-    python classifiers/seven_class.py --report-only            # the tables and figures of every finished arm
+    python studies/seven_class.py --arms ddpm --bf16 --threads 2
+    python studies/seven_class.py --report-only            # the tables and figures of every finished arm
     # one GPU: the same with --device cuda --img-size 224 --epochs 20; several GPUs: one --arms process per GPU
 
 Arms: `baseline` trains on HAM10000's real `fit` images; `baseline_seed1` is the same with another seed (the noise
 floor: at small budgets the seed alone moves the metrics, see README, Generalisation). Each generator arm adds to
 `fit` (only) synthetic images of every diagnosis with fewer than --ratio times the largest class's (nv) real fit
-count, up to that count (generators/configs.py, with dx as the class column). Every arm has the same architecture
+count, up to that count (data/configs.py, with dx as the class column). Every arm has the same architecture
 and recipe and sees the same number of images (--epochs x --epoch-size); each selects its epoch on the macro
 one-vs-rest val AUC, decides by argmax, and is scored once on HAM10000 `test`: per-class recall, precision, F1 and
 one-vs-rest AUC with bootstrap 95% CIs, balanced accuracy and macro AUC, and every other arm's paired bootstrap
@@ -30,26 +30,25 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
+import torch
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+from classifiers.evaluate import check_no_training_overlap
+from classifiers.models import load_classifier
+from classifiers.predict import predict_proba
+from data import configs
+from data.atomic import atomic_write_text, write_rows
+from data.cache import CachedImages
+from data.manifest import DX_CLASSES, read_manifest, write_manifest
+from data.paths import MANIFESTS, RESULTS, RUNS
+from data.runtime import UserError, cli_main, init_device
+from data.transforms import Preprocess
+from evaluation import plots
+from evaluation.metrics import ci, multiclass_bootstrap
+from generators import sample
+from studies import grid
 
-from classifiers import grid  # noqa: E402
-from classifiers.evaluate import check_no_training_overlap  # noqa: E402
-from classifiers.models import load_classifier  # noqa: E402
-from classifiers.predict import predict_proba  # noqa: E402
-from data.atomic import atomic_write_text, write_rows  # noqa: E402
-from data.cache import CachedImages  # noqa: E402
-from data.manifest import DX_CLASSES, read_manifest, write_manifest  # noqa: E402
-from data.runtime import init_device  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
-from evaluation import plots  # noqa: E402
-from evaluation.metrics import ci, multiclass_bootstrap  # noqa: E402
-from generators import configs, sample  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 MAJORITY_RULE = "always_nv (majority class)"
 # where generators/train.py --target dx --preset cpu writes each generator
 DX_GENERATORS = {"dcgan": "dcgan_dx_cpu_s0/model.safetensors", "ddpm": "ddpm_dx_cpu_s0/model.safetensors"}
@@ -70,19 +69,18 @@ def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, 
         return path
     model, meta = sample.load_generator(checkpoint)
     if list(meta["class_names"]) != list(DX_CLASSES):
-        raise SystemExit(f"error: {checkpoint} generates {meta['class_names']}; train one conditioned on the seven "
+        raise UserError(f"{checkpoint} generates {meta['class_names']}; train one conditioned on the seven "
                          f"diagnoses (generators/train.py --target dx)")
     counts = {k: n for k, n in configs.needed(base, ratio, "dx").items() if n > 0}
     if not counts:
-        raise SystemExit(f"error: every diagnosis of {original.name} already has {ratio} x the largest class's fit "
+        raise UserError(f"every diagnosis of {original.name} already has {ratio} x the largest class's fit "
                          f"count: no synthetic images to add")
     print(f"{arm}: sampling {counts}")
     info = sample.provenance(checkpoint, meta, "ddim", None, None)
-    try:  # samples already there (a killed run) are reused when the same generator and seed made them
-        synthetic = sample.sample_to_folder(model.to(device), meta, counts, work / "synthetic" / arm, seed=seed,
-                                            autocast=bf16 and meta["kind"] == "ddpm", progress=progress, info=info)
-    except sample.SampleFolderError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    # samples already there (a killed run) are reused when the same generator and seed made them, else
+    # SampleFolderError (a UserError)
+    synthetic = sample.sample_to_folder(model.to(device), meta, counts, work / "synthetic" / arm, seed=seed,
+                                        autocast=bf16 and meta["kind"] == "ddpm", progress=progress, info=info)
     df = configs.add_synthetic(base, synthetic, meta["kind"], ratio, seed, column="dx")
     write_manifest(df, path, {"experiment": "seven_class", "arm": arm, "base_manifest": original.name, **info,
                               "ratio": ratio, "added": counts})
@@ -195,12 +193,13 @@ def tables_md(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
     return f"{grid.markdown(overall)}\n\n{grid.markdown(table)}\n"
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--original", default=str(ROOT / "data" / "manifests" / "original.csv"),
+    p.add_argument("--original", default=str(MANIFESTS / "original.csv"),
                    help="real manifest whose HAM10000 rows (with dx) every arm trains, selects and tests on")
     p.add_argument("--generator", nargs="+",
-                   default=[f"{arm}={ROOT / 'runs' / 'generators' / run}" for arm, run in DX_GENERATORS.items()],
+                   default=[f"{arm}={RUNS / 'generators' / run}" for arm, run in DX_GENERATORS.items()],
                    metavar="ARM=CHECKPOINT", help="generator arms: name=checkpoint conditioned on dx (default: the "
                                                   "DCGAN and the DDPM that generators/train.py --target dx writes)")
     p.add_argument("--arms", nargs="+", default=None,
@@ -217,8 +216,8 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     p.add_argument("--noise-seeds", type=int, nargs="*", default=[1],
                    help="also train the baseline with these seeds (arms baseline_seed<N>): how far an arm moves with "
                         "nothing changed but the seed, the noise floor of every other arm's change")
-    p.add_argument("--work", default=str(ROOT / "runs" / "seven_class"), help="runs, manifests and synthetic images")
-    p.add_argument("--out", default=str(ROOT / "results" / "seven_class"), help="tables and figures")
+    p.add_argument("--work", default=str(RUNS / "seven_class"), help="runs, manifests and synthetic images")
+    p.add_argument("--out", default=str(RESULTS / "seven_class"), help="tables and figures")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the arms that are done")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the CIs")
     p.add_argument("--bf16", action="store_true",

@@ -44,7 +44,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from anomaly_detection.evaluate_hybrid import logit
 from anomaly_detection.feature_detector import (
     BENIGN_QUANTILE,
     CALIBRATION_SPLITS,
@@ -68,7 +67,14 @@ from data.images import to_uint8
 from data.non_lesion import NonLesion
 from data.transforms import Preprocess
 from evaluation import plots
-from evaluation.metrics import auc_ci, choose_threshold, decision_metrics, proportion_ci, threshold_for_specificity
+from evaluation.metrics import (
+    auc_ci,
+    choose_threshold,
+    decision_metrics,
+    logit,
+    proportion_ci,
+    threshold_for_specificity,
+)
 
 RESCUE_RULE = f"max over sources of each source's {BENIGN_QUANTILE} quantile of benign calib+val scores"
 EVALUATION_SPLITS = ("test", "external")
