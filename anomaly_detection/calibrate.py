@@ -5,12 +5,14 @@
     python anomaly_detection/calibrate.py --vae X.safetensors --rule youden --device cuda
 
 Four candidate thresholds are computed on the calibration rows and recorded; `--rule` says which one the hybrid uses:
-- `source_percentile` (the default when the manifest's `dataset` column names several sources, e.g. mixed.csv): the
-  largest, over sources, of each source's 0.98 quantile of BENIGN `calib` + `val` scores, the rule of the feature
-  detector (anomaly_detection/feature_detector.py). The rescue then flags at most 2% of every source's benign
-  calibration images, so a camera whose images the VAE reconstructs worse does not turn its benign lesions malignant.
-- `benign_percentile` (the default for a one-source manifest, and the old rule): the 95th percentile of benign
-  `calib` scores, pooled; it can flag at most about 5% of benign lesions of the source it was calibrated on.
+- `source_percentile` (the default when the manifest's `calib`/`val` rows come from several sources, by its
+  `dataset` column, as in mixed.csv): the largest, over sources, of each source's 0.98 quantile of BENIGN `calib` +
+  `val` scores, the rule of the feature detector (anomaly_detection/feature_detector.py). The rescue then flags at
+  most 2% of every source's benign calibration images, so a camera whose images the VAE reconstructs worse does not
+  turn its benign lesions malignant.
+- `benign_percentile` (the old rule; the default otherwise, e.g. original.csv, whose ISIC 2017 rows are all
+  `external`): the 95th percentile of benign `calib` scores, pooled; it can flag at most about 5% of the benign
+  lesions of the source it was calibrated on.
 - `youden` and `target_sensitivity`, on the same rows.
 The calibration rows (`calib`, plus `val` for `source_percentile`) are disjoint from the VAE's training images
 (benign `fit`); `test` and `external` are never read. Outputs in --out: calib_scores.csv, histogram, ROC/PR PNGs
@@ -52,7 +54,9 @@ def manifest_sources(df: pd.DataFrame) -> np.ndarray:
 
 
 def default_rule(df: pd.DataFrame) -> str:
-    return SOURCE_RULE if len(np.unique(manifest_sources(df))) > 1 else "benign_percentile"
+    """SOURCE_RULE when the manifest's calibration rows (calib, val) come from several sources."""
+    calibration = df[df["split"].isin(CALIBRATION_SPLITS)]
+    return SOURCE_RULE if len(np.unique(manifest_sources(calibration))) > 1 else "benign_percentile"
 
 
 def candidate_thresholds(y: np.ndarray, scores: np.ndarray, sources: np.ndarray, split: str,
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{'+'.join(CALIBRATION_SPLITS)} for {SOURCE_RULE}, calib for the other rules")
     p.add_argument("--rule", default=None, choices=RULES,
                    help=f"which candidate becomes anomaly_threshold; default: {SOURCE_RULE} when the manifest's "
-                        "`dataset` column names several sources, else benign_percentile (the old rule)")
+                        "calib/val rows come from several sources (its `dataset` column), else benign_percentile "
+                        "(the old rule)")
     p.add_argument("--source-quantile", type=float, default=BENIGN_QUANTILE,
                    help=f"per-source benign quantile for the {SOURCE_RULE} rule")
     p.add_argument("--target-sensitivity", type=float, default=0.5, help="target for the target_sensitivity rule")

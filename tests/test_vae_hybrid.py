@@ -61,9 +61,10 @@ def test_source_rule_bounds_every_source_benign_flag_rate():
         benign = scores[(sources == source) & (y == 0)]
         assert (benign >= t[SOURCE_RULE]).mean() <= 0.02
     assert (scores[(sources == "isic") & (y == 0)] >= t["benign_percentile"]).mean() > 0.1
-    assert default_rule(pd.DataFrame({"dataset": ["ham", "isic"]})) == SOURCE_RULE
-    assert default_rule(pd.DataFrame({"dataset": ["ham", "ham"]})) == default_rule(pd.DataFrame({"x": [1]})) == (
-        "benign_percentile")
+    assert default_rule(pd.DataFrame({"dataset": ["ham", "isic"], "split": ["calib", "val"]})) == SOURCE_RULE
+    # original.csv: ISIC 2017 rows only in `external`, so one source to calibrate on; a manifest without `dataset`
+    assert default_rule(pd.DataFrame({"dataset": ["ham", "isic"], "split": ["calib", "external"]})) == (
+        default_rule(pd.DataFrame({"split": ["calib"]}))) == "benign_percentile"
 
 
 def test_rescue_truth_table():
