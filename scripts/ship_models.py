@@ -13,7 +13,8 @@ Steps, all on the fp16 files users will get (not on the fp32 run outputs):
 3. evaluate the classifier on HAM10000 `test` and ISIC 2017 (classifiers/evaluate.py) -> results/classifier/<arch>/;
 4. compare the rescue rules with this classifier (studies/evaluate_hybrid.py) -> results/hybrid/<arch>/;
 5. rewrite checkpoints/MODEL_CARD.md from the CSVs of every shipped classifier, so every number in it comes from a
-   ship command, and checkpoints/SHA256SUMS (what loading and scripts/download_weights.py verify).
+   ship command, and checkpoints/SHA256SUMS (what loading and scripts/download_weights.py verify); `--card-only`
+   does this step alone.
 The hybrid's default classifier is the shipped one with the best validation AUC (classifiers/shipped.py).
 If any step fails (or the run is interrupted), every file and results folder it touched is put back as it was, so
 the shipped model, its card and its results never come from two different runs.
@@ -198,7 +199,7 @@ No test number took part in that choice. `python inference.py --classifier <name
 `convvae.safetensors` (+ `.json`): convolutional VAE (latent {vae_meta["arch_kwargs"]["latent_dim"]}) trained on benign `fit` images only
 - epoch {vae_meta["epoch"]} chosen by val anomaly AUC; input {vae_meta["input_size"]} px in [0,1].
 - Score: mean absolute reconstruction error per image (latent mean, deterministic).
-- Anomaly threshold {c["anomaly_threshold"]:.5f} ({c["rule"]} on `calib`, n={c["n"]}); VAE AUC on calib {c["auc"]:.3f} ({c["auc_ci"][0]:.3f}-{c["auc_ci"][1]:.3f}).
+- Anomaly threshold {c["anomaly_threshold"]:.5f} ({c["rule"]} on `{c.get("split", "calib")}`, n={c["n"]}); VAE AUC there {c["auc"]:.3f} ({c["auc_ci"][0]:.3f}-{c["auc_ci"][1]:.3f}).
 
 ## Training data and licence
 HAM10000 (Tschandl et al., Sci. Data 2018, CC BY-NC-SA 4.0), 200x150 JPEGs; malignant = melanoma + basal cell
@@ -243,17 +244,26 @@ def ship_and_evaluate(a: argparse.Namespace, source_meta: dict, out: Path, resul
                    "--out", str(results / "classifier" / name), *data])
     evaluate_hybrid.main(["--classifier", str(cls_path), "--vae", str(vae_path), "--device", a.device,
                           "--out", str(results / "hybrid" / name), *data])
+    write_card(out, results)
+    return log
+
+
+def write_card(out: Path, results: Path) -> None:
+    """Step 5: MODEL_CARD.md from the results of every shipped classifier and the VAE's calibration, and SHA256SUMS."""
     calibration = json.loads((results / "vae_calibration" / "calibration.json").read_text())
-    atomic_write_text(out / "MODEL_CARD.md", model_card(out, results, load_vae(vae_path)[1], calibration))
+    vae_meta = load_vae(out / "convvae.safetensors")[1]
+    atomic_write_text(out / "MODEL_CARD.md", model_card(out, results, vae_meta, calibration))
     shipped = sorted(f for f in out.iterdir() if f.suffix in (".safetensors", ".json"))
     atomic_write_text(out / "SHA256SUMS", "".join(f"{file_sha256(f)}  {f.name}\n" for f in shipped))
-    return log
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classifier", required=True,
+    p.add_argument("--classifier",
                    help="trained benign/malignant classifier (a run's best.safetensors), shipped as <arch>.safetensors")
+    p.add_argument("--card-only", action="store_true",
+                   help="only rewrite MODEL_CARD.md and SHA256SUMS from the results already written (e.g. after a "
+                        "VAE recalibration or a re-run of studies/evaluate_hybrid.py)")
     p.add_argument("--vae", default=None,
                    help="trained VAE checkpoint to ship and recalibrate (default: keep the shipped convvae)")
     p.add_argument("--out", default=str(CHECKPOINTS), help="folder for the shipped files")
@@ -266,6 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results-dir", default=str(RESULTS), help="where the evaluation outputs go")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (evaluation)")
     a = p.parse_args(argv)
+    if a.card_only:
+        try:
+            write_card(Path(a.out), Path(a.results_dir))
+        except (FileNotFoundError, CheckpointError) as exc:
+            sys.exit(f"error: {exc}")
+        print(f"wrote {Path(a.out) / 'MODEL_CARD.md'} and SHA256SUMS")
+        return
+    if not a.classifier:
+        p.error("--classifier is required (unless --card-only)")
     try:
         source_meta = load_classifier(a.classifier)[1]
     except (FileNotFoundError, CheckpointError) as exc:

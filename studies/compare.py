@@ -67,7 +67,8 @@ def compare(runs: dict[str, Path], reference: str, logs: dict[str, Path], n_boot
             rows.append({"model": name, "evaluation_set": label, "n": int(model_row["n"]),
                          "n_malignant": int(model_row["n_malignant"]), "auc": model_row["auc"],
                          "auc_ci_low": model_row["auc_ci_low"], "auc_ci_high": model_row["auc_ci_high"],
-                         f"auc_minus_{reference}": diff[0], "diff_ci_low": diff[1], "diff_ci_high": diff[2],
+                         "reference": reference, "auc_minus_reference": diff[0], "diff_ci_low": diff[1],
+                         "diff_ci_high": diff[2],
                          "paired_n": len(common), "sensitivity": model_row["sensitivity"],
                          "specificity": model_row["specificity"], "threshold": model_row["threshold"],
                          **(training_cost(logs[name]) if name in logs else {})})
@@ -80,7 +81,7 @@ def compare(runs: dict[str, Path], reference: str, logs: dict[str, Path], n_boot
 
 def plot(table: pd.DataFrame, path: Path) -> Path:
     models = [m for m in dict.fromkeys(table["model"]) if m != "all-malignant baseline"]
-    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(models) + 1.8))
+    fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(models) + 2.2))
     for offset, (label, colour) in zip((-0.15, 0.15), zip(SETS, ("tab:blue", "tab:orange"))):
         part = table[table["evaluation_set"] == label].set_index("model").loc[models]
         yy = np.arange(len(models)) + offset
@@ -90,7 +91,7 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
     ax.set_yticks(np.arange(len(models)), models)
     ax.invert_yaxis()
     ax.set(xlabel="AUC (95% bootstrap CI)", xlim=(0.45, 1.0))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
     ax.grid(axis="x", alpha=0.3)
     return save_figure(fig, path)
 

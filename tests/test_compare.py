@@ -40,8 +40,9 @@ def test_paired_difference_against_the_reference(tmp_path):
     evaluated(tmp_path / "weak", sigmoid(weak), y)
     table = compare.compare({"good": tmp_path / "good", "weak": tmp_path / "weak"}, "good", {}, n_boot=200)
     weak_rows = table[table["model"] == "weak"]
-    assert len(weak_rows) == 2 and (weak_rows["auc_minus_good"] < 0).all() and (weak_rows["diff_ci_high"] < 0).all()
-    assert table[table["model"] == "good"]["auc_minus_good"].isna().all()
+    assert len(weak_rows) == 2 and (weak_rows["auc_minus_reference"] < 0).all()
+    assert (weak_rows["diff_ci_high"] < 0).all() and set(weak_rows["reference"]) == {"good"}
+    assert table[table["model"] == "good"]["auc_minus_reference"].isna().all()
     baseline = table[table["model"] == "all-malignant baseline"]
     assert list(baseline["auc"]) == [0.5, 0.5] and list(baseline["n"]) == [200, 200]
 
