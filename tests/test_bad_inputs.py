@@ -597,7 +597,9 @@ def test_real_ctrl_c_keeps_a_valid_csv(tiny_checkpoints: tuple[Path, Path], tmp_
         [sys.executable, str(ROOT / "inference.py"), "--folder", str(folder), "--csv", str(out_csv), "--quiet",
          "--batch-size", "1", "--classifier", str(tiny_checkpoints[0]), "--vae", str(tiny_checkpoints[1]),
          "--no-gate"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # A shell's background job (`pytest ... &`) ignores SIGINT and its children inherit that: restore the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if out_csv.is_file() and out_csv.read_text().count("\n") >= 3:
