@@ -26,7 +26,7 @@ from sklearn.model_selection import GroupKFold
 from tqdm import tqdm
 
 from classifiers.models import NATIVE_SIZE, NORMALIZATION, Classifier, create_model
-from classifiers.predict import predict_proba
+from classifiers.predict import model_inputs, predict_proba
 from classifiers.train import val_score
 from data.cache import CachedImages
 from data.checkpoint import save_checkpoint
@@ -58,12 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @torch.no_grad()
 def pooled_features(model: Classifier, images: np.ndarray, preprocess: Preprocess, device: torch.device,
                     batch_size: int) -> np.ndarray:
-    out = []
-    for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch"):
-        x = preprocess.tensor(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-                              .permute(0, 3, 1, 2).to(device))
-        out.append(model.forward_features(x).float().cpu().numpy())
-    return np.concatenate(out)
+    batches = tqdm(model_inputs(images, preprocess, device, batch_size), desc="features", unit="batch",
+                   total=-(-len(images) // batch_size))
+    return np.concatenate([model.forward_features(x).float().cpu().numpy() for x in batches])
 
 
 def fit_head(model: Classifier, features: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> float:

@@ -1,11 +1,21 @@
 """Batched prediction of P(malignant) (or class probabilities) from uint8 images, with optional flip TTA."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
 
 from data.transforms import Preprocess
+
+
+def model_inputs(images: np.ndarray, preprocess: Preprocess, device: torch.device,
+                 batch_size: int) -> Iterator[torch.Tensor]:
+    """N x H x W x 3 uint8 images -> the model's float inputs, `batch_size` at a time, on `device`."""
+    for start in range(0, len(images), batch_size):
+        yield preprocess.tensor(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+                                .permute(0, 3, 1, 2).to(device))
 
 
 @torch.no_grad()
@@ -14,9 +24,7 @@ def predict_proba(model: nn.Module, images: np.ndarray, preprocess: Preprocess, 
     """images: N x H x W x 3 uint8 at the checkpoint's size -> N x classes softmax probabilities (fp32)."""
     model.eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        x = preprocess.tensor(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-                              .permute(0, 3, 1, 2).to(device))
+    for x in model_inputs(images, preprocess, device, batch_size):
         views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if tta else [x]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             probs = torch.stack([model(v.contiguous(memory_format=torch.channels_last)).float().softmax(1)

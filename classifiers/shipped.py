@@ -14,8 +14,8 @@ from pathlib import Path
 from data.paths import CHECKPOINTS
 
 
-def shipped_classifiers(folder: str | os.PathLike = CHECKPOINTS) -> dict[str, Path]:
-    """name -> weights path for every benign/malignant classifier sidecar in `folder` whose weights exist."""
+def _shipped(folder: str | os.PathLike) -> dict[str, tuple[Path, dict]]:
+    """name -> (weights path, sidecar) for every benign/malignant classifier sidecar in `folder` with its weights."""
     from data.manifest import LABELS  # here, not at import: the CLI resolves names before the heavy imports
 
     found = {}
@@ -27,22 +27,26 @@ def shipped_classifiers(folder: str | os.PathLike = CHECKPOINTS) -> dict[str, Pa
         weights = sidecar.with_suffix(".safetensors")
         if isinstance(meta, dict) and meta.get("kind") == "classifier" and \
                 meta.get("class_names") == list(LABELS) and weights.is_file():
-            found[sidecar.stem] = weights
+            found[sidecar.stem] = (weights, meta)
     return found
 
 
-def val_auc(path: Path) -> float:
-    meta = json.loads(path.with_suffix(".json").read_text())
+def shipped_classifiers(folder: str | os.PathLike = CHECKPOINTS) -> dict[str, Path]:
+    """name -> weights path for every benign/malignant classifier shipped in `folder`."""
+    return {name: weights for name, (weights, _) in _shipped(folder).items()}
+
+
+def val_auc(meta: dict) -> float:
     value = (meta.get("metrics") or {}).get("val", {}).get("auc")
     return float(value) if isinstance(value, (int, float)) else float("-inf")
 
 
 def default_classifier(folder: str | os.PathLike = CHECKPOINTS) -> Path:
     """The shipped classifier with the best recorded validation AUC; FileNotFoundError when none is shipped."""
-    shipped = shipped_classifiers(folder)
+    shipped = _shipped(folder)
     if not shipped:
         raise FileNotFoundError(f"{folder}: no classifier checkpoint shipped (see checkpoints/README.md)")
-    return max(sorted(shipped.items()), key=lambda item: val_auc(item[1]))[1]
+    return max(shipped.values(), key=lambda item: val_auc(item[1]))[0]  # sorted by name: ties go to the first
 
 
 def resolve_classifier(value: str | None, folder: str | os.PathLike = CHECKPOINTS) -> Path:

@@ -25,6 +25,7 @@ HybridPredictor.decide with the thresholds of the sidebar.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import threading
@@ -133,8 +134,8 @@ def recorded_auc(path: str) -> str:
     """'; validation AUC 0.769' from a classifier's sidecar, or '' when it records none (or cannot be read: loading
     the checkpoint reports that)."""
     try:
-        auc = val_auc(Path(path))
-    except (OSError, ValueError):
+        auc = val_auc(json.loads(Path(path).with_suffix(".json").read_text()))
+    except (OSError, ValueError, AttributeError):  # AttributeError: a sidecar that is not a JSON object
         return ""
     return f"; validation AUC {auc:.3f}" if np.isfinite(auc) else ""
 
