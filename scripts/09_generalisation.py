@@ -22,8 +22,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from classifiers import train
 from classifiers.evaluate import evaluate
 from data import paths
@@ -76,12 +74,6 @@ ABLATION = {  # row label -> run; each row switches one technique of the referen
 TTA_RUNS = ("long/light", ABLATION_REFERENCE)  # also scored with flip TTA (evaluation_tta/)
 
 
-def eval_sets(manifest: Path, limit: int | None, seed: int) -> pd.DataFrame:
-    """HAM10000 test + ISIC 2017 val rows (with --limit, a seeded stratified subset of each)."""
-    groups = [grid.select_eval_sets(read_manifest(manifest), [s["group"]]) for s in grid.EVAL_SETS.values()]
-    return pd.concat([stratified_subset(g, limit, seed) if limit else g for g in groups])
-
-
 def stale(evaluation: Path, run: Path) -> bool:
     """True when the evaluation is missing or older than the run's best checkpoint (a retrained run)."""
     predictions = evaluation / "predictions.csv"
@@ -102,7 +94,7 @@ def train_and_evaluate(name: str, manifest: Path, runs: Path, device, runtime: l
     run.mkdir(parents=True, exist_ok=True)
     grid.mark(run, args, RECIPE["arch"], name, seed)
     train.main([*args, *runtime, "--resume"])
-    evaluate([str(run / "best.safetensors")], eval_sets(manifest, limit, seed), run / "evaluation", device,
+    evaluate([str(run / "best.safetensors")], grid.eval_rows(manifest, limit, seed), run / "evaluation", device,
              model_name=name, plot=False)
     grid.mark(run, args, RECIPE["arch"], name, seed, done=True)
 
@@ -147,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
             for name in a.runs:
                 train_and_evaluate(name, manifest, runs, device, runtime, a.seed, changes, a.limit)
         for name in (n for n in TTA_RUNS if grid.is_done(runs / n) and stale(runs / n / "evaluation_tta", runs / n)):
-            evaluate([str(runs / name / "best.safetensors")], eval_sets(manifest, a.limit, a.seed),
+            evaluate([str(runs / name / "best.safetensors")], grid.eval_rows(manifest, a.limit, a.seed),
                      runs / name / "evaluation_tta", device, tta=True, model_name=f"{name}+tta", plot=False)
         df = read_manifest(manifest)
         val = df[df["split"] == "val"]
         val = stratified_subset(val, a.limit, a.seed) if a.limit else val
-        extra = [cross_dataset.checkpoint_row(label, Path(path), val, eval_sets(manifest, a.limit, a.seed), device)
+        extra = [cross_dataset.checkpoint_row(label, Path(path), val, grid.eval_rows(manifest, a.limit, a.seed), device)
                  for label, path in compare.items()]
         both_sources = [n for n in RUNS if n not in (MATRIX["ham10000"], MATRIX["isic2017"])]
         written = cross_dataset.report(runs, list(RUNS), MATRIX, ABLATION, ABLATION_REFERENCE, Path(a.out),

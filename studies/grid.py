@@ -28,7 +28,7 @@ import pandas as pd
 from classifiers.evaluate import evaluation_groups
 from data.atomic import atomic_write_csv, atomic_write_text
 from data.configs import CONFIGS
-from data.manifest import file_sha256
+from data.manifest import file_sha256, read_manifest, stratified_subset
 from data.paths import ROOT
 from evaluation import plots
 from evaluation.metrics import auc, bootstrap_aucs, ci
@@ -60,6 +60,13 @@ def select_eval_sets(df: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     if missing:
         raise GridError(f"evaluation sets {missing} are not in the manifest; it has {sorted(groups)}")
     return pd.concat([groups[n] for n in names])
+
+
+def eval_rows(manifest: Path, limit: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Every EVAL_SETS group of the manifest (with `limit`, a seeded stratified subset of each: quick runs)."""
+    df = read_manifest(manifest)
+    groups = [select_eval_sets(df, [s["group"]]) for s in EVAL_SETS.values()]
+    return pd.concat([stratified_subset(g, limit, seed) if limit else g for g in groups])
 
 
 def _record(run: Path) -> dict[str, Any] | None:
