@@ -38,7 +38,7 @@ from data.cache import CachedImages
 from data.checkpoint import CheckpointError, read_sidecar, write_sidecar
 from data.manifest import read_manifest
 from data.paths import MANIFESTS, RESULTS, RUNS
-from data.runtime import UserError, cli_main, init_device
+from data.runtime import UserError, add_runtime_options, cli_main, init_device
 from data.transforms import Preprocess
 from evaluation import plots
 from evaluation.metrics import auc_ci, choose_threshold, decision_metrics
@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--target-sensitivity", type=float, default=0.5, help="target for the target_sensitivity rule")
     p.add_argument("--benign-percentile", type=float, default=0.95, help="quantile for the benign_percentile rule")
     p.add_argument("--out", default=str(RESULTS / "vae_calibration"), help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
+    add_runtime_options(p)
     a = p.parse_args(argv)
     device = init_device(a.device, a.threads)
     try:

@@ -48,7 +48,7 @@ from data.images import ImageError, to_uint8
 from data.manifest import file_sha256, read_manifest
 from data.non_lesion import development_set
 from data.paths import CHECKPOINTS, MANIFESTS
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device
 from evaluation.metrics import auc, auc_ci
 
 
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--detector", default=str(CHECKPOINTS / "feature_detector.safetensors"),
                    help="where to write the detector")
     p.add_argument("--gate", default=str(CHECKPOINTS / "gate.safetensors"), help="where to write the gate")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    add_runtime_options(p)
     a = p.parse_args(argv)
     device = init_device(a.device, a.threads)
     df = read_manifest(a.manifest)

@@ -29,7 +29,7 @@ from data.cache import CachedImages
 from data.checkpoint import save_checkpoint
 from data.manifest import ManifestError, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
-from data.runtime import cli_main, init_device, seed_everything
+from data.runtime import add_runtime_options, cli_main, init_device, seed_everything
 from data.training import load_state, save_state
 from data.transforms import Preprocess, preprocess_meta
 from evaluation import plots
@@ -48,12 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--limit", type=int, default=None, help="use at most this many benign fit images (quick runs)")
     p.add_argument("--grid-every", type=int, default=1, help="write a reconstruction grid every N epochs")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and sampling")
+    add_runtime_options(p, seed=0, progress=True)
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
     p.add_argument("--out", default=str(RUNS / "vae"), help="run folder")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p.parse_args(argv)
 
 

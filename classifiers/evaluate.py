@@ -26,7 +26,7 @@ from data.cache import CachedImages
 from data.checkpoint import CheckpointError
 from data.manifest import file_sha256, label_index, read_folder, read_manifest
 from data.paths import MANIFESTS, ROOT, RUNS
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device
 from data.transforms import Preprocess
 from evaluation import plots
 from evaluation.metrics import baseline_row, metrics_row
@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--threshold", type=float, default=None, help="override the sidecar's malignant_threshold")
     p.add_argument("--name", default=None, help="model name in the metrics rows (default: checkpoint stems)")
     p.add_argument("--out", default=str(RUNS / "evaluation"), help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_runtime_options(p)
     a = p.parse_args(argv)
-    device = init_device(a.device)
+    device = init_device(a.device, a.threads)
     if a.folder:
         df = read_folder(a.folder, split="test").assign(dataset=Path(a.folder).name)
     else:

@@ -37,7 +37,7 @@ from torch import nn
 from classifiers.models import Classifier, load_classifier
 from data.images import ImageError, load_rgb
 from data.manifest import LABELS
-from data.runtime import UserError, cli_main, init_device
+from data.runtime import UserError, add_runtime_options, cli_main, init_device
 from data.transforms import Preprocess
 
 MALIGNANT = LABELS.index("malignant")
@@ -199,8 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="malignant threshold for the gallery (default: the sidecar's malignant_threshold)")
     p.add_argument("--per-group", type=int, default=6, help="gallery images per outcome (columns)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/gradcam"), help="folder for the PNGs")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
+    add_runtime_options(p)
     return p.parse_args(argv)
 
 

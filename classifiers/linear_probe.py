@@ -32,7 +32,7 @@ from data.cache import CachedImages
 from data.checkpoint import save_checkpoint
 from data.manifest import LABELS, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
-from data.runtime import cli_main, init_device, seed_everything
+from data.runtime import add_runtime_options, cli_main, init_device, seed_everything
 from data.transforms import COLOR_CONSTANCY, Preprocess, preprocess_meta
 from evaluation.metrics import choose_threshold, decision_metrics
 
@@ -45,9 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--color-constancy", default="shades_of_gray", choices=COLOR_CONSTANCY, help="as in training")
     p.add_argument("--random-init", action="store_true", help="control: a random backbone instead of ImageNet")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the random backbone")
+    add_runtime_options(p, seed=0)
     p.add_argument("--out", default=str(RUNS / "lite0_probe"), help="run folder (best.safetensors/.json)")
     args = p.parse_args(argv)
     if args.fit_images < 0 or args.batch_size < 1:

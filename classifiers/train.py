@@ -56,7 +56,7 @@ from data.cache import CachedImages
 from data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from data.manifest import TARGETS, ManifestError, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
-from data.runtime import cli_main, pick_device, seed_everything, setup_cpu
+from data.runtime import add_runtime_options, cli_main, pick_device, seed_everything, setup_cpu
 from data.splits import grouped_folds
 from data.training import EMA, load_state, save_state, warmup_cosine
 from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta, resize_uint8
@@ -182,9 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="use at most this many fit images and a quarter as many val images (quick runs, tests)",
     )
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling, augmentation")
+    add_runtime_options(p, seed=0, progress=True)
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
     p.add_argument("--out", default=None, help="run folder (default runs/classifiers/<arch>_<config>_s<seed>)")
     p.add_argument(
@@ -193,7 +191,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="testing aid: exit abruptly after this many optimizer steps, as a killed run would",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     if args.folds is not None and (args.folds < 2 or not (args.fold is None or 0 <= args.fold < args.folds)):
         p.error(f"--folds needs at least 2 folds and --fold in 0..{args.folds - 1}")

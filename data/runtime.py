@@ -1,6 +1,8 @@
-"""Device choice, CPU threads, seeding and error reporting: the same few lines every CLI needs."""
+"""Device choice, CPU threads, seeding and error reporting: the same few lines every CLI needs, and the one
+definition of the CLI options that carry them (`add_runtime_options`)."""
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import random
@@ -65,3 +67,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def add_runtime_options(parser: argparse.ArgumentParser, *, seed: int | None = None, progress: bool = False) -> None:
+    """--device and --threads, plus --seed (with this default) and --no-progress when asked: every CLI's shared
+    options, with one help text each."""
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: $OMP_NUM_THREADS, else every core; 1 per process when two "
+                             "jobs share a small machine)")
+    if seed is not None:
+        parser.add_argument("--seed", type=int, default=seed,
+                            help="random seed (initialisation, data order, augmentation, sampling, resampling)")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def runtime_argv(args: argparse.Namespace) -> list[str]:
+    """The shared options of `args` as argv for a child CLI (its --device, --threads and --no-progress)."""
+    return (["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+            + (["--no-progress"] if getattr(args, "no_progress", False) else []))

@@ -22,14 +22,15 @@ SAMPLERS = ("ddim", "ddpm")
 
 
 def build_unet(meta: dict[str, Any]) -> UNet2DModel:
-    """UNet from `arch_kwargs`: image_size, channels, layers_per_block, attention (per level), num_classes, groups."""
-    a = {"image_size": 64, "channels": (32, 64, 128, 256), "layers_per_block": 1,
+    """UNet from `arch_kwargs`: image_size, channels, layers_per_block, attention (per level), num_classes, groups,
+    in_channels (3 for pixels, the latent channels for latent diffusion)."""
+    a = {"image_size": 64, "channels": (32, 64, 128, 256), "layers_per_block": 1, "in_channels": 3,
          "attention": (False, False, True, False), "num_classes": 2, "norm_groups": 8, **meta["arch_kwargs"]}
     if len(a["attention"]) != len(a["channels"]):
         raise ValueError(f"attention {a['attention']} needs one flag per level of channels {a['channels']}")
     down = tuple("AttnDownBlock2D" if att else "DownBlock2D" for att in a["attention"])
     up = tuple("AttnUpBlock2D" if att else "UpBlock2D" for att in reversed(a["attention"]))
-    return UNet2DModel(sample_size=a["image_size"], in_channels=3, out_channels=3,
+    return UNet2DModel(sample_size=a["image_size"], in_channels=a["in_channels"], out_channels=a["in_channels"],
                        block_out_channels=tuple(a["channels"]), layers_per_block=a["layers_per_block"],
                        down_block_types=down, up_block_types=up, num_class_embeds=a["num_classes"],
                        norm_num_groups=a["norm_groups"])
@@ -54,26 +55,29 @@ def sampling_layout(unet: UNet2DModel) -> UNet2DModel:
 
 @torch.no_grad()
 def generate(unet: UNet2DModel, labels: torch.Tensor, gen: torch.Generator, sampler: str = "ddim",
-             steps: int | None = None, schedule: dict[str, Any] | None = None, autocast: bool = False) -> torch.Tensor:
-    """Images in [-1, 1] for the given class indices. `steps` defaults to 50 for DDIM, all train steps for DDPM."""
+             steps: int | None = None, schedule: dict[str, Any] | None = None, autocast: bool = False,
+             clamp: bool = True) -> torch.Tensor:
+    """Images in [-1, 1] (or, with clamp=False, unclamped latents) for the given class indices. `steps` defaults to
+    50 for DDIM, all train steps for DDPM."""
     sched = scheduler(sampler, schedule)
     sched.set_timesteps(steps or (50 if sampler == "ddim" else sched.config.num_train_timesteps))
     unet.eval()
     device = next(unet.parameters()).device
-    size = unet.config.sample_size
-    x = torch.randn(len(labels), 3, size, size, generator=gen).to(device) * sched.init_noise_sigma
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    x = torch.randn(len(labels), channels, size, size, generator=gen).to(device) * sched.init_noise_sigma
     labels = labels.to(device)
     for t in sched.timesteps:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             eps = unet(x, t, class_labels=labels).sample
         x = sched.step(eps.float(), t, x, generator=gen).prev_sample
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clamp else x
 
 
 class DDPMTrainer:
     """UNet + EMA + AdamW with warm-up and cosine decay; `train_step` takes a uint8 batch of real images."""
 
     kind = "ddpm"
+    schedule = NOISE_SCHEDULE
 
     def __init__(self, arch: dict[str, Any], lr: float, device: torch.device, total_steps: int,
                  warmup_steps: int = 500, ema_decay: float = 0.999, autocast: bool = False):
@@ -85,9 +89,13 @@ class DDPMTrainer:
         self.sched = warmup_cosine(self.opt, total_steps, min(warmup_steps, max(1, total_steps // 10)))
         self.steps = 0
 
+    def model_space(self, x: torch.Tensor) -> torch.Tensor:
+        """A training batch as the UNet sees it: uint8 images -> [-1, 1]."""
+        return to_signed(x.to(self.device))
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
         self.unet.train()
-        x0, y = to_signed(x.to(self.device)), y.to(self.device)
+        x0, y = self.model_space(x), y.to(self.device)
         noise = torch.randn(x0.shape, generator=gen).to(self.device)
         t = torch.randint(0, self.noise.config.num_train_timesteps, (len(x0),), generator=gen).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -103,7 +111,7 @@ class DDPMTrainer:
         return {"loss": loss.item(), "lr": self.sched.get_last_lr()[0]}
 
     def generate(self, labels: torch.Tensor, gen: torch.Generator, steps: int = 50) -> torch.Tensor:
-        return generate(self.ema.module, labels, gen, "ddim", steps, autocast=self.autocast)
+        return generate(self.ema.module, labels, gen, "ddim", steps, self.schedule, autocast=self.autocast)
 
     def export(self) -> UNet2DModel:
         return self.ema.module

@@ -1,4 +1,5 @@
-"""Sample N images per class from a generator checkpoint (DCGAN or DDPM), optionally through the learned upscaler.
+"""Sample N images per class from a generator checkpoint (DCGAN, DDPM or latent diffusion), optionally through the
+learned upscaler.
 
     # CPU: DCGAN, thousands of images a minute; with the upscaler (64 -> 128 px) a few hundred a minute
     python generators/sample.py --checkpoint checkpoints/generators/dcgan.safetensors --n 500 \
@@ -37,19 +38,22 @@ from data.checkpoint import CheckpointError, load_checkpoint, read_sidecar
 from data.images import load_rgb
 from data.manifest import MALIGNANT_DX, file_sha256, write_manifest
 from data.paths import RUNS
-from data.runtime import UserError, cli_main, init_device
-from generators import dcgan, ddpm, from_signed, save_grid, save_png
+from data.runtime import UserError, add_runtime_options, cli_main, init_device
+from generators import dcgan, ddpm, from_signed, latent, save_grid, save_png
 from generators.upscaler import Upscaler, load_upscaler, upscale
 
-BUILDERS = {"dcgan": dcgan.build_generator, "ddpm": ddpm.build_unet}
+BUILDERS = {"dcgan": dcgan.build_generator, "ddpm": ddpm.build_unet, "ldm": latent.build_ldm}
+DIFFUSION = ("ddpm", "ldm")  # kinds sampled by a denoising chain (--sampler, --steps)
 
 
 def load_generator(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A DCGAN generator or DDPM UNet, whichever the sidecar says, loaded strictly."""
+    """A DCGAN generator, DDPM UNet or latent diffusion model, whichever the sidecar says, loaded strictly."""
     kind = read_sidecar(path).get("kind")
     if kind not in BUILDERS:
         raise CheckpointError(f"{path}: is a {kind!r} checkpoint, expected one of {sorted(BUILDERS)}")
     model, meta = load_checkpoint(path, BUILDERS[kind], kind=kind)
+    if kind == "ldm":
+        ddpm.sampling_layout(model.unet)
     return (ddpm.sampling_layout(model) if kind == "ddpm" else model), meta
 
 
@@ -58,6 +62,8 @@ def generate(model: torch.nn.Module, meta: dict[str, Any], labels: torch.Tensor,
     """uint8 NxCxHxW images of the given classes from a loaded generator."""
     if meta["kind"] == "dcgan":
         return from_signed(dcgan.generate(model, labels, gen)).cpu()
+    if meta["kind"] == "ldm":
+        return from_signed(latent.generate(model, labels, gen, sampler, steps, meta["noise_schedule"], autocast)).cpu()
     return from_signed(ddpm.generate(model, labels, gen, sampler, steps, meta.get("noise_schedule"), autocast)).cpu()
 
 
@@ -65,7 +71,7 @@ def provenance(checkpoint: str | Path, meta: dict[str, Any], sampler: str, steps
                upscaler: str | Path | None) -> dict[str, Any]:
     """What made a sample set, for the JSON beside its samples.csv."""
     info: dict[str, Any] = {"generator": Path(checkpoint).name, "generator_sha256": file_sha256(checkpoint)}
-    if meta["kind"] == "ddpm":
+    if meta["kind"] in DIFFUSION:
         info |= {"sampler": sampler, "steps": steps or (50 if sampler == "ddim" else meta["noise_schedule"]
                                                         ["num_train_timesteps"])}
     if upscaler:
@@ -153,21 +159,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--n", type=int, required=True, help="images per class")
     p.add_argument("--classes", nargs="+", default=None,
                    help="classes to sample (default: every class of the checkpoint, e.g. benign malignant)")
-    p.add_argument("--sampler", default="ddim", choices=ddpm.SAMPLERS, help="DDPM only: DDIM or the ancestral chain")
+    p.add_argument("--sampler", default="ddim", choices=ddpm.SAMPLERS,
+                   help="DDPM and LDM only: DDIM or the ancestral chain")
     p.add_argument("--steps", type=int, default=None,
-                   help="DDPM only: denoising steps (default 50 for DDIM, all 1000 training steps for DDPM)")
+                   help="DDPM and LDM only: denoising steps (default 50 for DDIM, all 1000 training steps for DDPM)")
     p.add_argument("--upscale", default=None, help="upscaler checkpoint: save upscaled images (source *_up)")
     p.add_argument("--upscale-from", default=None,
                    help="with --upscale: folder of this generator's plain samples (same --seed); images found there "
                         "are upscaled from their PNGs instead of generated again")
     p.add_argument("--out", default=None, help="folder (default runs/generators/synthetic/<source>)")
     p.add_argument("--batch-size", type=int, default=64, help="images per generator call")
-    p.add_argument("--bf16", action="store_true", help="DDPM only: bf16 autocast (faster on recent CPUs and GPUs)")
+    p.add_argument("--bf16", action="store_true",
+                   help="DDPM and LDM only: bf16 autocast (faster on recent CPUs and GPUs)")
     p.add_argument("--grid", default=None, help="also write a grid PNG of the first 8 images of each class here")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (recorded in samples.json)")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_runtime_options(p, seed=0, progress=True)
     a = p.parse_args(argv)
     device = init_device(a.device, a.threads)
     model, meta = load_generator(a.checkpoint)

@@ -36,19 +36,21 @@ from tqdm import tqdm
 
 from data.atomic import write_rows
 from data.cache import CachedImages
-from data.checkpoint import save_checkpoint
+from data.checkpoint import load_checkpoint, save_checkpoint
 from data.manifest import TARGETS, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
-from data.runtime import UserError, cli_main, init_device, seed_everything
+from data.runtime import UserError, add_runtime_options, cli_main, init_device, seed_everything
 from data.training import load_state, save_state
 from data.transforms import augment
 from evaluation import plots
 from generators import from_signed, from_unit, save_grid
 from generators.dcgan import DCGANTrainer
-from generators.ddpm import NOISE_SCHEDULE, DDPMTrainer
-from generators.upscaler import UpscalerTrainer, bicubic, compare_with_bicubic, upscale
+from generators.ddpm import DDPMTrainer
+from generators.latent import VIEWS, AutoencoderTrainer, LatentDiffusionTrainer, build_autoencoder, encode_views
+from generators.upscaler import UpscalerTrainer, bicubic, compare_with_bicubic, psnr, upscale
 
-MODELS = ("dcgan", "ddpm", "upscaler")
+MODELS = ("dcgan", "ddpm", "upscaler", "autoencoder", "ldm")
+NEEDS_VAL = ("upscaler", "autoencoder")  # scored on real val images every epoch
 # Per model and preset: training length, batch, learning rate, architecture. Flags given explicitly win.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "dcgan": {
@@ -71,6 +73,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                 "arch": {"channels": 32, "blocks": 4}},
         "full": {"epochs": 100, "batch_size": 64, "lr": 5e-4, "sample_every": 10, "patch": 96,
                  "arch": {"channels": 64, "blocks": 16}}},
+    "autoencoder": {
+        "smoke": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "limit": 16, "sample_every": 1,
+                  "arch": {"channels": [8, 16], "norm_groups": 4}},
+        "cpu": {"epochs": 5, "batch_size": 32, "lr": 5e-4, "sample_every": 1, "bf16": True, "arch": {}},
+        "full": {"epochs": 50, "batch_size": 64, "lr": 2e-4, "sample_every": 5, "bf16": True,
+                 "arch": {"channels": [64, 128, 256], "layers_per_block": 2, "norm_groups": 32}}},
+    "ldm": {
+        "smoke": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "limit": 16, "sample_every": 1, "preview_steps": 2,
+                  "arch": {"channels": [8, 16], "attention": [False, True], "norm_groups": 4}},
+        "cpu": {"epochs": 60, "batch_size": 32, "lr": 3e-4, "sample_every": 10, "bf16": True,
+                "arch": {"channels": [48, 96, 192], "attention": [False, False, True], "norm_groups": 16}},
+        "full": {"epochs": 400, "batch_size": 128, "lr": 2e-4, "sample_every": 25, "bf16": True,
+                 "arch": {"channels": [128, 256, 512], "attention": [False, True, True], "layers_per_block": 2,
+                          "norm_groups": 32}}},
 }
 
 
@@ -84,6 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default="label", choices=sorted(TARGETS),
                    help="generators: the classes they are conditioned on, label (benign/malignant) or dx (the seven "
                         "HAM10000 diagnoses)")
+    p.add_argument("--autoencoder", default=None,
+                   help="ldm: the trained autoencoder checkpoint whose latent space the UNet learns (--model "
+                        "autoencoder first)")
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="autoencoder: weight of the KL term beside L1")
     p.add_argument("--img-size", type=int, default=64, help="generated image size; the upscaler's input size")
     p.add_argument("--scale", type=int, default=2, help="upscaler factor (64 -> 128 px by default)")
     p.add_argument("--resize", default="squash", choices=("squash", "center_crop"), help="resize rule of the cache")
@@ -94,23 +114,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train on a seeded class-stratified subset of this many images (smoke preset: 16)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for the DCGAN and DDPM cpu/full presets, off for the upscaler)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="DDPM: decay of the EMA weights that are sampled")
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="DDPM and LDM: decay of the EMA weights that are sampled")
     p.add_argument("--sample-every", type=int, default=None, help="write a sample grid every N epochs")
     p.add_argument("--log-every", type=int, default=25, help="average losses over this many steps per CSV row")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling, noise")
+    add_runtime_options(p, seed=0, progress=True)
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
     p.add_argument("--out", default=None,
                    help="run folder (default runs/generators/<model>_<preset>_s<seed>, <model>_dx_... for --target dx)")
     p.add_argument("--ship", default=None,
                    help="also write the final model as fp16 safetensors + sidecar at this path "
                         "(e.g. checkpoints/generators/dcgan)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     preset = PRESETS[args.model][args.preset]
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be at least 1")
+    if (args.model == "ldm") != bool(args.autoencoder):
+        p.error("--autoencoder is required with --model ldm, and only with it")
     for key in ("epochs", "batch_size", "lr", "limit", "sample_every", "bf16"):
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, False if key == "bf16" else None))
@@ -128,7 +148,7 @@ def fit_images(args: argparse.Namespace) -> tuple[CachedImages, CachedImages | N
         raise UserError(f"{args.manifest} has no real rows in the fit split")
     size = args.img_size * args.scale if args.model == "upscaler" else args.img_size
     val = None
-    if args.model == "upscaler":
+    if args.model in NEEDS_VAL:
         val_df = df[(df["split"] == "val") & (df["source"] == "real")]
         val = CachedImages(val_df.iloc[: max(8, args.limit // 4) if args.limit else 128], size, args.resize)
     return CachedImages(fit, size, args.resize, target=args.target), val
@@ -140,11 +160,26 @@ def build_trainer(args: argparse.Namespace, device: torch.device, total_steps: i
         return DCGANTrainer(arch, args.lr, device, autocast=args.bf16)
     if args.model == "ddpm":
         return DDPMTrainer(arch, args.lr, device, total_steps, ema_decay=args.ema_decay, autocast=args.bf16)
+    if args.model == "autoencoder":
+        return AutoencoderTrainer({**args.arch, "image_size": args.img_size}, args.lr, device, total_steps,
+                                  args.kl_weight, args.bf16)
+    if args.model == "ldm":
+        autoencoder, ae_meta = load_checkpoint(args.autoencoder, build_autoencoder, kind="autoencoder")
+        if ae_meta["image_size"] != args.img_size:
+            raise UserError(f"{args.autoencoder} encodes {ae_meta['image_size']}-px images, not --img-size "
+                            f"{args.img_size}")
+        return LatentDiffusionTrainer(arch, args.lr, device, total_steps, autoencoder.float(), ae_meta["arch_kwargs"],
+                                      ema_decay=args.ema_decay, autocast=args.bf16)
     return UpscalerTrainer({**args.arch, "scale": args.scale}, args.lr, device, total_steps, args.patch)
 
 
 def preview(trainer, args: argparse.Namespace, val: CachedImages | None, path: Path) -> None:
-    """Generators: the same 8 latents per class every time. Upscaler: bicubic | learned | real, for 8 val images."""
+    """Generators: the same 8 latents per class every time. Upscaler: bicubic | learned | real, for 8 val images.
+    Autoencoder: 8 real val images above their reconstructions."""
+    if args.model == "autoencoder":
+        real = torch.from_numpy(val.images[:8]).permute(0, 3, 1, 2)
+        save_grid(torch.cat([real, from_signed(trainer.reconstruct(real)).cpu()]), path, nrow=8)
+        return
     if args.model == "upscaler":
         hr = torch.from_numpy(val.images[:8]).permute(0, 3, 1, 2)
         lr = from_unit(bicubic(hr.float() / 255.0, args.img_size))
@@ -153,7 +188,7 @@ def preview(trainer, args: argparse.Namespace, val: CachedImages | None, path: P
         return
     labels = torch.arange(len(TARGETS[args.target])).repeat_interleave(8)
     gen = torch.Generator().manual_seed(12345)
-    kwargs = {"steps": args.preview_steps} if args.model == "ddpm" else {}
+    kwargs = {"steps": args.preview_steps} if args.model in ("ddpm", "ldm") else {}
     save_grid(from_signed(trainer.generate(labels, gen, **kwargs)), path, nrow=8)
 
 
@@ -161,16 +196,18 @@ def mean_row(window: list[dict[str, float]], step: int, epoch: int) -> dict[str,
     return {"step": step, "epoch": epoch + 1, **{k: sum(w[k] for w in window) / len(window) for k in window[0]}}
 
 
-def checkpoint_meta(args: argparse.Namespace, trainer, fit_df: pd.DataFrame,
+def checkpoint_meta(args: argparse.Namespace, trainer, model: torch.nn.Module, fit_df: pd.DataFrame,
                     epochs: list[dict[str, Any]]) -> dict[str, Any]:
-    meta: dict[str, Any] = {"kind": args.model, "arch": type(trainer.export()).__name__, "arch_kwargs": trainer.arch,
+    meta: dict[str, Any] = {"kind": args.model, "arch": type(model).__name__, "arch_kwargs": trainer.arch,
                             "resize": args.resize, "class_names": list(TARGETS[args.target]), "target": args.target}
     if args.model == "upscaler":
         meta |= {"input_size": args.img_size, "output_size": args.img_size * args.scale, "normalization": "unit"}
     else:
         meta |= {"image_size": args.img_size, "normalization": "[-1, 1]"}
-    if args.model == "ddpm":
-        meta["noise_schedule"] = NOISE_SCHEDULE
+    if args.model in ("ddpm", "ldm"):
+        meta["noise_schedule"] = trainer.schedule
+    if args.model == "ldm":
+        meta |= {"autoencoder": Path(args.autoencoder).name, "autoencoder_sha256": file_sha256(args.autoencoder)}
     # Paths as the manifest stores them (relative to its folder), so the hash is the same on every machine.
     rel = sorted(os.path.relpath(p, Path(args.manifest).resolve().parent) for p in fit_df["path"])
     fit_hash = hashlib.sha256("\n".join(rel).encode()).hexdigest()
@@ -178,8 +215,39 @@ def checkpoint_meta(args: argparse.Namespace, trainer, fit_df: pd.DataFrame,
                    "manifest": Path(args.manifest).name, "manifest_sha256": file_sha256(args.manifest),
                    "fit_paths_sha256": fit_hash, "n_train_images": len(fit_df), "trained_on": "split=fit, source=real",
                    "train_args": {k: v for k, v in vars(args).items()  # paths are machine-specific: left out
-                                  if k not in ("no_progress", "manifest", "out", "ship", "resume")},
+                                  if k not in ("no_progress", "manifest", "out", "ship", "resume", "autoencoder")},
                    "last_epoch": epochs[-1]}
+
+
+def training_batches(args: argparse.Namespace, trainer, images: torch.Tensor, progress_label: str,
+                     gen: torch.Generator, steps_per_epoch: int):
+    """One epoch's (indices, batch) in a seeded order: uint8 images with flips and 90-degree rotations (the upscaler
+    augments its own crops), or for the LDM one random dihedral view of each image's precomputed latents."""
+    order = torch.randperm(len(images), generator=gen)[: steps_per_epoch * args.batch_size].view(steps_per_epoch, -1)
+    for idx in tqdm(order, desc=progress_label, disable=args.no_progress, leave=False):
+        if args.model == "ldm":
+            yield idx, trainer.views[torch.randint(0, VIEWS, (len(idx),), generator=gen), idx]
+        elif args.model == "upscaler":
+            yield idx, images[idx]
+        else:
+            yield idx, augment(images[idx], gen, crop_scale=(1.0, 1.0), jitter=0.0)
+
+
+def validation_scores(args: argparse.Namespace, trainer, val: CachedImages | None) -> dict[str, float]:
+    """Upscaler: PSNR/SSIM against bicubic; autoencoder: how closely it round-trips real val images."""
+    if val is None:
+        return {}
+    real = torch.from_numpy(val.images).permute(0, 3, 1, 2)
+    if args.model == "upscaler":
+        return {f"val_{k}": v.mean().item() for k, v in compare_with_bicubic(trainer.model, real).items()}
+    rec = torch.cat([from_signed(trainer.reconstruct(b)).cpu() for b in real.split(64)])
+    return {"val_psnr": psnr(rec, real).mean().item(),
+            "val_mae": (rec.float() - real.float()).abs().mean().item() / 255.0}
+
+
+def exported(args: argparse.Namespace, trainer, images: torch.Tensor) -> torch.nn.Module:
+    """The model to save; the autoencoder's latent scale is measured on (up to) the first 512 fit images."""
+    return trainer.export(images[:512]) if args.model == "autoencoder" else trainer.export()
 
 
 @cli_main
@@ -192,12 +260,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fit, val = fit_images(args)
     steps_per_epoch = len(fit) // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(fit)} training images are fewer than one batch of {args.batch_size}")
+        raise UserError(f"{len(fit)} training images are fewer than one batch of {args.batch_size}")
     seed_everything(args.seed)
     trainer = build_trainer(args, device, steps_per_epoch * args.epochs)
+    images = torch.from_numpy(fit.images).permute(0, 3, 1, 2)
     n_params = sum(p.numel() for p in trainer.export().parameters())
     print(f"{args.model} ({args.preset}): {n_params / 1e6:.2f}M parameters in the shipped model; "
           f"{len(fit)} fit images, {steps_per_epoch} steps/epoch, device {device}")
+    if args.model == "ldm":
+        trainer.views = encode_views(trainer.autoencoder, images, progress=not args.no_progress)
 
     state_path, losses, epochs, start = out / "state.pt", [], [], 0
     if args.resume and state_path.exists():
@@ -205,16 +276,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.load_state_dict(state["trainer"])
         losses, epochs, start = state["losses"], state["epochs"], state["epoch"] + 1
         print(f"resumed from {state_path} after epoch {state['epoch'] + 1} (step {trainer.steps})")
-    images = torch.from_numpy(fit.images).permute(0, 3, 1, 2)
 
     for epoch in range(start, args.epochs):
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        order = torch.randperm(len(fit), generator=gen)[: steps_per_epoch * args.batch_size].view(steps_per_epoch, -1)
         t0, window = time.perf_counter(), []
-        for idx in tqdm(order, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress, leave=False):
-            x = images[idx]
-            if args.model != "upscaler":  # the upscaler augments its own crops
-                x = augment(x, gen, crop_scale=(1.0, 1.0), jitter=0.0)  # flips and 90-degree rotations only
+        for idx, x in training_batches(args, trainer, images, f"epoch {epoch + 1}/{args.epochs}", gen,
+                                       steps_per_epoch):
             window.append(trainer.train_step(x, fit.targets[idx], gen))
             if len(window) == args.log_every:
                 losses.append(mean_row(window, trainer.steps, epoch))
@@ -223,10 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             losses.append(mean_row(window, trainer.steps, epoch))
         seconds = time.perf_counter() - t0
         row: dict[str, Any] = {"epoch": epoch + 1, "steps": trainer.steps, "seconds": round(seconds, 1),
-                               "images_per_s": steps_per_epoch * args.batch_size / seconds}
-        if val is not None:
-            scores = compare_with_bicubic(trainer.model, torch.from_numpy(val.images).permute(0, 3, 1, 2))
-            row |= {f"val_{k}": v.mean().item() for k, v in scores.items()}
+                               "images_per_s": steps_per_epoch * args.batch_size / seconds,
+                               **validation_scores(args, trainer, val)}
         epochs.append(row)
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs:
@@ -234,12 +299,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_rows(out / "losses.csv", losses)
         write_rows(out / "epochs.csv", epochs)
         plots.training_curves(losses, out / "losses.png", x="step", title=out.name)
-        save_checkpoint(out / "model", trainer.export(), checkpoint_meta(args, trainer, fit.df, epochs))
+        model = exported(args, trainer, images)
+        save_checkpoint(out / "model", model, checkpoint_meta(args, trainer, model, fit.df, epochs))
         save_state(state_path, {"trainer": trainer.state_dict(), "epoch": epoch, "losses": losses, "epochs": epochs,
                                 "args": vars(args)})
-    meta = checkpoint_meta(args, trainer, fit.df, epochs)
+    model = exported(args, trainer, images)
+    meta = checkpoint_meta(args, trainer, model, fit.df, epochs)
     if args.ship:
-        print(f"shipped {save_checkpoint(args.ship, trainer.export(), meta, dtype=torch.float16)}")
+        print(f"shipped {save_checkpoint(args.ship, model, meta, dtype=torch.float16)}")
     print(f"-> {out}")
     return {"out": out, "epochs": epochs, "meta": meta}
 

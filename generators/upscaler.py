@@ -35,7 +35,7 @@ from data.cache import CachedImages
 from data.checkpoint import load_checkpoint
 from data.manifest import read_manifest
 from data.paths import MANIFESTS, RESULTS
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device
 from data.training import warmup_cosine
 from data.transforms import augment
 from generators import from_unit
@@ -202,8 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--limit", type=int, default=None, help="use at most this many images (quick checks)")
     p.add_argument("--out", default=str(RESULTS / "generators" / "upscaler_vs_bicubic.csv"),
                    help="CSV to write")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    add_runtime_options(p)
     a = p.parse_args(argv)
     if a.split == "fit":
         sys.exit("error: the upscaler trained on fit; compare on a held-out split (val, calib, test)")

@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from data.paths import CHECKPOINTS, MANIFESTS, RESULTS, RUNS
+from data.runtime import add_runtime_options, runtime_argv
 from generators import train, upscaler
 
 SHIPPED = ("dcgan", "upscaler")
@@ -36,19 +37,17 @@ def main() -> None:
     p.add_argument("--results", default=str(RESULTS / "generators" / "upscaler_vs_bicubic.csv"),
                    help="upscaler vs bicubic table")
     p.add_argument("--resume", action="store_true", help="continue each model's run from its state.pt")
-    p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    add_runtime_options(p, seed=0)
     a = p.parse_args()
-    device = ["--device", a.device, *(["--threads", str(a.threads)] if a.threads else [])]
-    common = ["--preset", a.preset, "--manifest", a.manifest, "--seed", str(a.seed), *device]
+    runtime = runtime_argv(a)
+    common = ["--preset", a.preset, "--manifest", a.manifest, "--seed", str(a.seed), *runtime]
     for model in a.models:
         ship = ["--ship", str(Path(a.ship_dir) / model)] if model in SHIPPED else []
         out = Path(a.runs_dir) / f"{model}_{a.preset}_s{a.seed}"
         train.main(["--model", model, "--out", str(out), *common, *ship, *(["--resume"] if a.resume else [])])
     if "upscaler" in a.models:
         upscaler.main(["--checkpoint", str(Path(a.ship_dir) / "upscaler.safetensors"), "--manifest", a.manifest,
-                       "--out", a.results, *device])
+                       "--out", a.results, *runtime])
 
 
 if __name__ == "__main__":

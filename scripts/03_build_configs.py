@@ -25,7 +25,7 @@ from pathlib import Path
 from data import configs
 from data.manifest import read_manifest
 from data.paths import CHECKPOINTS, MANIFESTS, RUNS
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device
 from generators import ddpm, sample
 from generators.upscaler import load_upscaler
 
@@ -50,9 +50,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="DDPM steps (default 50 for DDIM, 1000 for DDPM)")
     p.add_argument("--bf16", action="store_true", help="DDPM: bf16 autocast while sampling")
     p.add_argument("--batch-size", type=int, default=64, help="images per generator call")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the choice of synthetic rows")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    add_runtime_options(p, seed=0)
     a = p.parse_args()
     device = init_device(a.device, a.threads)
     counts = {k: n for k, n in configs.needed(read_manifest(a.original), a.ratio).items() if n > 0}

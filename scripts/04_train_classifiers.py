@@ -24,7 +24,7 @@ from pathlib import Path
 from classifiers.evaluate import evaluate
 from data.manifest import read_manifest
 from data.paths import MANIFESTS, RESULTS, ROOT, RUNS
-from data.runtime import cli_main, pick_device, setup_cpu
+from data.runtime import add_runtime_options, cli_main, pick_device, runtime_argv, setup_cpu
 from studies import grid
 from studies.presets import PRESETS, flags
 
@@ -47,10 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs-dir", default=str(RUNS / "classifiers"), help="one run folder per model here")
     p.add_argument("--results", default=str(RESULTS / "models_evaluation" / "grid_evaluation.csv"),
                    help="evaluation table of every finished model (rebuilt after each model)")
-    p.add_argument("--seed", type=int, default=0, help="training seed of every model")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_runtime_options(p, seed=0, progress=True)
     a = p.parse_args(argv)
     cls = PRESETS[a.preset]["classifier"]
     archs, configs = a.archs or cls["archs"], a.configs or cls["configs"]
@@ -58,8 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         setup_cpu(a.threads)
     runs, results = Path(a.runs_dir).resolve(), Path(a.results)
-    runtime = ["--device", a.device] + (["--threads", str(a.threads)] if a.threads else []) + \
-              (["--no-progress"] if a.no_progress else [])
+    runtime = runtime_argv(a)
     try:
         for config in configs:
             manifest = Path(a.manifest_dir).resolve() / f"{config}.csv"

@@ -16,7 +16,7 @@ import argparse
 
 from anomaly_detection import train_vae
 from data.paths import MANIFESTS, RUNS
-from data.runtime import cli_main
+from data.runtime import add_runtime_options, cli_main, runtime_argv
 from studies.presets import PRESETS, flags
 
 
@@ -26,15 +26,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="budget (studies/presets.py)")
     p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
     p.add_argument("--out", default=str(RUNS / "vae"), help="run folder")
-    p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_runtime_options(p, seed=0, progress=True)
     a = p.parse_args(argv)
-    return train_vae.main(["--manifest", a.manifest, "--out", a.out, "--seed", str(a.seed), "--device", a.device,
-                           *flags(PRESETS[a.preset]["vae"]), "--resume",
-                           *(["--threads", str(a.threads)] if a.threads else []),
-                           *(["--no-progress"] if a.no_progress else [])])
+    return train_vae.main(["--manifest", a.manifest, "--out", a.out, "--seed", str(a.seed),
+                           *flags(PRESETS[a.preset]["vae"]), "--resume", *runtime_argv(a)])
 
 
 if __name__ == "__main__":

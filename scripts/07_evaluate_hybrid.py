@@ -15,7 +15,7 @@ import argparse
 import pandas as pd
 
 from data.paths import MANIFESTS, RESULTS, RUNS
-from data.runtime import cli_main, pick_device
+from data.runtime import add_runtime_options, cli_main, runtime_argv
 from studies import evaluate_hybrid
 
 
@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    help="VAE checkpoint with its calibrated anomaly_threshold (steps 5 and 6)")
     p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
     p.add_argument("--out", default=str(RESULTS / "hybrid"), help="output folder")
-    p.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu or cuda")
+    add_runtime_options(p)
     a = p.parse_args(argv)
     return evaluate_hybrid.main(["--classifier", a.classifier, "--vae", a.vae, "--manifest", a.manifest,
-                                 "--out", a.out, "--device", str(pick_device(a.device))])
+                                 "--out", a.out, *runtime_argv(a)])
 
 
 if __name__ == "__main__":

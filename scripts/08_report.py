@@ -31,7 +31,7 @@ import pandas as pd
 
 from data.atomic import atomic_write_csv
 from data.paths import RESULTS, ROOT, RUNS
-from data.runtime import cli_main, pick_device, setup_cpu
+from data.runtime import add_runtime_options, cli_main, pick_device, setup_cpu
 from studies import grid
 
 
@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--gradcam-per-group", type=int, default=6,
                    help="Grad-CAM images per outcome (TP, FN, FP) in each gallery; 0 skips the galleries")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the paired AUC differences")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N (Grad-CAM)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    add_runtime_options(p, seed=0)
     a = p.parse_args(argv)
     results, runs = Path(a.results_dir), Path(a.runs_dir)
     if not runs.is_dir():

@@ -27,7 +27,7 @@ from classifiers.evaluate import evaluate
 from data import paths
 from data.checkpoint import CheckpointError
 from data.manifest import read_manifest, stratified_subset
-from data.runtime import cli_main, pick_device, setup_cpu
+from data.runtime import add_runtime_options, cli_main, pick_device, runtime_argv, setup_cpu
 from studies import cross_dataset, grid
 from studies.presets import flags
 
@@ -116,10 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                         "sets, as extra rows of runs.csv")
     p.add_argument("--limit", type=int, default=None,
                    help="quick runs: at most this many fit images per run and images per evaluation set")
-    p.add_argument("--seed", type=int, default=0, help="training seed of every run")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_runtime_options(p, seed=0, progress=True)
     a = p.parse_args(argv)
     device = pick_device(a.device)
     if device.type == "cpu":
@@ -132,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         compare = dict(item.split("=", 1) for item in a.compare)
     except ValueError:
         sys.exit(f"error: --set and --compare take KEY=VALUE items, got {a.set + a.compare}")
-    runtime = ["--device", a.device] + (["--threads", str(a.threads)] if a.threads else []) + \
-              (["--no-progress"] if a.no_progress else [])
+    runtime = runtime_argv(a)
     try:
         if not a.report_only:
             for name in a.runs:

@@ -8,9 +8,10 @@ Reports, per source (HAM10000 `test`, ISIC 2017 `external` = its official val), 
 studies/rescue_sources.py documents: the VAE and the feature detector alone (AUC with bootstrap CIs), the
 hybrid rescue with each anomaly score against the classifier at its threshold and at equal specificity, a learned
 fusion, the all-malignant baseline; leave-one-source-out; the gate's flag rates on >= 200 non-lesion images
-(data/non_lesion.py, seeded) and on lesions; and whether each target of the issue is met. Every threshold comes from
-`val`/`calib`. Writes to --out: metrics.csv, loso.csv, gate.csv, targets.csv, predictions.csv, non_lesion_gate.csv,
-operating_points_<set>.png, gate_scores.png, non_lesion_sheet.png and README.md (the command and the tables).
+(data/non_lesion.py, seeded by --seed; the gate's probe was trained on another seed) and on lesions; and whether
+each target of the issue is met. Every threshold comes from `val`/`calib`. Writes to --out: metrics.csv, loso.csv,
+gate.csv, targets.csv, predictions.csv, non_lesion_gate.csv, operating_points_<set>.png, gate_scores.png,
+non_lesion_sheet.png and README.md (the command and the tables).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from data.images import ImageError
 from data.manifest import file_sha256, read_manifest
 from data.non_lesion import EVALUATION_SEED, generated, skin_crops
 from data.paths import CHECKPOINTS, MANIFESTS, RESULTS, repo_relative
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device
 from evaluation import plots
 from studies import rescue_sources as rs
 from studies.grid import markdown
@@ -91,11 +92,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    help="the manifest the detector and gate were fitted on (checked by sha256)")
     p.add_argument("--non-lesion", type=int, default=240, help="generated non-lesion images (data/non_lesion.py)")
     p.add_argument("--skin-crops", type=int, default=60, help="corner crops of skin from HAM10000 test images")
-    p.add_argument("--seed", type=int, default=EVALUATION_SEED,
-                   help="seed of the non-lesion set (the gate's probe was trained on another: data/non_lesion.py)")
     p.add_argument("--out", default=str(RESULTS / "rescue_sources"), help="output folder")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    add_runtime_options(p, seed=EVALUATION_SEED)
     a = p.parse_args(argv)
     device = init_device(a.device, a.threads)
     df = read_manifest(a.manifest)

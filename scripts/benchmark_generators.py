@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device
 from generators import ddpm
 from generators.train import MODELS, build_trainer
 from generators.train import parse_args as train_args
@@ -48,8 +48,7 @@ def main() -> None:
     p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--ddpm-steps", type=int, default=1000, help="ancestral DDPM steps (1000: the full chain)")
     p.add_argument("--skip-train", action="store_true", help="only time sampling")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    add_runtime_options(p)
     a = p.parse_args()
     device = init_device(a.device, a.threads)
     print(f"device {device}, {torch.get_num_threads()} threads, preset {a.preset}")

@@ -33,7 +33,7 @@ from data.cache import CachedImages
 from data.checkpoint import atomic_write_text
 from data.manifest import read_manifest
 from data.paths import MANIFESTS, RESULTS
-from data.runtime import UserError, cli_main, init_device, seed_everything
+from data.runtime import UserError, add_runtime_options, cli_main, init_device, seed_everything
 from data.transforms import Preprocess, preprocess_meta
 
 SETTINGS = {"bf16_channels_last": (True, torch.channels_last), "fp32_nchw": (False, torch.contiguous_format)}
@@ -51,9 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--manifest", type=Path, default=MANIFESTS / "original.csv",
                    help="manifest whose fit split supplies the images (through the preprocessing cache)")
     p.add_argument("--synthetic", action="store_true", help="random uint8 images instead of the manifest's")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch draw")
+    add_runtime_options(p, seed=0)
     p.add_argument("--note", default="", help="free text for the Markdown note (e.g. what else ran on the machine)")
     p.add_argument("--out", type=Path, default=RESULTS / "benchmarks" / "training_throughput.csv",
                    help="CSV to write; the note goes beside it with the suffix .md")

@@ -17,7 +17,8 @@ records the step's key: the sha256 of its commands and of the content of its inp
 its stamp's key is unchanged and all its declared outputs exist; changing an input (say, a manifest) or a budget
 re-runs it and the steps that read its outputs. A killed run is resumed by running the same command again: finished
 steps are skipped, and the long steps continue where they stopped (generators, classifiers and the VAE resume from
-their last epoch; the grid skips finished models). Use one --work-dir per preset.
+their last epoch; the grid skips finished models). Use one --work-dir per preset. --device is passed to every step
+that takes one; --threads becomes every step's OMP_NUM_THREADS (default: inherited).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from data.atomic import atomic_write_text
 from data.manifest import file_sha256
 from data.paths import ROOT, RUNS, SHARED_DATA
-from data.runtime import UserError, cli_main
+from data.runtime import UserError, add_runtime_options, cli_main
 from studies.presets import PRESETS, Layout, Step, describe, steps
 
 
@@ -112,10 +113,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     what.add_argument("--only", type=int, nargs="+", choices=range(1, 9), metavar="N", help="run only these steps")
     p.add_argument("--force", action="store_true", help="run the selected steps even when they are up to date")
     p.add_argument("--dry-run", action="store_true", help="print each selected step's status and commands; run nothing")
-    p.add_argument("--seed", type=int, default=0, help="seed of splits, sampling and training")
-    p.add_argument("--device", default="auto", help="passed to every step that takes one: auto, cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per step, as OMP_NUM_THREADS (default: inherited, else all cores)")
+    add_runtime_options(p, seed=0)
     a = p.parse_args(argv)
     work = Path(a.work_dir or (RUNS / "smoke" if a.preset == "smoke" else ROOT))
     layout = Layout(work)

@@ -44,6 +44,7 @@ from data.atomic import atomic_write_text
 from data.checkpoint import CheckpointError, save_checkpoint
 from data.manifest import file_sha256, read_manifest
 from data.paths import CHECKPOINTS, MANIFESTS, RESULTS, repo_relative
+from data.runtime import add_runtime_options, runtime_argv
 from evaluation import plots
 from studies import evaluate_hybrid
 
@@ -237,13 +238,14 @@ def ship_and_evaluate(a: argparse.Namespace, source_meta: dict, out: Path, resul
     log = copy_training_log(a.classifier, results, name)
     ship(a.classifier, cls_path, load_classifier, command)
     data = ["--manifest", a.manifest or str(evaluate.training_manifest(source_meta))]
+    runtime = runtime_argv(a)
     if a.vae:
         ship(a.vae, vae_path, load_vae, command)
-        calibrate.main(["--vae", str(vae_path), "--device", a.device, "--out", str(results / "vae_calibration"), *data])
-    evaluate.main(["--checkpoint", str(cls_path), "--name", name, "--device", a.device,
-                   "--out", str(results / "classifier" / name), *data])
-    evaluate_hybrid.main(["--classifier", str(cls_path), "--vae", str(vae_path), "--device", a.device,
-                          "--out", str(results / "hybrid" / name), *data])
+        calibrate.main(["--vae", str(vae_path), "--out", str(results / "vae_calibration"), *data, *runtime])
+    evaluate.main(["--checkpoint", str(cls_path), "--name", name, "--out", str(results / "classifier" / name), *data,
+                   *runtime])
+    evaluate_hybrid.main(["--classifier", str(cls_path), "--vae", str(vae_path),
+                          "--out", str(results / "hybrid" / name), *data, *runtime])
     write_card(out, results)
     return log
 
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         "no evaluation image was seen in training)",
     )
     p.add_argument("--results-dir", default=str(RESULTS), help="where the evaluation outputs go")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (evaluation)")
+    add_runtime_options(p)
     a = p.parse_args(argv)
     if a.card_only:
         try:

@@ -45,7 +45,7 @@ from data.cache import CachedImages
 from data.checkpoint import CheckpointError
 from data.manifest import read_manifest
 from data.paths import CHECKPOINTS, RESULTS
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device
 from evaluation import plots
 from evaluation.metrics import auc_ci, choose_threshold, decision_metrics, logit, threshold_for_specificity
 
@@ -146,10 +146,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    help="manifest CSV (default: the classifier's training manifest: its splits are held out)")
     p.add_argument("--splits", nargs="+", default=["test", "external"], help="splits to report on")
     p.add_argument("--out", default=str(RESULTS / "hybrid"), help="output folder")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
+    add_runtime_options(p)
     a = p.parse_args(argv)
     a.classifier = resolve_classifier(a.classifier)
-    device = init_device(a.device)
+    device = init_device(a.device, a.threads)
     try:
         predictor = HybridPredictor(a.classifier, a.vae, device)
     except CheckpointError as exc:

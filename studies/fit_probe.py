@@ -35,7 +35,7 @@ from data.atomic import write_rows
 from data.cache import CachedImages
 from data.checkpoint import read_sidecar
 from data.manifest import file_sha256, read_manifest
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device
 from data.transforms import Preprocess
 from evaluation import plots
 from evaluation.metrics import proportion_ci
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    help="the manifest the run was trained on (default: found by the sha256 its checkpoint records)")
     p.add_argument("--out", required=True, help="CSV to write; the bar plot goes beside it (.png)")
     p.add_argument("--per-class", type=int, default=200, help="fit images per class and source (real, synthetic)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling of fit images")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    add_runtime_options(p, seed=0)
     a = p.parse_args(argv)
     checkpoint = Path(a.run) / "best.safetensors"
     if not checkpoint.is_file():

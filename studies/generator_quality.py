@@ -44,7 +44,7 @@ from data.cache import build_cache
 from data.images import load_rgb, to_uint8
 from data.manifest import file_sha256, read_manifest
 from data.paths import MANIFESTS, RESULTS, ROOT, RUNS
-from data.runtime import UserError, cli_main, init_device
+from data.runtime import UserError, add_runtime_options, cli_main, init_device
 from data.transforms import Preprocess, preprocess_meta
 from generators import save_grid
 
@@ -259,10 +259,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    help="memorisation table CSV (default: <out stem>_nearest.csv) and a PNG of the closest pairs")
     p.add_argument("--nearest-top", type=int, default=100,
                    help="memorisation CSV: every flagged image plus the N closest in each space")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subsets (KID, reference rows, caps)")
     p.add_argument("--batch-size", type=int, default=64, help="images per extractor call")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
+    add_runtime_options(p, seed=0)
     a = p.parse_args(argv)
     if "fit" in (a.real_split, a.reference_split) or a.real_split == a.reference_split:
         sys.exit("error: --real-split and --reference-split must be two different held-out splits (not fit)")

@@ -31,7 +31,7 @@ import pandas as pd
 
 from classifiers.evaluate import evaluate
 from data import paths
-from data.runtime import UserError, cli_main, init_device
+from data.runtime import UserError, add_runtime_options, cli_main, init_device, runtime_argv
 from evaluation.metrics import bootstrap_aucs, ci, decision_metrics
 from evaluation.plots import save_figure
 from studies import cross_dataset, grid
@@ -129,16 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="quick runs: at most this many fit images per run and images per evaluation set")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the test images")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_runtime_options(p, progress=True)
     a = p.parse_args(argv)
     device = init_device(a.device, a.threads)
     runs, manifest, out = Path(a.runs_dir), Path(a.manifest), Path(a.out)
     if not manifest.is_file():
         raise UserError(f"{manifest} not found; build it with python scripts/01_prepare_data.py --mixed")
-    runtime = ["--device", a.device] + (["--threads", str(a.threads)] if a.threads else []) + \
-              (["--no-progress"] if a.no_progress else [])
+    runtime = runtime_argv(a)
     try:
         changes = dict(item.split("=", 1) for item in a.set)
     except ValueError:

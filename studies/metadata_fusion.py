@@ -31,7 +31,7 @@ from data.atomic import write_rows
 from data.cache import CachedImages
 from data.manifest import read_manifest, stratified_subset
 from data.paths import MANIFESTS, RESULTS
-from data.runtime import cli_main, init_device, seed_everything
+from data.runtime import add_runtime_options, cli_main, init_device, seed_everything
 from data.training import EMA, warmup_cosine
 from data.transforms import Preprocess, augment, preprocess_meta
 from evaluation.metrics import auc, auc_ci, paired_auc_difference
@@ -126,10 +126,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--limit", type=int, default=None, help="at most this many fit images (val, test: a quarter)")
     p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
     p.add_argument("--out", default=str(RESULTS / "metadata_fusion"), help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of both arms")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_runtime_options(p, seed=0, progress=True)
     a = p.parse_args(argv)
     device = init_device(a.device, a.threads)
     df = read_manifest(a.manifest)

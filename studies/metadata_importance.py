@@ -32,7 +32,7 @@ from data.atomic import write_rows
 from data.cache import CachedImages
 from data.manifest import read_manifest
 from data.paths import MANIFESTS, RESULTS
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device
 from data.transforms import Preprocess
 from evaluation.metrics import auc, paired_auc_difference
 from evaluation.plots import save_figure
@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--manifest", default=str(MANIFESTS / "mixed.csv"),
                    help="manifest with HAM10000 val and calib rows and their age, sex, site")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of calib")
-    p.add_argument("--seed", type=int, default=0, help="seed of resampling and shuffles")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    add_runtime_options(p, seed=0)
     p.add_argument("--out", default=None, help="output folder (default: results/metadata_importance/<name>)")
     a = p.parse_args(argv)
     if a.n_boot < 10:

@@ -42,7 +42,7 @@ from data.atomic import atomic_write_text, write_rows
 from data.cache import CachedImages
 from data.manifest import DX_CLASSES, read_manifest, write_manifest
 from data.paths import MANIFESTS, RESULTS, RUNS
-from data.runtime import UserError, cli_main, init_device
+from data.runtime import UserError, add_runtime_options, cli_main, init_device, runtime_argv
 from data.transforms import Preprocess
 from evaluation import plots
 from evaluation.metrics import ci, multiclass_bootstrap
@@ -93,8 +93,7 @@ def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace, seed: 
                   "--arch", a.arch, "--img-size", str(a.img_size), "--epochs", str(a.epochs), "--patience",
                   str(a.epochs), "--epoch-size", str(a.epoch_size), "--seed", str(seed),
                   *(["--limit", str(a.limit)] if a.limit else [])]
-    runtime = ["--device", a.device, *(["--threads", str(a.threads)] if a.threads else []),
-               *(["--no-progress"] if a.no_progress else [])]
+    runtime = runtime_argv(a)
     grid.train_and_evaluate(run, train_args, [*train_args, "--resume", *runtime], a.arch, f"dx7_{arm}", seed,
                             lambda: predictions(run, manifest, device), arm)
 
@@ -212,7 +211,6 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     p.add_argument("--epoch-size", type=int, default=6400, help="images per epoch, the same for every arm")
     p.add_argument("--limit", type=int, default=None,
                    help="train on at most this many fit images and a quarter as many val images (quick runs, tests)")
-    p.add_argument("--seed", type=int, default=0, help="seed of training and of sampling")
     p.add_argument("--noise-seeds", type=int, nargs="*", default=[1],
                    help="also train the baseline with these seeds (arms baseline_seed<N>): how far an arm moves with "
                         "nothing changed but the seed, the noise floor of every other arm's change")
@@ -223,9 +221,7 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     p.add_argument("--bf16", action="store_true",
                    help="DDPM arms: sample with bf16 autocast (faster on CPUs and GPUs with bf16; recorded with the "
                         "samples, which a later run with another setting refuses to mix in)")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or all cores)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_runtime_options(p, seed=0, progress=True)
     a = p.parse_args(argv)
     if any("=" not in g for g in a.generator):
         p.error(f"--generator expects ARM=CHECKPOINT, got {a.generator}")

@@ -34,7 +34,7 @@ from classifiers.evaluate import evaluate
 from classifiers.models import list_models
 from data.manifest import read_manifest
 from data.paths import MANIFESTS, RESULTS, RUNS
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device, runtime_argv
 from evaluation.plots import save_figure
 
 
@@ -52,9 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///<runs-dir>/study.db)")
     p.add_argument("--runs-dir", default=str(RUNS / "tuning"), help="trial run folders and the study")
     p.add_argument("--out", default=str(RESULTS / "tuning"), help="report folder")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed and training seed of every trial")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per trial")
+    add_runtime_options(p, seed=0)
     return p.parse_args(argv)
 
 
@@ -80,8 +78,8 @@ def objective(a: argparse.Namespace, study: str):
         argv = ["--arch", a.arch, "--img-size", str(a.img_size), "--manifest", a.manifest, "--seed", str(a.seed),
                 "--lr", str(params["lr"]), "--dropout", str(params["dropout"]), "--weight-decay",
                 str(params["weight_decay"]), "--epochs", str(params["epochs"]), "--patience", str(params["epochs"]),
-                "--out", str(out), "--resume", "--no-progress", "--device", a.device]
-        argv += (["--limit", str(a.limit)] if a.limit else []) + (["--threads", str(a.threads)] if a.threads else [])
+                "--out", str(out), "--resume", "--no-progress", *runtime_argv(a)]
+        argv += ["--limit", str(a.limit)] if a.limit else []
         result = train.main(argv)
         return float(result["metrics"]["val"]["auc"])
 

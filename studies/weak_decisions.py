@@ -36,7 +36,7 @@ from data.cache import CachedImages
 from data.checkpoint import CheckpointError
 from data.manifest import read_manifest
 from data.paths import CHECKPOINTS, RESULTS
-from data.runtime import cli_main, init_device
+from data.runtime import add_runtime_options, cli_main, init_device
 from evaluation.plots import save_figure
 from studies import grid
 from studies.evaluate_hybrid import score_split
@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--gallery", type=int, default=16, help="weak cases shown with Grad-CAM (0: no gallery)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images per set (quick checks)")
     p.add_argument("--out", default=str(RESULTS / "weak_decisions"), help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_runtime_options(p)
     a = p.parse_args(argv)
     a.classifier = resolve_classifier(a.classifier)
-    device = init_device(a.device)
+    device = init_device(a.device, a.threads)
     try:
         predictor = HybridPredictor(a.classifier, a.vae, device)
         df = read_manifest(a.manifest or training_manifest(predictor.cls_meta))

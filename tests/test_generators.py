@@ -16,7 +16,7 @@ from data.checkpoint import load_checkpoint, save_checkpoint
 from data.manifest import read_manifest, write_manifest
 from data.training import load_state, save_state
 from data.transforms import preprocess_meta
-from generators import ddpm, sample, train
+from generators import ddpm, latent, sample, train
 from generators.dcgan import DCGANTrainer, build_generator
 from generators.ddpm import DDPMTrainer
 from generators.upscaler import Upscaler, UpscalerTrainer, bicubic, build_upscaler, load_upscaler, psnr, ssim
@@ -109,6 +109,37 @@ def test_ddpm_trains_and_samples_with_ddim_and_ddpm():
         ddpm.scheduler("euler")
 
 
+def test_latent_autoencoder_trains_scales_its_latents_and_encodes_eight_views():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.stack([np.array(blob_image(rng, (32, 32))) for _ in range(4)])).permute(0, 3, 1, 2)
+    trainer = latent.AutoencoderTrainer({"channels": [8, 16], "norm_groups": 4, "image_size": 32}, 1e-3,
+                                        torch.device("cpu"), total_steps=10)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    losses = [trainer.train_step(x, torch.zeros(4), torch.Generator().manual_seed(i))["l1"] for i in range(3)]
+    assert all(math.isfinite(v) for v in losses) and trained_changes(before, trainer.model)
+    model = trainer.export(x)
+    assert model.config.scaling_factor == pytest.approx(1 / latent.latent_std(model, x))
+    views = latent.encode_views(model, x)
+    assert views.shape == (latent.VIEWS, 4, 4, 16, 16) and views.dtype == torch.float16
+    assert float(views[0].float().std()) == pytest.approx(1.0, rel=1e-2)  # scaled to unit variance
+    transforms = {tuple(latent.dihedral(x[:1], v).flatten()[:64].tolist()) for v in range(latent.VIEWS)}
+    assert len(transforms) == latent.VIEWS and torch.equal(latent.dihedral(x, 0), x)
+
+
+def test_latent_sampler_is_deterministic_with_a_seed_and_decodes_to_images():
+    autoencoder = latent.build_autoencoder({"arch_kwargs": {"channels": [8, 16], "norm_groups": 4, "image_size": 32}})
+    trainer = latent.LatentDiffusionTrainer({**TINY_DDPM, "num_classes": 2}, 1e-3, torch.device("cpu"), 10,
+                                            autoencoder, {"channels": [8, 16], "norm_groups": 4, "image_size": 32})
+    assert trainer.unet.config.in_channels == 4 and trainer.unet.config.sample_size == 16
+    z, y = torch.randn(4, 4, 16, 16), torch.tensor([0, 1, 0, 1])
+    assert math.isfinite(trainer.train_step(z, y, torch.Generator().manual_seed(0))["loss"])
+    labels = torch.tensor([0, 1])
+    a, b, c = (latent.generate(trainer.export(), labels, torch.Generator().manual_seed(s), steps=3,
+                               schedule=latent.LATENT_SCHEDULE) for s in (7, 7, 8))
+    assert a.shape == (2, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_ddim_default_is_50_steps_and_ddpm_the_full_chain():
     assert len(ddpm.scheduler("ddpm").timesteps) == 1000
     ddim = ddpm.scheduler("ddim")
@@ -173,6 +204,12 @@ def textbook_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def run(model: str, manifest: Path, out: Path, *extra: str) -> dict:
+    """A smoke-preset training run; an LDM gets a smoke autoencoder trained beside it first (once per folder)."""
+    if model == "ldm" and "--autoencoder" not in extra:
+        autoencoder = out.parent / "ldm_autoencoder"
+        if not (autoencoder / "model.safetensors").is_file():
+            run("autoencoder", manifest, autoencoder)
+        extra = (*extra, "--autoencoder", str(autoencoder / "model.safetensors"))
     return train.main(["--model", model, "--preset", "smoke", "--manifest", str(manifest), "--out", str(out),
                        "--limit", "8", "--threads", "1", "--no-progress", *extra])
 
@@ -222,7 +259,8 @@ def test_train_cli_resume_restores_everything_exactly(model, manifest, tmp_path,
         assert (out / name).is_file(), name
     assert resumed["meta"]["kind"] == model and resumed["meta"]["steps"] == 4 == straight["meta"]["steps"]
     assert resumed["meta"]["n_train_images"] == 8 and resumed["meta"]["trained_on"] == "split=fit, source=real"
-    build = {"dcgan": build_generator, "ddpm": ddpm.build_unet, "upscaler": build_upscaler}[model]
+    build = {"dcgan": build_generator, "ddpm": ddpm.build_unet, "upscaler": build_upscaler,
+             "autoencoder": latent.build_autoencoder, "ldm": latent.build_ldm}[model]
     load_checkpoint(out / "model.safetensors", build, kind=model)
 
 
@@ -243,7 +281,7 @@ def smoke_checkpoints(manifest, tmp_path) -> dict[str, Path]:
 def test_sample_cli_writes_pngs_and_a_manifest(smoke_checkpoints, tmp_path):
     up = str(smoke_checkpoints["upscaler"])
     cases = [("dcgan", [], 64), ("dcgan_up", ["--upscale", up], 128),
-             ("ddpm_up", ["--steps", "2", "--upscale", up], 128)]
+             ("ddpm_up", ["--steps", "2", "--upscale", up], 128), ("ldm", ["--steps", "2"], 64)]
     for source, extra, size in cases:
         kind = source.removesuffix("_up")
         out = tmp_path / "syn" / source
