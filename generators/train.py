@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from tqdm import tqdm
 from data.atomic import write_rows
 from data.cache import CachedImages
 from data.checkpoint import load_checkpoint, save_checkpoint
+from data.config import Runtime, add_options, check_types, from_args, option, to_json, write_config
 from data.manifest import TARGETS, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
 from data.runtime import UserError, add_runtime_options, cli_main, init_device, seed_everything
@@ -90,105 +92,126 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass
+class GeneratorConfig:
+    """Everything that defines a generator run; `generators/train.py --help` lists the same fields as flags. Fields
+    left None take the preset's value (PRESETS[model][preset]), as do arch, patch and preview_steps."""
+
+    model: str | None = option(None, "what to train", choices=MODELS, required=True)
+    preset: str = option("cpu", "smoke: seconds (tests); cpu: a 2-core machine, minutes to hours; full: one GPU",
+                         choices=("smoke", "cpu", "full"))
+    manifest: str = option(str(MANIFESTS / "original.csv"), "manifest whose real fit rows are the training images")
+    target: str = option("label", "generators: the classes they are conditioned on, label (benign/malignant) or dx "
+                         "(the seven HAM10000 diagnoses)", choices=sorted(TARGETS))
+    autoencoder: str | None = option(None, "ldm: the trained autoencoder checkpoint whose latent space the UNet "
+                                     "learns (--model autoencoder first)")
+    kl_weight: float = option(1e-6, "autoencoder: weight of the KL term beside L1")
+    img_size: int = option(64, "generated image size; the upscaler's input size")
+    scale: int = option(2, "upscaler factor (64 -> 128 px by default)")
+    resize: str = option("squash", "resize rule of the cache", choices=("squash", "center_crop"))
+    epochs: int | None = option(None, "epochs (default: the preset's)")
+    batch_size: int | None = option(None, "images per step (default: the preset's)")
+    lr: float | None = option(None, "peak learning rate (default: the preset's)")
+    limit: int | None = option(None, "train on a seeded class-stratified subset of this many images (smoke "
+                               "preset: 16)")
+    bf16: bool | None = option(None, "bf16 autocast (default: on for the DCGAN, DDPM, autoencoder and LDM cpu/full "
+                               "presets, off for the upscaler)")
+    ema_decay: float = option(0.999, "DDPM and LDM: decay of the EMA weights that are sampled")
+    sample_every: int | None = option(None, "write a sample grid every N epochs")
+    log_every: int = option(25, "average losses over this many steps per CSV row")
+    seed: int = option(0, "seed of initialisation, shuffling, noise")
+    out: str | None = option(None, "run folder (default runs/generators/<model>_<preset>_s<seed>, <model>_dx_... "
+                             "for --target dx)")
+    ship: str | None = option(None, "also write the final model as fp16 safetensors + sidecar at this path (e.g. "
+                              "checkpoints/generators/dcgan)")
+    arch: dict[str, Any] | None = None  # from the preset
+    patch: int | None = None
+    preview_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.model not in MODELS:
+            raise ValueError(f"--model must be one of {MODELS}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError("--epochs must be at least 1")
+        if (self.model == "ldm") != bool(self.autoencoder):
+            raise ValueError("--autoencoder is required with --model ldm, and only with it")
+        preset = PRESETS[self.model][self.preset]
+        for key in ("epochs", "batch_size", "lr", "limit", "sample_every", "bf16"):
+            if getattr(self, key) is None:
+                setattr(self, key, preset.get(key, False if key == "bf16" else None))
+        self.arch = self.arch or preset["arch"]
+        self.patch, self.preview_steps = preset.get("patch"), preset.get("preview_steps", 50)
+
+    @property
+    def run_dir(self) -> Path:
+        name = f"{self.model}{'_dx' if self.target == 'dx' else ''}_{self.preset}_s{self.seed}"
+        return Path(self.out or RUNS / "generators" / name)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[GeneratorConfig, Runtime]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=MODELS, help="what to train")
-    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "full"),
-                   help="smoke: seconds (tests); cpu: a 2-core machine, minutes to hours; full: one GPU")
-    p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"),
-                   help="manifest whose real fit rows are the training images")
-    p.add_argument("--target", default="label", choices=sorted(TARGETS),
-                   help="generators: the classes they are conditioned on, label (benign/malignant) or dx (the seven "
-                        "HAM10000 diagnoses)")
-    p.add_argument("--autoencoder", default=None,
-                   help="ldm: the trained autoencoder checkpoint whose latent space the UNet learns (--model "
-                        "autoencoder first)")
-    p.add_argument("--kl-weight", type=float, default=1e-6, help="autoencoder: weight of the KL term beside L1")
-    p.add_argument("--img-size", type=int, default=64, help="generated image size; the upscaler's input size")
-    p.add_argument("--scale", type=int, default=2, help="upscaler factor (64 -> 128 px by default)")
-    p.add_argument("--resize", default="squash", choices=("squash", "center_crop"), help="resize rule of the cache")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: the preset's)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="train on a seeded class-stratified subset of this many images (smoke preset: 16)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on for the DCGAN and DDPM cpu/full presets, off for the upscaler)")
-    p.add_argument("--ema-decay", type=float, default=0.999,
-                   help="DDPM and LDM: decay of the EMA weights that are sampled")
-    p.add_argument("--sample-every", type=int, default=None, help="write a sample grid every N epochs")
-    p.add_argument("--log-every", type=int, default=25, help="average losses over this many steps per CSV row")
+    add_options(p, GeneratorConfig, skip=("seed",))
     add_runtime_options(p, seed=0, progress=True)
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
-    p.add_argument("--out", default=None,
-                   help="run folder (default runs/generators/<model>_<preset>_s<seed>, <model>_dx_... for --target dx)")
-    p.add_argument("--ship", default=None,
-                   help="also write the final model as fp16 safetensors + sidecar at this path "
-                        "(e.g. checkpoints/generators/dcgan)")
     args = p.parse_args(argv)
-    preset = PRESETS[args.model][args.preset]
-    if args.epochs is not None and args.epochs < 1:
-        p.error("--epochs must be at least 1")
-    if (args.model == "ldm") != bool(args.autoencoder):
-        p.error("--autoencoder is required with --model ldm, and only with it")
-    for key in ("epochs", "batch_size", "lr", "limit", "sample_every", "bf16"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset.get(key, False if key == "bf16" else None))
-    args.arch, args.patch, args.preview_steps = preset["arch"], preset.get("patch"), preset.get("preview_steps", 50)
-    return args
+    try:
+        return from_args(GeneratorConfig, args), Runtime.from_args(args)
+    except ValueError as exc:
+        p.error(str(exc))
 
 
-def fit_images(args: argparse.Namespace) -> tuple[CachedImages, CachedImages | None]:
+def fit_images(cfg: GeneratorConfig) -> tuple[CachedImages, CachedImages | None]:
     """Real fit rows (and, for the upscaler, real val rows) at the size the model trains on."""
-    df = read_manifest(args.manifest)
+    df = read_manifest(cfg.manifest)
     fit = df[(df["split"] == "fit") & (df["source"] == "real")]
-    if args.limit:
-        fit = stratified_subset(fit, args.limit, args.seed)
+    if cfg.limit:
+        fit = stratified_subset(fit, cfg.limit, cfg.seed)
     if fit.empty:
-        raise UserError(f"{args.manifest} has no real rows in the fit split")
-    size = args.img_size * args.scale if args.model == "upscaler" else args.img_size
+        raise UserError(f"{cfg.manifest} has no real rows in the fit split")
+    size = cfg.img_size * cfg.scale if cfg.model == "upscaler" else cfg.img_size
     val = None
-    if args.model in NEEDS_VAL:
+    if cfg.model in NEEDS_VAL:
         val_df = df[(df["split"] == "val") & (df["source"] == "real")]
-        val = CachedImages(val_df.iloc[: max(8, args.limit // 4) if args.limit else 128], size, args.resize)
-    return CachedImages(fit, size, args.resize, target=args.target), val
+        val = CachedImages(val_df.iloc[: max(8, cfg.limit // 4) if cfg.limit else 128], size, cfg.resize)
+    return CachedImages(fit, size, cfg.resize, target=cfg.target), val
 
 
-def build_trainer(args: argparse.Namespace, device: torch.device, total_steps: int):
-    arch = {**args.arch, "image_size": args.img_size, "num_classes": len(TARGETS[args.target])}
-    if args.model == "dcgan":
-        return DCGANTrainer(arch, args.lr, device, autocast=args.bf16)
-    if args.model == "ddpm":
-        return DDPMTrainer(arch, args.lr, device, total_steps, ema_decay=args.ema_decay, autocast=args.bf16)
-    if args.model == "autoencoder":
-        return AutoencoderTrainer({**args.arch, "image_size": args.img_size}, args.lr, device, total_steps,
-                                  args.kl_weight, args.bf16)
-    if args.model == "ldm":
-        autoencoder, ae_meta = load_checkpoint(args.autoencoder, build_autoencoder, kind="autoencoder")
-        if ae_meta["image_size"] != args.img_size:
-            raise UserError(f"{args.autoencoder} encodes {ae_meta['image_size']}-px images, not --img-size "
-                            f"{args.img_size}")
-        return LatentDiffusionTrainer(arch, args.lr, device, total_steps, autoencoder.float(), ae_meta["arch_kwargs"],
-                                      ema_decay=args.ema_decay, autocast=args.bf16)
-    return UpscalerTrainer({**args.arch, "scale": args.scale}, args.lr, device, total_steps, args.patch)
+def build_trainer(cfg: GeneratorConfig, device: torch.device, total_steps: int):
+    arch = {**cfg.arch, "image_size": cfg.img_size, "num_classes": len(TARGETS[cfg.target])}
+    if cfg.model == "dcgan":
+        return DCGANTrainer(arch, cfg.lr, device, autocast=cfg.bf16)
+    if cfg.model == "ddpm":
+        return DDPMTrainer(arch, cfg.lr, device, total_steps, ema_decay=cfg.ema_decay, autocast=cfg.bf16)
+    if cfg.model == "autoencoder":
+        return AutoencoderTrainer({**cfg.arch, "image_size": cfg.img_size}, cfg.lr, device, total_steps,
+                                  cfg.kl_weight, cfg.bf16)
+    if cfg.model == "ldm":
+        autoencoder, ae_meta = load_checkpoint(cfg.autoencoder, build_autoencoder, kind="autoencoder")
+        if ae_meta["image_size"] != cfg.img_size:
+            raise UserError(f"{cfg.autoencoder} encodes {ae_meta['image_size']}-px images, not --img-size "
+                            f"{cfg.img_size}")
+        return LatentDiffusionTrainer(arch, cfg.lr, device, total_steps, autoencoder.float(), ae_meta["arch_kwargs"],
+                                      ema_decay=cfg.ema_decay, autocast=cfg.bf16)
+    return UpscalerTrainer({**cfg.arch, "scale": cfg.scale}, cfg.lr, device, total_steps, cfg.patch)
 
 
-def preview(trainer, args: argparse.Namespace, val: CachedImages | None, path: Path) -> None:
+def preview(trainer, cfg: GeneratorConfig, val: CachedImages | None, path: Path) -> None:
     """Generators: the same 8 latents per class every time. Upscaler: bicubic | learned | real, for 8 val images.
     Autoencoder: 8 real val images above their reconstructions."""
-    if args.model == "autoencoder":
+    if cfg.model == "autoencoder":
         real = torch.from_numpy(val.images[:8]).permute(0, 3, 1, 2)
         save_grid(torch.cat([real, from_signed(trainer.reconstruct(real)).cpu()]), path, nrow=8)
         return
-    if args.model == "upscaler":
+    if cfg.model == "upscaler":
         hr = torch.from_numpy(val.images[:8]).permute(0, 3, 1, 2)
-        lr = from_unit(bicubic(hr.float() / 255.0, args.img_size))
+        lr = from_unit(bicubic(hr.float() / 255.0, cfg.img_size))
         plain = from_unit(bicubic(lr.float() / 255.0, hr.shape[-1]))
         save_grid(torch.cat([plain, upscale(trainer.model, lr), hr]), path, nrow=8)
         return
-    labels = torch.arange(len(TARGETS[args.target])).repeat_interleave(8)
+    labels = torch.arange(len(TARGETS[cfg.target])).repeat_interleave(8)
     gen = torch.Generator().manual_seed(12345)
-    kwargs = {"steps": args.preview_steps} if args.model in ("ddpm", "ldm") else {}
+    kwargs = {"steps": cfg.preview_steps} if cfg.model in ("ddpm", "ldm") else {}
     save_grid(from_signed(trainer.generate(labels, gen, **kwargs)), path, nrow=8)
 
 
@@ -196,119 +219,124 @@ def mean_row(window: list[dict[str, float]], step: int, epoch: int) -> dict[str,
     return {"step": step, "epoch": epoch + 1, **{k: sum(w[k] for w in window) / len(window) for k in window[0]}}
 
 
-def checkpoint_meta(args: argparse.Namespace, trainer, model: torch.nn.Module, fit_df: pd.DataFrame,
+def checkpoint_meta(cfg: GeneratorConfig, trainer, model: torch.nn.Module, fit_df: pd.DataFrame,
                     epochs: list[dict[str, Any]]) -> dict[str, Any]:
-    meta: dict[str, Any] = {"kind": args.model, "arch": type(model).__name__, "arch_kwargs": trainer.arch,
-                            "resize": args.resize, "class_names": list(TARGETS[args.target]), "target": args.target}
-    if args.model == "upscaler":
-        meta |= {"input_size": args.img_size, "output_size": args.img_size * args.scale, "normalization": "unit"}
+    meta: dict[str, Any] = {"kind": cfg.model, "arch": type(model).__name__, "arch_kwargs": trainer.arch,
+                            "resize": cfg.resize, "class_names": list(TARGETS[cfg.target]), "target": cfg.target}
+    if cfg.model == "upscaler":
+        meta |= {"input_size": cfg.img_size, "output_size": cfg.img_size * cfg.scale, "normalization": "unit"}
     else:
-        meta |= {"image_size": args.img_size, "normalization": "[-1, 1]"}
-    if args.model in ("ddpm", "ldm"):
+        meta |= {"image_size": cfg.img_size, "normalization": "[-1, 1]"}
+    if cfg.model in ("ddpm", "ldm"):
         meta["noise_schedule"] = trainer.schedule
-    if args.model == "ldm":
-        meta |= {"autoencoder": Path(args.autoencoder).name, "autoencoder_sha256": file_sha256(args.autoencoder)}
+    if cfg.model == "ldm":
+        meta |= {"autoencoder": Path(cfg.autoencoder).name, "autoencoder_sha256": file_sha256(cfg.autoencoder)}
     # Paths as the manifest stores them (relative to its folder), so the hash is the same on every machine.
-    rel = sorted(os.path.relpath(p, Path(args.manifest).resolve().parent) for p in fit_df["path"])
+    rel = sorted(os.path.relpath(p, Path(cfg.manifest).resolve().parent) for p in fit_df["path"])
     fit_hash = hashlib.sha256("\n".join(rel).encode()).hexdigest()
-    return meta | {"preset": args.preset, "epochs": len(epochs), "steps": trainer.steps, "seed": args.seed,
-                   "manifest": Path(args.manifest).name, "manifest_sha256": file_sha256(args.manifest),
+    return meta | {"preset": cfg.preset, "epochs": len(epochs), "steps": trainer.steps, "seed": cfg.seed,
+                   "manifest": Path(cfg.manifest).name, "manifest_sha256": file_sha256(cfg.manifest),
                    "fit_paths_sha256": fit_hash, "n_train_images": len(fit_df), "trained_on": "split=fit, source=real",
-                   "train_args": {k: v for k, v in vars(args).items()  # paths are machine-specific: left out
-                                  if k not in ("no_progress", "manifest", "out", "ship", "resume", "autoencoder")},
+                   "train_args": {k: v for k, v in to_json(cfg).items()  # paths are machine-specific: left out
+                                  if k not in ("manifest", "out", "ship", "autoencoder")},
                    "last_epoch": epochs[-1]}
 
 
-def training_batches(args: argparse.Namespace, trainer, images: torch.Tensor, progress_label: str,
-                     gen: torch.Generator, steps_per_epoch: int):
+def training_batches(cfg: GeneratorConfig, trainer, images: torch.Tensor, progress_label: str,
+                     gen: torch.Generator, steps_per_epoch: int, progress: bool):
     """One epoch's (indices, batch) in a seeded order: uint8 images with flips and 90-degree rotations (the upscaler
     augments its own crops), or for the LDM one random dihedral view of each image's precomputed latents."""
-    order = torch.randperm(len(images), generator=gen)[: steps_per_epoch * args.batch_size].view(steps_per_epoch, -1)
-    for idx in tqdm(order, desc=progress_label, disable=args.no_progress, leave=False):
-        if args.model == "ldm":
+    order = torch.randperm(len(images), generator=gen)[: steps_per_epoch * cfg.batch_size].view(steps_per_epoch, -1)
+    for idx in tqdm(order, desc=progress_label, disable=not progress, leave=False):
+        if cfg.model == "ldm":
             yield idx, trainer.views[torch.randint(0, VIEWS, (len(idx),), generator=gen), idx]
-        elif args.model == "upscaler":
+        elif cfg.model == "upscaler":
             yield idx, images[idx]
         else:
             yield idx, augment(images[idx], gen, crop_scale=(1.0, 1.0), jitter=0.0)
 
 
-def validation_scores(args: argparse.Namespace, trainer, val: CachedImages | None) -> dict[str, float]:
+def validation_scores(cfg: GeneratorConfig, trainer, val: CachedImages | None) -> dict[str, float]:
     """Upscaler: PSNR/SSIM against bicubic; autoencoder: how closely it round-trips real val images."""
     if val is None:
         return {}
     real = torch.from_numpy(val.images).permute(0, 3, 1, 2)
-    if args.model == "upscaler":
+    if cfg.model == "upscaler":
         return {f"val_{k}": v.mean().item() for k, v in compare_with_bicubic(trainer.model, real).items()}
     rec = torch.cat([from_signed(trainer.reconstruct(b)).cpu() for b in real.split(64)])
     return {"val_psnr": psnr(rec, real).mean().item(),
             "val_mae": (rec.float() - real.float()).abs().mean().item() / 255.0}
 
 
-def exported(args: argparse.Namespace, trainer, images: torch.Tensor) -> torch.nn.Module:
+def exported(cfg: GeneratorConfig, trainer, images: torch.Tensor) -> torch.nn.Module:
     """The model to save; the autoencoder's latent scale is measured on (up to) the first 512 fit images."""
-    return trainer.export(images[:512]) if args.model == "autoencoder" else trainer.export()
+    return trainer.export(images[:512]) if cfg.model == "autoencoder" else trainer.export()
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    device = init_device(args.device, args.threads)
-    name = f"{args.model}{'_dx' if args.target == 'dx' else ''}_{args.preset}_s{args.seed}"
-    out = Path(args.out or RUNS / "generators" / name)
+def train(cfg: GeneratorConfig, rt: Runtime | None = None) -> dict[str, Any]:
+    """Train (or resume) one generator, autoencoder or upscaler; returns its folder, epoch rows and sidecar."""
+    rt = rt or Runtime()
+    device = init_device(rt.device, rt.threads)
+    out = cfg.run_dir
     out.mkdir(parents=True, exist_ok=True)
-    fit, val = fit_images(args)
-    steps_per_epoch = len(fit) // args.batch_size
+    write_config(out, cfg)
+    fit, val = fit_images(cfg)
+    steps_per_epoch = len(fit) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"{len(fit)} training images are fewer than one batch of {args.batch_size}")
-    seed_everything(args.seed)
-    trainer = build_trainer(args, device, steps_per_epoch * args.epochs)
+        raise UserError(f"{len(fit)} training images are fewer than one batch of {cfg.batch_size}")
+    seed_everything(cfg.seed)
+    trainer = build_trainer(cfg, device, steps_per_epoch * cfg.epochs)
     images = torch.from_numpy(fit.images).permute(0, 3, 1, 2)
     n_params = sum(p.numel() for p in trainer.export().parameters())
-    print(f"{args.model} ({args.preset}): {n_params / 1e6:.2f}M parameters in the shipped model; "
+    print(f"{cfg.model} ({cfg.preset}): {n_params / 1e6:.2f}M parameters in the shipped model; "
           f"{len(fit)} fit images, {steps_per_epoch} steps/epoch, device {device}")
-    if args.model == "ldm":
-        trainer.views = encode_views(trainer.autoencoder, images, progress=not args.no_progress)
+    if cfg.model == "ldm":
+        trainer.views = encode_views(trainer.autoencoder, images, progress=rt.progress)
 
     state_path, losses, epochs, start = out / "state.pt", [], [], 0
-    if args.resume and state_path.exists():
+    if rt.resume and state_path.exists():
         state = load_state(state_path)
         trainer.load_state_dict(state["trainer"])
         losses, epochs, start = state["losses"], state["epochs"], state["epoch"] + 1
         print(f"resumed from {state_path} after epoch {state['epoch'] + 1} (step {trainer.steps})")
 
-    for epoch in range(start, args.epochs):
-        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    for epoch in range(start, cfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         t0, window = time.perf_counter(), []
-        for idx, x in training_batches(args, trainer, images, f"epoch {epoch + 1}/{args.epochs}", gen,
-                                       steps_per_epoch):
+        for idx, x in training_batches(cfg, trainer, images, f"epoch {epoch + 1}/{cfg.epochs}", gen,
+                                       steps_per_epoch, rt.progress):
             window.append(trainer.train_step(x, fit.targets[idx], gen))
-            if len(window) == args.log_every:
+            if len(window) == cfg.log_every:
                 losses.append(mean_row(window, trainer.steps, epoch))
                 window = []
         if window:
             losses.append(mean_row(window, trainer.steps, epoch))
         seconds = time.perf_counter() - t0
         row: dict[str, Any] = {"epoch": epoch + 1, "steps": trainer.steps, "seconds": round(seconds, 1),
-                               "images_per_s": steps_per_epoch * args.batch_size / seconds,
-                               **validation_scores(args, trainer, val)}
+                               "images_per_s": steps_per_epoch * cfg.batch_size / seconds,
+                               **validation_scores(cfg, trainer, val)}
         epochs.append(row)
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        if (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.epochs:
-            preview(trainer, args, val, out / "samples" / f"epoch_{epoch + 1:03d}.png")
+        if (epoch + 1) % cfg.sample_every == 0 or epoch + 1 == cfg.epochs:
+            preview(trainer, cfg, val, out / "samples" / f"epoch_{epoch + 1:03d}.png")
         write_rows(out / "losses.csv", losses)
         write_rows(out / "epochs.csv", epochs)
         plots.training_curves(losses, out / "losses.png", x="step", title=out.name)
-        model = exported(args, trainer, images)
-        save_checkpoint(out / "model", model, checkpoint_meta(args, trainer, model, fit.df, epochs))
+        model = exported(cfg, trainer, images)
+        save_checkpoint(out / "model", model, checkpoint_meta(cfg, trainer, model, fit.df, epochs))
         save_state(state_path, {"trainer": trainer.state_dict(), "epoch": epoch, "losses": losses, "epochs": epochs,
-                                "args": vars(args)})
-    model = exported(args, trainer, images)
-    meta = checkpoint_meta(args, trainer, model, fit.df, epochs)
-    if args.ship:
-        print(f"shipped {save_checkpoint(args.ship, model, meta, dtype=torch.float16)}")
+                                "config": to_json(cfg)})
+    model = exported(cfg, trainer, images)
+    meta = checkpoint_meta(cfg, trainer, model, fit.df, epochs)
+    if cfg.ship:
+        print(f"shipped {save_checkpoint(cfg.ship, model, meta, dtype=torch.float16)}")
     print(f"-> {out}")
     return {"out": out, "epochs": epochs, "meta": meta}
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return train(*parse_args(argv))
 
 
 if __name__ == "__main__":

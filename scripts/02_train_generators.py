@@ -3,6 +3,8 @@
     # CPU (2 cores): DCGAN and upscaler within about an hour together; DDPM about 2 hours more (resumable)
     python scripts/02_train_generators.py --preset cpu
     python scripts/02_train_generators.py --preset cpu --models dcgan upscaler --threads 1   # leave a core free
+    # latent diffusion: the autoencoder, then the UNet in its latent space (not part of the default set)
+    python scripts/02_train_generators.py --preset cpu --models autoencoder ldm --threads 1
     # one GPU: the paper-scale preset
     python scripts/02_train_generators.py --preset full --device cuda
     # several GPUs: run one model per GPU, e.g. CUDA_VISIBLE_DEVICES=1 ... --models ddpm
@@ -22,11 +24,13 @@ from data.runtime import add_runtime_options, runtime_argv
 from generators import train, upscaler
 
 SHIPPED = ("dcgan", "upscaler")
+DEFAULT_MODELS = ("dcgan", "ddpm", "upscaler")  # what the five dataset configurations need
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(train.MODELS), choices=train.MODELS, help="what to train")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=train.MODELS,
+                   help="what to train, in order (ldm uses the autoencoder run of the same preset and seed)")
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "full"), help="see generators/train.py")
     p.add_argument("--manifest", default=str(MANIFESTS / "original.csv"),
                    help="manifest whose real fit rows train the models (its real val rows test the upscaler)")
@@ -44,7 +48,9 @@ def main() -> None:
     for model in a.models:
         ship = ["--ship", str(Path(a.ship_dir) / model)] if model in SHIPPED else []
         out = Path(a.runs_dir) / f"{model}_{a.preset}_s{a.seed}"
-        train.main(["--model", model, "--out", str(out), *common, *ship, *(["--resume"] if a.resume else [])])
+        autoencoder = Path(a.runs_dir) / f"autoencoder_{a.preset}_s{a.seed}" / "model.safetensors"
+        train.main(["--model", model, "--out", str(out), *common, *ship, *(["--resume"] if a.resume else []),
+                    *(["--autoencoder", str(autoencoder)] if model == "ldm" else [])])
     if "upscaler" in a.models:
         upscaler.main(["--checkpoint", str(Path(a.ship_dir) / "upscaler.safetensors"), "--manifest", a.manifest,
                        "--out", a.results, *runtime])

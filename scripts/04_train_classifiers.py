@@ -22,18 +22,13 @@ import sys
 from pathlib import Path
 
 from classifiers.evaluate import evaluate
+from classifiers.train import TrainConfig
+from data.config import Runtime
 from data.manifest import read_manifest
-from data.paths import MANIFESTS, RESULTS, ROOT, RUNS
-from data.runtime import add_runtime_options, cli_main, pick_device, runtime_argv, setup_cpu
+from data.paths import MANIFESTS, RESULTS, RUNS
+from data.runtime import add_runtime_options, cli_main, pick_device, setup_cpu
 from studies import grid
-from studies.presets import PRESETS, flags
-
-
-def as_recorded(args: list[str]) -> list[str]:
-    """Training arguments as grid.json records them: absolute paths inside the repository made relative to it, so
-    that `--runs-dir runs/grid`, its absolute spelling and a run from another folder all name the same runs."""
-    return [str(Path(v).relative_to(ROOT)) if Path(v).is_absolute() and Path(v).is_relative_to(ROOT) else v
-            for v in args]
+from studies.presets import PRESETS
 
 
 @cli_main
@@ -55,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         setup_cpu(a.threads)
     runs, results = Path(a.runs_dir).resolve(), Path(a.results)
-    runtime = runtime_argv(a)
+    rt = Runtime.from_args(a)
     try:
         for config in configs:
             manifest = Path(a.manifest_dir).resolve() / f"{config}.csv"
@@ -63,11 +58,10 @@ def main(argv: list[str] | None = None) -> None:
             for arch in archs:
                 name = grid.run_name(arch, config, a.seed)
                 run = runs / name
-                args = ["--arch", arch, "--config", config, "--manifest", str(manifest), "--out", str(run),
-                        "--seed", str(a.seed), *flags(cls["budget"])]
+                cfg = TrainConfig(arch=arch, config=config, manifest=str(manifest), out=str(run), seed=a.seed,
+                                  **cls["budget"])
                 metrics = grid.train_and_evaluate(
-                    run, as_recorded(args), [*args, *runtime, "--resume"], arch, config, a.seed,
-                    lambda: evaluate([str(run / "best.safetensors")], eval_df, run / "evaluation", device,
+                    cfg, rt, lambda: evaluate([str(run / "best.safetensors")], eval_df, run / "evaluation", device,
                                      model_name=name, plot=False), name)
                 if metrics is None:
                     continue

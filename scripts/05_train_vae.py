@@ -13,11 +13,13 @@ epoch by val anomaly AUC is <out>/best.safetensors + best.json; step 6 adds the 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from anomaly_detection import train_vae
+from anomaly_detection.train_vae import VAEConfig, train
+from data.config import Runtime
 from data.paths import MANIFESTS, RUNS
-from data.runtime import add_runtime_options, cli_main, runtime_argv
-from studies.presets import PRESETS, flags
+from data.runtime import add_runtime_options, cli_main
+from studies.presets import PRESETS
 
 
 @cli_main
@@ -28,8 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(RUNS / "vae"), help="run folder")
     add_runtime_options(p, seed=0, progress=True)
     a = p.parse_args(argv)
-    return train_vae.main(["--manifest", a.manifest, "--out", a.out, "--seed", str(a.seed),
-                           *flags(PRESETS[a.preset]["vae"]), "--resume", *runtime_argv(a)])
+    cfg = VAEConfig(manifest=a.manifest, out=a.out, seed=a.seed, **PRESETS[a.preset]["vae"])
+    return train(cfg, replace(Runtime.from_args(a), resume=True))
 
 
 if __name__ == "__main__":

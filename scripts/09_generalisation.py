@@ -21,15 +21,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from classifiers import train
 from classifiers.evaluate import evaluate
+from classifiers.train import TrainConfig
 from data import paths
 from data.checkpoint import CheckpointError
+from data.config import Runtime, config_changes
 from data.manifest import read_manifest, stratified_subset
-from data.runtime import add_runtime_options, cli_main, pick_device, runtime_argv, setup_cpu
+from data.runtime import add_runtime_options, cli_main, pick_device, setup_cpu
 from studies import cross_dataset, grid
-from studies.presets import flags
 
 # The full recipe: every technique on. Each key is a classifiers/train.py flag.
 RECIPE = {
@@ -51,8 +52,8 @@ RUNS: dict[str, dict] = {
     "short/no_strong_jitter": {**SHORT, "jitter": 0.2},
     "short/no_cutout": {**SHORT, "cutout": 0.0},
     "short/no_occlusion": {**SHORT, "occlusion": 0.0},
-    "short/ham_only": {**SHORT, "datasets": "ham10000"},
-    "short/isic_only": {**SHORT, "datasets": "isic2017"},
+    "short/ham_only": {**SHORT, "datasets": ["ham10000"]},
+    "short/isic_only": {**SHORT, "datasets": ["isic2017"]},
     "short/size192": {**SHORT, "img_size": 192},
     # The reference again with another training seed: how far a change can move with no technique changed.
     "short/full_seed1": {**SHORT, "seed": 1},
@@ -80,23 +81,14 @@ def stale(evaluation: Path, run: Path) -> bool:
     return not predictions.is_file() or predictions.stat().st_mtime < (run / "best.safetensors").stat().st_mtime
 
 
-def train_and_evaluate(name: str, manifest: Path, runs: Path, device, runtime: list[str], seed: int,
-                       changes: dict[str, str], limit: int | None) -> None:
+def train_and_evaluate(name: str, manifest: Path, runs: Path, device, rt: Runtime, seed: int,
+                       changes: dict[str, Any], limit: int | None) -> None:
     run = runs / name
-    options = {**RECIPE, **RUNS[name], **changes}
-    seed = int(options.pop("seed", seed))
-    args = ["--config", "mixed", "--manifest", str(manifest), "--out", str(run), "--seed", str(seed),
-            *flags(options)] + (["--limit", str(limit)] if limit else [])
-    status = grid.run_status(run, args)
-    print(f"== {name}: {status}", flush=True)
-    if status == "done":
-        return
-    run.mkdir(parents=True, exist_ok=True)
-    grid.mark(run, args, RECIPE["arch"], name, seed)
-    train.main([*args, *runtime, "--resume"])
-    evaluate([str(run / "best.safetensors")], grid.eval_rows(manifest, limit, seed), run / "evaluation", device,
-             model_name=name, plot=False)
-    grid.mark(run, args, RECIPE["arch"], name, seed, done=True)
+    cfg = TrainConfig(**{"seed": seed, **RECIPE, **RUNS[name], **changes}, config="mixed", manifest=str(manifest),
+                      out=str(run), limit=limit)
+    grid.train_and_evaluate(cfg, rt, lambda: evaluate(
+        [str(run / "best.safetensors")], grid.eval_rows(manifest, limit, cfg.seed), run / "evaluation", device,
+        model_name=name, plot=False), name)
 
 
 @cli_main
@@ -125,15 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     if not manifest.is_file():
         sys.exit(f"error: {manifest} not found; build it with python scripts/01_prepare_data.py --mixed")
     try:
-        changes = dict(item.split("=", 1) for item in a.set)
+        changes = config_changes(TrainConfig, a.set)
         compare = dict(item.split("=", 1) for item in a.compare)
-    except ValueError:
-        sys.exit(f"error: --set and --compare take KEY=VALUE items, got {a.set + a.compare}")
-    runtime = runtime_argv(a)
+    except ValueError as exc:
+        sys.exit(f"error: --set and --compare take KEY=VALUE items ({exc})")
+    rt = Runtime.from_args(a)
     try:
         if not a.report_only:
             for name in a.runs:
-                train_and_evaluate(name, manifest, runs, device, runtime, a.seed, changes, a.limit)
+                train_and_evaluate(name, manifest, runs, device, rt, a.seed, changes, a.limit)
         for name in (n for n in TTA_RUNS if grid.is_done(runs / n) and stale(runs / n / "evaluation_tta", runs / n)):
             evaluate([str(runs / name / "best.safetensors")], grid.eval_rows(manifest, a.limit, a.seed),
                      runs / name / "evaluation_tta", device, tta=True, model_name=f"{name}+tta", plot=False)

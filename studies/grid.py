@@ -1,10 +1,11 @@
 """The architecture x configuration grid: resumable bookkeeping of its runs, and the report built from them.
 
-Training (scripts/04_train_classifiers.py): every model's run folder gets a `grid.json` holding the exact training
-arguments and, once the model is trained and evaluated, the sha256 of its `best.safetensors`. A model whose record
-says done (and whose weights still match) is skipped; any other is continued with `classifiers/train.py --resume`;
-a folder trained with other arguments is an error rather than silently mixed. After each model the grid's
-evaluation table is rebuilt from every finished run, so results appear as models finish.
+Training (scripts/04_train_classifiers.py and the studies): every model's run folder gets a `grid.json` holding its
+training configuration (classifiers.train.TrainConfig less the folder) and, once the model is trained and evaluated,
+the sha256 of its `best.safetensors`. A model whose record says done (and whose weights still match) is skipped; any
+other is resumed; a folder trained with another configuration is an error rather than silently mixed. This record is
+the one place that decides whether a classifier run is up to date. After each model the grid's evaluation table is
+rebuilt from every finished run, so results appear as models finish.
 
 Report (scripts/08_report.py): one row per model with AUC (95% CI), sensitivity and specificity at the threshold
 chosen on `val`, on each evaluation set; a heatmap of AUC; the change in AUC of each augmentation against
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import matplotlib
 
@@ -27,11 +29,15 @@ import pandas as pd
 
 from classifiers.evaluate import evaluation_groups
 from data.atomic import atomic_write_csv, atomic_write_text
+from data.config import Runtime, to_json
 from data.configs import CONFIGS
 from data.manifest import file_sha256, read_manifest, stratified_subset
 from data.paths import ROOT
 from evaluation import plots
 from evaluation.metrics import auc, bootstrap_aucs, ci
+
+if TYPE_CHECKING:
+    from classifiers.train import TrainConfig
 
 T = TypeVar("T")
 
@@ -74,22 +80,37 @@ def _record(run: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_status(run: Path, train_args: list[str]) -> str:
+def identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What makes a run, as grid.json records it: the config less its output paths, with paths inside the repository
+    relative to it (so `runs/grid`, its absolute spelling and a run started from another folder name the same run)."""
+    def relative(v: Any) -> Any:
+        return str(Path(v).relative_to(ROOT)) if isinstance(v, str) and Path(v).is_absolute() and \
+            Path(v).is_relative_to(ROOT) else v
+
+    return {k: relative(v) for k, v in to_json(cfg).items() if k not in ("out", "cv_summary")}
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+
+
+def run_status(run: Path, cfg: TrainConfig) -> str:
     """'done' (trained and evaluated, weights unchanged), 'resume' (started by the grid) or 'new'; an error for a
-    folder trained with other arguments, or on a manifest that has been rebuilt since."""
+    folder trained with another configuration, or on a manifest that has been rebuilt since."""
     record = _record(run)
     if record is None:
         if (run / "state.pt").exists() or (run / "best.json").exists():
             raise GridError(f"{run}: holds a run that the grid did not start (no grid.json); move it away or use "
                             f"another --runs-dir")
         return "new"
-    if record["train_args"] != train_args:
-        raise GridError(f"{run}: was trained with other arguments ({' '.join(record['train_args'])}); remove the "
-                        f"folder to retrain it with the current ones ({' '.join(train_args)}), or use another "
-                        f"--runs-dir")
+    wanted = identity(cfg)
+    if record.get("train_config") != wanted:
+        differ = _differences(record.get("train_config") or {}, wanted)
+        raise GridError(f"{run}: was trained with another configuration ({differ}); "
+                        f"remove the folder to retrain it with the current one, or use another --runs-dir")
     if not is_done(run):
         return "resume"
-    manifest = ROOT / train_args[train_args.index("--manifest") + 1] if "--manifest" in train_args else None
+    manifest = ROOT / wanted["manifest"] if wanted.get("manifest") else None
     sidecar = json.loads((run / "best.json").read_text()) if (run / "best.json").is_file() else {}
     trained_on = sidecar.get("manifest_sha256")
     if manifest is not None and manifest.is_file() and trained_on and file_sha256(manifest) != trained_on:
@@ -105,28 +126,27 @@ def is_done(run: Path) -> bool:
                 and file_sha256(best) == record["best_sha256"] and (run / "evaluation" / "metrics.csv").is_file())
 
 
-def mark(run: Path, train_args: list[str], arch: str, config: str, seed: int, done: bool = False) -> None:
-    record = {"arch": arch, "config": config, "seed": seed, "train_args": train_args,
+def mark(run: Path, cfg: TrainConfig, done: bool = False) -> None:
+    record = {"arch": cfg.arch, "config": cfg.config, "seed": cfg.seed, "train_config": identity(cfg),
               "best_sha256": file_sha256(run / "best.safetensors") if done else None}
     atomic_write_text(run / "grid.json", json.dumps(record, indent=2) + "\n")
 
 
-def train_and_evaluate(run: Path, recorded_args: list[str], train_argv: list[str], arch: str, config: str, seed: int,
-                       evaluate: Callable[[], T], label: str) -> T | None:
-    """One model of a grid, resumably: skip it when done; else record it (grid.json with `recorded_args`), train or
-    resume it (`classifiers/train.py train_argv`), evaluate it, and mark it done with its weights' sha256.
-    Returns evaluate's result, or None for a model that was already done."""
-    from classifiers import train
+def train_and_evaluate(cfg: TrainConfig, rt: Runtime, evaluate: Callable[[], T], label: str) -> T | None:
+    """One model of a grid, resumably: skip it when done; else record it (grid.json), train or resume it, evaluate
+    it, and mark it done with its weights' sha256. Returns evaluate's result, or None for a model already done."""
+    from classifiers.train import train
 
-    status = run_status(run, recorded_args)
+    run = cfg.run_dir
+    status = run_status(run, cfg)
     print(f"== {label}: {status}", flush=True)
     if status == "done":
         return None
     run.mkdir(parents=True, exist_ok=True)
-    mark(run, recorded_args, arch, config, seed)
-    train.main(train_argv)
+    mark(run, cfg)
+    train(cfg, replace(rt, resume=True))
     result = evaluate()
-    mark(run, recorded_args, arch, config, seed, done=True)
+    mark(run, cfg, done=True)
     return result
 
 
@@ -215,11 +235,11 @@ def _change(y: np.ndarray, augmented: list[np.ndarray], original: list[np.ndarra
     return {"auc_original": o, "auc_augmented": a, "auc_change": a - o, "ci_low": float(lo), "ci_high": float(hi)}
 
 
-def budget(runs_dir: Path, model: str, also_ignore: tuple[str, ...] = ()) -> list[str]:
-    """A grid model's training arguments less the ones naming its data and folder (and `also_ignore`): what must
-    match for two models to be compared."""
-    args, named = _record(Path(runs_dir) / model)["train_args"], {"--config", "--manifest", "--out", *also_ignore}
-    return [arg for i, arg in enumerate(args) if arg not in named and (i == 0 or args[i - 1] not in named)]
+def budget(runs_dir: Path, model: str, also_ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A grid model's training configuration less the fields naming its data (and `also_ignore`): what must match
+    for two models to be compared."""
+    named = {"config", "manifest", *also_ignore}
+    return {k: v for k, v in _record(Path(runs_dir) / model)["train_config"].items() if k not in named}
 
 
 def auc_changes(table: pd.DataFrame, runs_dir: Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -236,7 +256,7 @@ def auc_changes(table: pd.DataFrame, runs_dir: Path, n_boot: int = 1000, seed: i
             aug, orig = (budget(runs_dir, models[(arch, c)]) for c in (config, "original"))
             if aug != orig:
                 raise GridError(f"{models[(arch, config)]} and {models[(arch, 'original')]} were trained with "
-                                f"different budgets ({' '.join(aug)} vs {' '.join(orig)}): not comparable")
+                                f"different budgets ({_differences(aug, orig)}): not comparable")
     rows = []
     for prefix, s in EVAL_SETS.items():
         wide = None
@@ -280,7 +300,7 @@ def seed_changes(table: pd.DataFrame, runs_dir: Path, seeds_dir: Path, n_boot: i
         if not (record and is_done(run)) or (record["arch"], record["config"]) not in models.index:
             continue
         twin = models[(record["arch"], record["config"])]
-        if budget(seeds_dir, run.name, ("--seed",)) != budget(runs_dir, twin, ("--seed",)):
+        if budget(seeds_dir, run.name, ("seed",)) != budget(runs_dir, twin, ("seed",)):
             raise GridError(f"{run} and {twin} differ in more than the training seed: not a noise floor")
         for prefix, s in EVAL_SETS.items():
             pair = read_predictions(seeds_dir, run.name, prefix).merge(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -30,12 +31,13 @@ import numpy as np
 import pandas as pd
 
 from classifiers.evaluate import evaluate
+from classifiers.train import TrainConfig
 from data import paths
-from data.runtime import UserError, add_runtime_options, cli_main, init_device, runtime_argv
+from data.config import Runtime, config_changes
+from data.runtime import UserError, add_runtime_options, cli_main, init_device
 from evaluation.metrics import bootstrap_aucs, ci, decision_metrics
 from evaluation.plots import save_figure
 from studies import cross_dataset, grid
-from studies.presets import flags
 
 SHORT = {"arch": "efficientnet_lite0", "pretrained": "imagenet", "img_size": 160, "color_constancy": "shades_of_gray",
          "balance": "source_class", "class_weights": "none", "epoch_size": 2000, "epochs": 2, "patience": 2,
@@ -45,15 +47,14 @@ ARMS = {"none": 0.0, "smoothing_0.1": 0.1}  # arm -> --label-smoothing; the firs
 SETS = ("ham10000_test", "isic2017_val")
 
 
-def train_arm(arm: str, seed: int, manifest: Path, runs: Path, device, runtime: list[str],
-              changes: dict[str, str], limit: int | None) -> None:
+def train_arm(arm: str, seed: int, manifest: Path, runs: Path, device, rt: Runtime,
+              changes: dict[str, Any], limit: int | None) -> None:
     run = runs / f"{arm}_s{seed}"
-    args = ["--config", "mixed", "--manifest", str(manifest), "--out", str(run), "--seed", str(seed),
-            *flags({**SHORT, **changes, "label_smoothing": ARMS[arm]})] + (["--limit", str(limit)] if limit else [])
+    cfg = TrainConfig(**{**SHORT, **changes, "label_smoothing": ARMS[arm]}, config="mixed", manifest=str(manifest),
+                      out=str(run), seed=seed, limit=limit)
     eval_rows = grid.eval_rows(manifest, limit, seed)
     grid.train_and_evaluate(
-        run, args, [*args, *runtime, "--resume"], SHORT["arch"], "mixed", seed,
-        lambda: evaluate([str(run / "best.safetensors")], eval_rows, run / "evaluation", device, plot=False),
+        cfg, rt, lambda: evaluate([str(run / "best.safetensors")], eval_rows, run / "evaluation", device, plot=False),
         f"{arm} seed {seed}")
 
 
@@ -135,15 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     runs, manifest, out = Path(a.runs_dir), Path(a.manifest), Path(a.out)
     if not manifest.is_file():
         raise UserError(f"{manifest} not found; build it with python scripts/01_prepare_data.py --mixed")
-    runtime = runtime_argv(a)
+    rt = Runtime.from_args(a)
     try:
-        changes = dict(item.split("=", 1) for item in a.set)
-    except ValueError:
-        raise UserError(f"--set takes KEY=VALUE items, got {a.set}") from None
+        changes = config_changes(TrainConfig, a.set)
+    except ValueError as exc:
+        raise UserError(f"--set: {exc}") from None
     if not a.report_only:
         for seed in a.seeds:  # seed-major, so a stopped study still has both arms of its first seeds
             for arm in a.arms:
-                train_arm(arm, seed, manifest, runs, device, runtime, changes, a.limit)
+                train_arm(arm, seed, manifest, runs, device, rt, changes, a.limit)
     runs_df, preds = run_rows(runs, a.arms, a.seeds)
     out.mkdir(parents=True, exist_ok=True)
     runs_df.to_csv(out / "runs.csv", index=False, float_format="%.4f")

@@ -37,12 +37,14 @@ import torch
 from classifiers.evaluate import check_no_training_overlap
 from classifiers.models import load_classifier
 from classifiers.predict import predict_proba
+from classifiers.train import TrainConfig
 from data import configs
 from data.atomic import atomic_write_text, write_rows
 from data.cache import CachedImages
+from data.config import Runtime
 from data.manifest import DX_CLASSES, read_manifest, write_manifest
 from data.paths import MANIFESTS, RESULTS, RUNS
-from data.runtime import UserError, add_runtime_options, cli_main, init_device, runtime_argv
+from data.runtime import UserError, add_runtime_options, cli_main, init_device
 from data.transforms import Preprocess
 from evaluation import plots
 from evaluation.metrics import ci, multiclass_bootstrap
@@ -89,13 +91,10 @@ def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, 
 
 def train_arm(arm: str, manifest: Path, run: Path, a: argparse.Namespace, seed: int, device: torch.device) -> None:
     """Train (or resume) one arm; a finished arm with unchanged weights is left alone."""
-    train_args = ["--target", "dx", "--manifest", str(manifest), "--config", f"dx7_{arm}", "--out", str(run),
-                  "--arch", a.arch, "--img-size", str(a.img_size), "--epochs", str(a.epochs), "--patience",
-                  str(a.epochs), "--epoch-size", str(a.epoch_size), "--seed", str(seed),
-                  *(["--limit", str(a.limit)] if a.limit else [])]
-    runtime = runtime_argv(a)
-    grid.train_and_evaluate(run, train_args, [*train_args, "--resume", *runtime], a.arch, f"dx7_{arm}", seed,
-                            lambda: predictions(run, manifest, device), arm)
+    cfg = TrainConfig(target="dx", manifest=str(manifest), config=f"dx7_{arm}", out=str(run), arch=a.arch,
+                      img_size=a.img_size, epochs=a.epochs, patience=a.epochs, epoch_size=a.epoch_size, seed=seed,
+                      limit=a.limit)
+    grid.train_and_evaluate(cfg, Runtime.from_args(a), lambda: predictions(run, manifest, device), arm)
 
 
 def predictions(run: Path, manifest: Path, device: torch.device) -> pd.DataFrame:
@@ -248,11 +247,11 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     if "baseline" not in done:
         print("the baseline arm is not done yet: nothing to report")
         return None
-    recipe = grid.budget(work, "baseline", ("--seed",))
+    recipe = grid.budget(work, "baseline", ("seed",))
     for arm in done:
-        if grid.budget(work, arm, ("--seed",)) != recipe:
+        if grid.budget(work, arm, ("seed",)) != recipe:
             sys.exit(f"error: arm {arm} was trained with another recipe than the baseline "
-                     f"({' '.join(grid.budget(work, arm, ('--seed',)))} vs {' '.join(recipe)}): not comparable")
+                     f"({grid.budget(work, arm, ('seed',))} vs {recipe}): not comparable")
     summary, per_class = report(done, Path(a.out), a.n_boot)
     write_rows(Path(a.out) / "fit_counts.csv", fit_counts({arm: manifest_path(work, arm) for arm in done
                                                            if arm not in replicas}).to_dict("records"))

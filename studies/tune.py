@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -29,12 +30,13 @@ import matplotlib.pyplot as plt
 import optuna
 import pandas as pd
 
-from classifiers import train
 from classifiers.evaluate import evaluate
 from classifiers.models import list_models
+from classifiers.train import TrainConfig, train
+from data.config import Runtime
 from data.manifest import read_manifest
 from data.paths import MANIFESTS, RESULTS, RUNS
-from data.runtime import add_runtime_options, cli_main, init_device, runtime_argv
+from data.runtime import add_runtime_options, cli_main, init_device
 from evaluation.plots import save_figure
 
 
@@ -75,12 +77,10 @@ def objective(a: argparse.Namespace, study: str):
         params = suggest(trial, a)
         out = run_folder(Path(a.runs_dir), study, params)
         trial.set_user_attr("run", str(out))
-        argv = ["--arch", a.arch, "--img-size", str(a.img_size), "--manifest", a.manifest, "--seed", str(a.seed),
-                "--lr", str(params["lr"]), "--dropout", str(params["dropout"]), "--weight-decay",
-                str(params["weight_decay"]), "--epochs", str(params["epochs"]), "--patience", str(params["epochs"]),
-                "--out", str(out), "--resume", "--no-progress", *runtime_argv(a)]
-        argv += ["--limit", str(a.limit)] if a.limit else []
-        result = train.main(argv)
+        cfg = TrainConfig(arch=a.arch, img_size=a.img_size, manifest=a.manifest, seed=a.seed, lr=params["lr"],
+                          dropout=params["dropout"], weight_decay=params["weight_decay"], epochs=params["epochs"],
+                          patience=params["epochs"], out=str(out), limit=a.limit)
+        result = train(cfg, replace(Runtime.from_args(a), progress=False, resume=True))
         return float(result["metrics"]["val"]["auc"])
 
     return run

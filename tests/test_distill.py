@@ -81,5 +81,5 @@ def test_bad_training_flags_are_usage_errors(capsys, args, says):
 def test_native_size_is_the_default_input_size():
     from classifiers.train import parse_args
 
-    assert parse_args(["--arch", "efficientnet_lite1"]).img_size == 240
-    assert parse_args(["--arch", "densenet121"]).img_size == 128
+    assert parse_args(["--arch", "efficientnet_lite1"])[0].img_size == 240
+    assert parse_args(["--arch", "densenet121"])[0].img_size == 128

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import pytest
 from conftest import load_script
 from PIL import Image
 
+from classifiers.train import TrainConfig
 from data.manifest import file_sha256, read_manifest
-from data.paths import ROOT, RUNS, SCRIPTS, SHARED_DATA
+from data.paths import MANIFESTS, ROOT, SCRIPTS, SHARED_DATA
 from evaluation.metrics import paired_auc_difference
 from studies import grid
 from studies.presets import ALL_ARCHS, ALL_CONFIGS, PRESETS, Layout, Step, steps
@@ -93,26 +95,28 @@ def test_a_failing_step_stops_the_pipeline_with_its_name(tmp_path):
 
 
 def test_grid_run_status(tmp_path):
-    run, args = tmp_path / "densenet121_original_s0", ["--arch", "densenet121", "--epochs", "1"]
-    assert grid.run_status(run, args) == "new"
+    run = tmp_path / "densenet121_original_s0"
+    cfg = TrainConfig(arch="densenet121", epochs=1, out=str(run))
+    assert grid.run_status(run, cfg) == "new"
     run.mkdir()
     (run / "state.pt").write_bytes(b"x")
     with pytest.raises(grid.GridError, match="did not start"):
-        grid.run_status(run, args)
-    grid.mark(run, args, "densenet121", "original", 0)
-    assert grid.run_status(run, args) == "resume"
-    with pytest.raises(grid.GridError, match="other arguments"):
-        grid.run_status(run, [*args[:-1], "2"])
+        grid.run_status(run, cfg)
+    grid.mark(run, cfg)
+    assert grid.run_status(run, cfg) == "resume"
+    assert grid.run_status(run, replace(cfg, out=str(tmp_path / "elsewhere"))) == "resume"  # the folder is no part
+    with pytest.raises(grid.GridError, match="another configuration \\(epochs: 1 vs 2\\)"):
+        grid.run_status(run, replace(cfg, epochs=2))
     (run / "best.safetensors").write_bytes(b"weights")
     write(run / "evaluation" / "metrics.csv", "model\n")
-    grid.mark(run, args, "densenet121", "original", 0, done=True)
-    assert grid.run_status(run, args) == "done"
+    grid.mark(run, cfg, done=True)
+    assert grid.run_status(run, cfg) == "done"
     (run / "best.safetensors").write_bytes(b"other weights")  # retrained since: evaluate again
-    assert grid.run_status(run, args) == "resume"
+    assert grid.run_status(run, cfg) == "resume"
     manifest = tmp_path / "original.csv"
     manifest.write_text("path,label\n")
-    with_manifest = [*args, "--manifest", str(manifest)]
-    grid.mark(run, with_manifest, "densenet121", "original", 0, done=True)
+    with_manifest = replace(cfg, manifest=str(manifest))
+    grid.mark(run, with_manifest, done=True)
     write(run / "best.json", json.dumps({"manifest_sha256": file_sha256(manifest)}))
     assert grid.run_status(run, with_manifest) == "done"
     manifest.write_text("path,label\nother.jpg,benign\n")  # step 3 rebuilt the configuration
@@ -140,23 +144,21 @@ def test_grid_report_refuses_two_models_in_one_cell_and_unequal_budgets(tmp_path
         grid.grid_table(seeds)
     pair = grid.grid_table(_evaluation([("densenet121_original_s0", "densenet121", "original"),
                                         ("densenet121_dcgan_aug_s0", "densenet121", "dcgan_aug")]))
-    for config, epochs in (("original", "3"), ("dcgan_aug", "5")):
+    for config, epochs in (("original", 3), ("dcgan_aug", 5)):
         run = tmp_path / f"densenet121_{config}_s0"
-        grid.mark(run, ["--arch", "densenet121", "--config", config, "--manifest", f"m/{config}.csv", "--out",
-                        str(run), "--epochs", epochs], "densenet121", config, 0)
-    with pytest.raises(grid.GridError, match="different budgets .*--epochs 5 vs .*--epochs 3"):
+        grid.mark(run, TrainConfig(arch="densenet121", config=config, manifest=f"m/{config}.csv", out=str(run),
+                                   epochs=epochs))
+    with pytest.raises(grid.GridError, match="different budgets \\(epochs: 5 vs 3\\)"):
         grid.auc_changes(pair, tmp_path)
 
 
 def test_grid_records_paths_inside_the_repository_relative_to_it(tmp_path):
-    step4 = load_script("04_train_classifiers")
-    inside = str(RUNS / "grid" / "densenet121_original_s0")
-    assert step4.as_recorded(["--out", inside, "--epochs", "3"]) == ["--out", "runs/grid/densenet121_original_s0",
-                                                                     "--epochs", "3"]
-    assert step4.as_recorded(["--out", str(tmp_path)]) == ["--out", str(tmp_path)]  # outside: kept absolute
+    inside = str(MANIFESTS / "original.csv")
+    assert grid.identity(TrainConfig(manifest=inside))["manifest"] == "data/manifests/original.csv"
+    assert grid.identity(TrainConfig(manifest=str(tmp_path)))["manifest"] == str(tmp_path)  # outside: absolute
 
 
-def _finished_run(runs: Path, arch: str, config: str, seed: int, prob: np.ndarray, epochs: str = "3") -> str:
+def _finished_run(runs: Path, arch: str, config: str, seed: int, prob: np.ndarray, epochs: int = 3) -> str:
     """A run folder as step 4 leaves it: grid.json (done), weights, evaluation/metrics.csv and predictions.csv."""
     name, y = grid.run_name(arch, config, seed), np.arange(len(prob)) % 2
     run = runs / name
@@ -166,8 +168,7 @@ def _finished_run(runs: Path, arch: str, config: str, seed: int, prob: np.ndarra
              "label": "malignant" if y[i] else "benign", "prob_malignant": p, "pred": int(p > 0.5)}
             for s in grid.EVAL_SETS.values() for i, p in enumerate(prob)]
     pd.DataFrame(rows).to_csv(run / "evaluation" / "predictions.csv", index=False)
-    grid.mark(run, ["--arch", arch, "--config", config, "--out", str(run), "--seed", str(seed), "--epochs", epochs],
-              arch, config, seed, done=True)
+    grid.mark(run, TrainConfig(arch=arch, config=config, out=str(run), seed=seed, epochs=epochs), done=True)
     return name
 
 
@@ -185,7 +186,7 @@ def test_seed_noise_floor_pairs_each_retrained_model_with_its_grid_twin(tmp_path
     assert np.allclose(noise["auc_change"], noise["auc_other_seed"] - noise["auc_grid_seed"])
     assert (noise["auc_change"] < 0).all() and ((noise["ci_low"] <= noise["auc_change"])
                                                  & (noise["auc_change"] <= noise["ci_high"])).all()
-    _finished_run(tmp_path / "seeds", "medvit", "original", 2, other, epochs="5")
+    _finished_run(tmp_path / "seeds", "medvit", "original", 2, other, epochs=5)
     with pytest.raises(grid.GridError, match="more than the training seed"):
         grid.seed_changes(table, tmp_path / "grid", tmp_path / "seeds", n_boot=200)
 

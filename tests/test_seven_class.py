@@ -188,7 +188,7 @@ def test_seven_class_cli_on_real_images(original, tmp_path):
     again, _ = seven_class.main(args)
     pd.testing.assert_frame_equal(again, summary)
     record = json.loads((tmp_path / "work" / "dcgan" / "grid.json").read_text())
-    record["train_args"][record["train_args"].index("--epochs") + 1] = "2"  # as if trained with --epochs 2
+    record["train_config"]["epochs"] = 2  # as if trained with --epochs 2
     (tmp_path / "work" / "dcgan" / "grid.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="arm dcgan was trained with another recipe"):
         seven_class.main([*args, "--report-only"])
