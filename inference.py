@@ -58,12 +58,10 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
-from data.paths import CHECKPOINTS
+from anomaly_detection.serving import BACKENDS, DISCLAIMER
+from data.paths import DEFAULT_GATE, DEFAULT_VAE
 from data.runtime import cli_main
 
-DEFAULT_VAE = CHECKPOINTS / "convvae.safetensors"
-DEFAULT_GATE = CHECKPOINTS / "gate.safetensors"
-DISCLAIMER = "Research software, not a diagnosis: any concerning lesion needs a clinician's examination."
 EXIT_INPUT, EXIT_USAGE, EXIT_CHECKPOINT, EXIT_WRITE, EXIT_CANNOT_ASSESS, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
 IMAGE_TYPES = "JPEG/PNG/BMP/TIFF"
 SHOWN_SKIPPED = 20  # skipped files listed on screen when --csv lists them all
@@ -159,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--backend",
         default="torch",
-        choices=("torch", "onnx", "openvino", "openvino-bf16"),
+        choices=BACKENDS,
         help="torch (eager); onnx (ONNX Runtime) or openvino (OpenVINO, CPU; -bf16 for bf16 where the CPU "
         "supports it): models are exported once per checkpoint into the cache folder's onnx/",
     )

@@ -17,16 +17,20 @@ the real `val` split (results/generators/upscaler_vs_bicubic.csv).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
+from data.config import Runtime
 from data.paths import CHECKPOINTS, MANIFESTS, RESULTS, RUNS
-from data.runtime import add_runtime_options, runtime_argv
+from data.runtime import add_runtime_options, cli_main, runtime_argv
 from generators import train, upscaler
+from generators.train import GeneratorConfig
 
 SHIPPED = ("dcgan", "upscaler")
 DEFAULT_MODELS = ("dcgan", "ddpm", "upscaler")  # what the five dataset configurations need
 
 
+@cli_main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=train.MODELS,
@@ -43,17 +47,17 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="continue each model's run from its state.pt")
     add_runtime_options(p, seed=0)
     a = p.parse_args()
-    runtime = runtime_argv(a)
-    common = ["--preset", a.preset, "--manifest", a.manifest, "--seed", str(a.seed), *runtime]
+    rt = replace(Runtime.from_args(a), resume=a.resume)
     for model in a.models:
-        ship = ["--ship", str(Path(a.ship_dir) / model)] if model in SHIPPED else []
-        out = Path(a.runs_dir) / f"{model}_{a.preset}_s{a.seed}"
         autoencoder = Path(a.runs_dir) / f"autoencoder_{a.preset}_s{a.seed}" / "model.safetensors"
-        train.main(["--model", model, "--out", str(out), *common, *ship, *(["--resume"] if a.resume else []),
-                    *(["--autoencoder", str(autoencoder)] if model == "ldm" else [])])
+        train.train(GeneratorConfig(
+            model=model, preset=a.preset, manifest=a.manifest, seed=a.seed,
+            out=str(Path(a.runs_dir) / f"{model}_{a.preset}_s{a.seed}"),
+            ship=str(Path(a.ship_dir) / model) if model in SHIPPED else None,
+            autoencoder=str(autoencoder) if model == "ldm" else None), rt)
     if "upscaler" in a.models:
         upscaler.main(["--checkpoint", str(Path(a.ship_dir) / "upscaler.safetensors"), "--manifest", a.manifest,
-                       "--out", a.results, *runtime])
+                       "--out", a.results, *runtime_argv(a)])
 
 
 if __name__ == "__main__":

@@ -41,15 +41,15 @@ from PIL import Image
 import streamlit as st
 from anomaly_detection.gate import GateResult
 from anomaly_detection.hybrid import HybridPredictor, Prediction
+from anomaly_detection.serving import DISCLAIMER
 from classifiers.gradcam import gradcam_map, overlay
 from classifiers.shipped import default_classifier, shipped_classifiers, val_auc
 from data import paths
 from data.checkpoint import CheckpointError, read_sidecar
 from data.images import ImageError, list_images, load_rgb
 from data.runtime import init_device
-from inference import DEFAULT_GATE, DEFAULT_VAE, DISCLAIMER
 
-CHECKPOINTS = Path(os.environ.get("MELANOMA_CHECKPOINTS", DEFAULT_VAE.parent))
+CHECKPOINTS = Path(os.environ.get("MELANOMA_CHECKPOINTS", paths.CHECKPOINTS))
 RESULTS = Path(os.environ.get("MELANOMA_RESULTS", paths.RESULTS))
 SAMPLES = Path(os.environ.get("MELANOMA_SAMPLES", paths.SAMPLES))
 CLASSIFIER_GLOBS = ("runs/classifiers/*/best.safetensors", "checkpoints/grid/*.safetensors")  # trained runs
@@ -154,7 +154,7 @@ def gate_checkpoint() -> str | None:
     when it is there, else None (no gate: the sidebar says so)."""
     if os.environ.get("MELANOMA_GATE"):
         return os.environ["MELANOMA_GATE"]
-    default = CHECKPOINTS / DEFAULT_GATE.name
+    default = CHECKPOINTS / paths.DEFAULT_GATE.name
     return str(default) if default.is_file() else None
 
 
@@ -304,7 +304,7 @@ def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
     st.sidebar.header("Models")
     candidates, labels = classifier_candidates()
     classifiers, cls_notes = discover("MELANOMA_CLASSIFIER", candidates, "malignant_threshold")
-    vaes, vae_notes = discover("MELANOMA_VAE", [CHECKPOINTS / DEFAULT_VAE.name, *globbed(VAE_GLOBS)],
+    vaes, vae_notes = discover("MELANOMA_VAE", [CHECKPOINTS / paths.DEFAULT_VAE.name, *globbed(VAE_GLOBS)],
                                "anomaly_threshold")
     if cls_notes + vae_notes:
         with st.sidebar.expander(f"{len(cls_notes + vae_notes)} checkpoint(s) not offered"):
@@ -312,7 +312,7 @@ def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
     if not classifiers or not vaes:
         missing = " and ".join(k for k, v in (("classifier", classifiers), ("VAE", vaes)) if not v)
         message = (f"No usable {missing} checkpoint found. The demo expects a classifier in {shown(CHECKPOINTS)} "
-                   f"and {shown(CHECKPOINTS / DEFAULT_VAE.name)} (with their .json sidecars); set "
+                   f"and {shown(CHECKPOINTS / paths.DEFAULT_VAE.name)} (with their .json sidecars); set "
                    "MELANOMA_CLASSIFIER / MELANOMA_VAE to use other checkpoints.")
         st.sidebar.error(message)
         return None, (float("nan"), float("nan")), message
@@ -330,8 +330,8 @@ def sidebar() -> tuple[HybridPredictor | None, tuple[float, float], str]:
         st.sidebar.error(message)
         return None, (float("nan"), float("nan")), message
     if gate is None:
-        st.sidebar.warning(f"No out-of-distribution gate ({shown(CHECKPOINTS / DEFAULT_GATE.name)} is absent): every "
-                           "image gets a verdict, even one that is not a dermoscopic lesion.")
+        st.sidebar.warning(f"No out-of-distribution gate ({shown(CHECKPOINTS / paths.DEFAULT_GATE.name)} is absent): "
+                           "every image gets a verdict, even one that is not a dermoscopic lesion.")
     else:
         st.sidebar.caption(f"Out-of-distribution gate: {describe(gate)}. An image that is not a dermoscopic lesion "
                            "gets 'cannot assess' instead of a verdict.")

@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 from test_inference import run as run_cli
 
-from anomaly_detection.hybrid import HybridPredictor, export_key
+from anomaly_detection.hybrid import HybridPredictor
+from anomaly_detection.serving import export_key
 from data.checkpoint import read_sidecar, save_checkpoint
 from data.paths import ROOT
 
@@ -247,9 +248,9 @@ def mixed_folder(env: Env) -> list[str]:
 
 
 def corrupt_onnx_cache(env: Env) -> list[str]:
-    import anomaly_detection.hybrid as hybrid
+    import anomaly_detection.serving as serving
 
-    env.monkeypatch.setattr(hybrid, "DEFAULT_CACHE_DIR", env.tmp / "cache")
+    env.monkeypatch.setattr(serving, "DEFAULT_CACHE_DIR", env.tmp / "cache")
     for prefix, path in (("classifier", env.classifier), ("vae", env.vae)):
         env.file(f"cache/onnx/{prefix}_{export_key(path, read_sidecar(path))}.onnx", b"truncated export")
     return ["--image", str(env.image()), "--backend", "onnx"]

@@ -37,9 +37,8 @@ import torch
 from anomaly_detection.hybrid import HybridPredictor
 from classifiers.shipped import default_classifier
 from data.images import load_rgb
-from data.paths import ROOT, SAMPLES
+from data.paths import DEFAULT_VAE, ROOT, SAMPLES
 from data.runtime import pick_device
-from inference import DEFAULT_VAE
 
 APP = ROOT / "streamlit" / "app.py"
 SCREENSHOT = os.environ.get("MELANOMA_SCREENSHOT")  # where to keep the picture of the page (make screenshot)

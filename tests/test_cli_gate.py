@@ -109,9 +109,9 @@ def test_a_gated_image_never_gets_a_verdict(tiny_checkpoints):
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
 def test_exported_backends_keep_the_torch_gate(tiny_checkpoints, non_lesion_files, real_images, tmp_path,
                                                monkeypatch, backend):
-    import anomaly_detection.hybrid as hybrid
+    import anomaly_detection.serving as serving
 
-    monkeypatch.setattr(hybrid, "DEFAULT_CACHE_DIR", tmp_path)
+    monkeypatch.setattr(serving, "DEFAULT_CACHE_DIR", tmp_path)
     files = [non_lesion_files[0], non_lesion_files[3], *real_images[:2]]
     reference = HybridPredictor(*tiny_checkpoints, gate=GATE).predict_paths(files)
     exported = HybridPredictor(*tiny_checkpoints, backend=backend, gate=GATE).predict_paths(files)

@@ -126,9 +126,9 @@ def test_threshold_overrides_change_the_decision(tiny_checkpoints, real_images):
 @pytest.mark.real_data
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
 def test_exported_backend_matches_torch_on_real_images(tiny_checkpoints, real_images, tmp_path, monkeypatch, backend):
-    import anomaly_detection.hybrid as hybrid
+    import anomaly_detection.serving as serving
 
-    monkeypatch.setattr(hybrid, "DEFAULT_CACHE_DIR", tmp_path)
+    monkeypatch.setattr(serving, "DEFAULT_CACHE_DIR", tmp_path)
     torch_results = HybridPredictor(*tiny_checkpoints, backend="torch").predict_paths(real_images)
     onnx_results = HybridPredictor(*tiny_checkpoints, backend=backend).predict_paths(real_images)
     assert max(abs(a.prob_malignant - b.prob_malignant) for a, b in zip(torch_results, onnx_results)) < 1e-3
