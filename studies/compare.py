@@ -40,8 +40,14 @@ def named_paths(items: list[str], flag: str) -> dict[str, Path]:
     return pairs
 
 
-def training_cost(run: Path) -> dict[str, float]:
-    log = pd.read_csv(run / "metrics.csv")
+def log_files(logs: str | Path) -> list[Path]:
+    """Comma-separated training logs, each a run folder (its metrics.csv) or the CSV itself."""
+    return [p / "metrics.csv" if p.is_dir() else p for p in map(Path, str(logs).split(","))]
+
+
+def training_cost(logs: str | Path) -> dict[str, float]:
+    """Summed over the training logs: a model trained in stages costs all of them."""
+    log = pd.concat([pd.read_csv(p) for p in log_files(logs)])
     return {"train_minutes": float(log["epoch_seconds"].sum() / 60), "epochs_run": len(log),
             "train_images_per_s": float(log["images_per_s"].mean())}
 
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", nargs="+", required=True, help="NAME=folder written by classifiers/evaluate.py")
     p.add_argument("--reference", required=True, help="the NAME the paired differences are taken against")
-    p.add_argument("--train-log", nargs="*", default=[], help="NAME=training run folder (its metrics.csv: cost)")
+    p.add_argument("--train-log", nargs="*", default=[],
+                   help="NAME=training run folder or metrics CSV (cost; several stages: comma-separated, summed)")
     p.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     p.add_argument("--out", required=True, help="output folder (comparison.csv, comparison.png)")
     a = p.parse_args(argv)
@@ -111,8 +118,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if a.reference not in runs:
         p.error(f"--reference {a.reference!r} is not one of the --run names {list(runs)}")
     missing = [str(path / name) for path in runs.values() for name in ("metrics.csv", "predictions.csv")
-               if not (path / name).is_file()] + [str(path / "metrics.csv") for path in logs.values()
-                                                   if not (path / "metrics.csv").is_file()]
+               if not (path / name).is_file()] + [str(f) for path in logs.values() for f in log_files(path)
+                                                   if not f.is_file()]
     if missing:
         p.error(f"not found: {', '.join(missing)}")
     table = compare(runs, a.reference, logs, a.n_boot)

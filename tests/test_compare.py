@@ -54,3 +54,12 @@ def test_bad_arguments_are_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         compare.main(["--run", f"a={tmp_path / 'nope'}", "--reference", "a", "--out", str(tmp_path)])
     assert info.value.code == 2 and "not found:" in capsys.readouterr().err
+
+
+def test_training_cost_sums_the_stages_of_a_model(tmp_path):
+    (tmp_path / "run").mkdir()
+    pd.DataFrame({"epoch_seconds": [60.0, 120.0], "images_per_s": [5.0, 7.0]}).to_csv(tmp_path / "run" / "metrics.csv")
+    pd.DataFrame({"epoch_seconds": [240.0], "images_per_s": [9.0]}).to_csv(tmp_path / "stage1.csv")
+    assert compare.training_cost(tmp_path / "run") == {"train_minutes": 3.0, "epochs_run": 2, "train_images_per_s": 6.0}
+    assert compare.training_cost(f"{tmp_path / 'stage1.csv'},{tmp_path / 'run'}") == \
+        {"train_minutes": 7.0, "epochs_run": 3, "train_images_per_s": 7.0}
