@@ -290,15 +290,14 @@ def train(cfg: GeneratorConfig, rt: Runtime | None = None) -> dict[str, Any]:
     n_params = sum(p.numel() for p in trainer.export().parameters())
     print(f"{cfg.model} ({cfg.preset}): {n_params / 1e6:.2f}M parameters in the shipped model; "
           f"{len(fit)} fit images, {steps_per_epoch} steps/epoch, device {device}")
-    if cfg.model == "ldm":
-        trainer.views = encode_views(trainer.autoencoder, images, progress=rt.progress)
-
     state_path, losses, epochs, start = out / "state.pt", [], [], 0
     if rt.resume and state_path.exists():
         state = load_state(state_path)
         trainer.load_state_dict(state["trainer"])
         losses, epochs, start = state["losses"], state["epochs"], state["epoch"] + 1
         print(f"resumed from {state_path} after epoch {state['epoch'] + 1} (step {trainer.steps})")
+    if cfg.model == "ldm" and start < cfg.epochs:
+        trainer.views = encode_views(trainer.autoencoder, images, progress=rt.progress)
 
     for epoch in range(start, cfg.epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)

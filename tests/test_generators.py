@@ -138,6 +138,9 @@ def test_latent_sampler_is_deterministic_with_a_seed_and_decodes_to_images():
                                schedule=latent.LATENT_SCHEDULE) for s in (7, 7, 8))
     assert a.shape == (2, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
+    z = ddpm.generate(trainer.export().unet, labels, torch.Generator().manual_seed(7), steps=10,
+                      schedule=latent.LATENT_SCHEDULE, clamp=False)
+    assert z.abs().max() <= latent.LATENT_SCHEDULE["clip_sample_range"] + 1e-4  # the final step returns the clipped x0
 
 
 def test_ddim_default_is_50_steps_and_ddpm_the_full_chain():
