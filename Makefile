@@ -26,7 +26,7 @@ app: $(STAMP)
 	$(VENV)/bin/streamlit run streamlit/app.py --server.headless=true --browser.gatherUsageStats=false --client.toolbarMode=viewer
 
 bench: $(STAMP)
-	$(PY) scripts/benchmark_inference.py
+	$(PY) scripts/benchmark_inference.py --n 256 --out results/benchmarks/inference.txt
 
 screenshot: $(STAMP)  # the demo with the shipped models in headless chromium -> results/screenshots/demo.png
 	MELANOMA_REQUIRE_ALL_TESTS=1 MELANOMA_SCREENSHOT=results/screenshots/demo.png $(PY) -m pytest -q tests/test_browser.py
