@@ -14,7 +14,6 @@ writes a reconstruction grid (input / reconstruction / error map) every `--grid-
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,10 @@ from anomaly_detection.vae import ConvVAE, VAEScorer, vae_loss
 from data.atomic import write_rows
 from data.cache import CachedImages
 from data.checkpoint import save_checkpoint
-from data.config import Runtime, add_options, check_types, from_args, option, to_json, write_config
+from data.config import Runtime, check_types, option, parse_config, to_json, write_config
 from data.manifest import ManifestError, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
-from data.runtime import UserError, add_runtime_options, cli_main, init_device, seed_everything
+from data.runtime import UserError, cli_main, init_device, seed_everything
 from data.training import load_state, save_state
 from data.transforms import COLOR_CONSTANCY, Preprocess, preprocess_meta
 from evaluation import plots
@@ -61,12 +60,7 @@ class VAEConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[VAEConfig, Runtime]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, VAEConfig, skip=("seed",))
-    add_runtime_options(p, seed=0, progress=True)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
-    args = p.parse_args(argv)
-    return from_args(VAEConfig, args), Runtime.from_args(args)
+    return parse_config(VAEConfig, argv, __doc__)
 
 
 @torch.no_grad()

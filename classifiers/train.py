@@ -34,7 +34,6 @@ number).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -54,10 +53,10 @@ from classifiers.predict import predict_proba
 from data.atomic import write_rows
 from data.cache import CachedImages
 from data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from data.config import Runtime, add_options, check_types, from_args, option, to_json, write_config
+from data.config import Runtime, check_types, option, parse_config, to_json, write_config
 from data.manifest import TARGETS, ManifestError, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
-from data.runtime import UserError, add_runtime_options, cli_main, pick_device, seed_everything, setup_cpu
+from data.runtime import UserError, cli_main, pick_device, seed_everything, setup_cpu
 from data.splits import grouped_folds
 from data.training import EMA, load_state, save_state, warmup_cosine
 from data.transforms import COLOR_CONSTANCY, Preprocess, augment, preprocess_meta, resize_uint8
@@ -163,17 +162,7 @@ class TrainConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Runtime]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, TrainConfig, skip=("seed",))
-    add_runtime_options(p, seed=0, progress=True)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
-    p.add_argument("--kill-after-steps", type=int, default=None,
-                   help="testing aid: exit abruptly after this many optimizer steps, as a killed run would")
-    args = p.parse_args(argv)
-    try:
-        return from_args(TrainConfig, args), Runtime.from_args(args)
-    except ValueError as exc:
-        p.error(str(exc))
+    return parse_config(TrainConfig, argv, __doc__, kill_after_steps=True)
 
 
 def class_weights(targets: torch.Tensor, rule: str, n_classes: int) -> torch.Tensor | None:

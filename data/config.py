@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from data.atomic import atomic_write_text
+from data.runtime import add_runtime_options
 
 C = TypeVar("C")
 
@@ -75,6 +76,24 @@ def from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:
     """The dataclass `cls` from parsed arguments (fields missing from `args` keep their defaults)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**(values | overrides))
+
+
+def parse_config(cls: type[C], argv: list[str] | None, description: str | None,
+                 kill_after_steps: bool = False) -> tuple[C, Runtime]:
+    """A trainer's CLI: the config's flags, the shared runtime options, --resume (and, for the classifier trainer,
+    the --kill-after-steps testing aid); a config the dataclass refuses is a usage error (exit 2)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(p, cls, skip=("seed",))
+    add_runtime_options(p, seed=next(f.default for f in dataclasses.fields(cls) if f.name == "seed"), progress=True)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
+    if kill_after_steps:
+        p.add_argument("--kill-after-steps", type=int, default=None,
+                       help="testing aid: exit abruptly after this many optimizer steps, as a killed run would")
+    args = p.parse_args(argv)
+    try:
+        return from_args(cls, args), Runtime.from_args(args)
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def config_changes(cls: type, items: list[str]) -> dict[str, Any]:

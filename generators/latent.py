@@ -70,12 +70,18 @@ def generate(model: LatentDiffusion, labels: torch.Tensor, gen: torch.Generator,
 
 
 @torch.no_grad()
-def latent_std(autoencoder: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) -> float:
-    """Standard deviation of the posterior means of uint8 `images`: 1 / it scales latents to unit variance."""
+def posterior_means(autoencoder: AutoencoderKL, images: torch.Tensor, view: int = 0,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Unscaled posterior means of one dihedral view of uint8 `images`, in batches."""
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
-    z = torch.cat([autoencoder.encode(to_signed(b.to(device))).latent_dist.mean for b in images.split(batch_size)])
-    return float(z.std())
+    return torch.cat([autoencoder.encode(to_signed(dihedral(b, view).to(device))).latent_dist.mean
+                      for b in images.split(batch_size)])
+
+
+def latent_std(autoencoder: AutoencoderKL, images: torch.Tensor) -> float:
+    """Standard deviation of the posterior means of uint8 `images`: 1 / it scales latents to unit variance."""
+    return float(posterior_means(autoencoder, images).std())
 
 
 class AutoencoderTrainer:
@@ -157,14 +163,9 @@ def encode_views(autoencoder: AutoencoderKL, images: torch.Tensor, batch_size: i
     training set, encoded once instead of every step)."""
     from tqdm import tqdm
 
-    autoencoder.eval()
-    device, scale = next(autoencoder.parameters()).device, float(autoencoder.config.scaling_factor)
-    views = []
-    for view in tqdm(range(VIEWS), desc="encoding the 8 views", disable=not progress, leave=False):
-        z = [autoencoder.encode(to_signed(dihedral(b, view).to(device))).latent_dist.mean * scale
-             for b in images.split(batch_size)]
-        views.append(torch.cat(z).half().cpu())
-    return torch.stack(views)
+    scale = float(autoencoder.config.scaling_factor)
+    return torch.stack([(posterior_means(autoencoder, images, view, batch_size) * scale).half().cpu()
+                        for view in tqdm(range(VIEWS), desc="encoding the 8 views", disable=not progress, leave=False)])
 
 
 class LatentDiffusionTrainer(ddpm.DDPMTrainer):

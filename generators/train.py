@@ -23,7 +23,6 @@ Outputs in <out> (default runs/generators/<model>_<preset>_s<seed>): losses.csv 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import time
@@ -38,10 +37,10 @@ from tqdm import tqdm
 from data.atomic import write_rows
 from data.cache import CachedImages
 from data.checkpoint import load_checkpoint, save_checkpoint
-from data.config import Runtime, add_options, check_types, from_args, option, to_json, write_config
+from data.config import Runtime, check_types, option, parse_config, to_json, write_config
 from data.manifest import TARGETS, file_sha256, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
-from data.runtime import UserError, add_runtime_options, cli_main, init_device, seed_everything
+from data.runtime import UserError, cli_main, init_device, seed_everything
 from data.training import load_state, save_state
 from data.transforms import augment
 from evaluation import plots
@@ -150,15 +149,7 @@ class GeneratorConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[GeneratorConfig, Runtime]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, GeneratorConfig, skip=("seed",))
-    add_runtime_options(p, seed=0, progress=True)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt if it exists")
-    args = p.parse_args(argv)
-    try:
-        return from_args(GeneratorConfig, args), Runtime.from_args(args)
-    except ValueError as exc:
-        p.error(str(exc))
+    return parse_config(GeneratorConfig, argv, __doc__)
 
 
 def fit_images(cfg: GeneratorConfig) -> tuple[CachedImages, CachedImages | None]:
