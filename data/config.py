@@ -49,8 +49,8 @@ def check_types(cfg: Any) -> None:
         expected = typing.get_origin(base) or base
         if expected is float:
             expected = (int, float)
-        if isinstance(expected, type | tuple) and not isinstance(value, expected) or expected is int and \
-                isinstance(value, bool):
+        wrong_type = isinstance(expected, type | tuple) and not isinstance(value, expected)
+        if wrong_type or (expected is int and isinstance(value, bool)):
             raise TypeError(f"{type(cfg).__name__}.{f.name} = {value!r}: expected {hint}")
 
 
