@@ -1,4 +1,4 @@
-"""The five dataset configurations: `original` and four that add synthetic lesions to the `fit` split.
+"""The dataset configurations: `original` and those that add synthetic lesions to the `fit` split.
 
 `dcgan_aug` / `ddpm_aug` add 64-px generator samples (the classifier's cache resizes them with bicubic), and
 `dcgan_up` / `ddpm_up` add the same kind of samples passed through the learned upscaler. Synthetic rows are added to
@@ -17,8 +17,12 @@ import pandas as pd
 
 from data.manifest import TARGETS, file_sha256, read_manifest, write_manifest
 
+# configuration -> synthetic source. The pipeline's grid trains the first five (PIPELINE); the latent diffusion model
+# and the classifier-filtered samples (studies/filter_synthetic.py) add theirs for studies/synthetic_data.py.
 CONFIGS: dict[str, str | None] = {"original": None, "dcgan_aug": "dcgan", "dcgan_up": "dcgan_up",
-                                  "ddpm_aug": "ddpm", "ddpm_up": "ddpm_up"}
+                                  "ddpm_aug": "ddpm", "ddpm_up": "ddpm_up", "ldm_aug": "ldm", "ldm_up": "ldm_up",
+                                  "ldm_filtered": "ldm_filtered"}
+PIPELINE = ["original", "dcgan_aug", "dcgan_up", "ddpm_aug", "ddpm_up"]
 
 
 def needed(original: pd.DataFrame, ratio: float = 1.0, column: str = "label") -> dict[str, int]:
@@ -52,14 +56,17 @@ def add_synthetic(original: pd.DataFrame, synthetic: pd.DataFrame, source: str, 
 
 
 def build_configs(original_path: str | os.PathLike, synthetic_csvs: list[str | os.PathLike], out_dir: str | os.PathLike,
-                  ratio: float = 1.0, seed: int = 0) -> dict[str, Path]:
-    """Write each configuration whose synthetic source is listed in one of `synthetic_csvs` (and `original`)."""
+                  ratio: float = 1.0, seed: int = 0, names: list[str] | None = None) -> dict[str, Path]:
+    """Write each configuration (of `names`, default all) whose synthetic source is listed in one of
+    `synthetic_csvs` (and `original`)."""
     original_path, out_dir = Path(original_path).resolve(), Path(out_dir).resolve()
     original = read_manifest(original_path)
     synthetic = pd.concat([read_manifest(p).assign(listed_in=os.path.relpath(p, out_dir)) for p in synthetic_csvs],
                           ignore_index=True) if synthetic_csvs else pd.DataFrame(columns=["source", "label", "path"])
     written: dict[str, Path] = {}
     for name, source in CONFIGS.items():
+        if names is not None and name not in names:
+            continue
         path = out_dir / f"{name}.csv"
         info: dict[str, Any] = {"config": name, "base_manifest": original_path.name,
                                 "base_manifest_sha256": file_sha256(original_path)}

@@ -19,7 +19,7 @@ from data.images import list_images
 
 LABELS = ("benign", "malignant")
 SPLITS = ("fit", "val", "calib", "test", "external")
-SOURCES = ("real", "dcgan", "ddpm", "dcgan_up", "ddpm_up", "ldm", "ldm_up")
+SOURCES = ("real", "dcgan", "ddpm", "dcgan_up", "ddpm_up", "ldm", "ldm_up", "ldm_filtered")
 DX_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 MALIGNANT_DX = ("mel", "bcc", "akiec")
 REQUIRED = ("path", "label", "split", "source")

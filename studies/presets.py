@@ -23,13 +23,13 @@ from typing import Any
 
 import pandas as pd
 
-from data.configs import CONFIGS
+from data.configs import PIPELINE
 from data.paths import SCRIPTS
 from studies import grid
 
 # Training order: the grid's six (the registry's pretrained efficientnet_lite* are trained on their own, see README).
 ALL_ARCHS = ["densenet121", "resnet50", "vit", "swin", "medvit", "biovit"]
-ALL_CONFIGS = list(CONFIGS)
+ALL_CONFIGS = PIPELINE
 # (dataset, split, official_split) -> images kept by the smoke preset; rows of other groups are dropped.
 SMOKE_SUBSET = {("ham10000", "fit", "train"): 64, ("ham10000", "val", "train"): 32,
                 ("ham10000", "calib", "train"): 32, ("ham10000", "test", "test"): 48,
