@@ -12,7 +12,12 @@ both models (anomaly_detection/feature_detector.py, anomaly_detection/gate.py):
 - gate: the same on ALL `fit` lesions (both classes, both sources) with stages fixed in advance (gate.GATE_LEVELS),
   and a non-lesion probe trained on those lesions against data/non_lesion.py's development set (its own seed, no
   photographs, skin crops of `fit` images); gate_threshold and probe_threshold = max over sources of each source's
-  99.7th percentile of `calib` + `val` lesion scores.
+  99.7th percentile of `calib` + `val` lesion scores, then loosened for sources the gate has never seen: a gate
+  fitted and calibrated on one source alone, applied to the other source's `calib` + `val` lesions, would flag many
+  of them (a new device moves every lesion's features). The distance threshold is multiplied by, and the probe
+  threshold raised by, the smallest margin at which that leave-one-source-out gate flags at most
+  `--unseen-tolerance` (1%) of the unseen source's lesions, the largest over both directions (sidecar:
+  `unseen_source`).
 Rows of `test` and `external` are never used (their features may be computed into the shared cache, unread here).
 Writes --detector and --gate (safetensors + JSON sidecar each); prints each source's calibration flag rates.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,8 +47,9 @@ from anomaly_detection.feature_detector import (
     fit_rows,
     select,
     source_weights,
+    upper_quantile,
 )
-from anomaly_detection.gate import GATE_LEVELS, GATE_QUANTILE, Gate, check_constants, check_paths
+from anomaly_detection.gate import GATE_LEVELS, GATE_QUANTILE, UNSEEN_TOLERANCE, Gate, check_constants, check_paths
 from classifiers.models import PretrainedWeightsError
 from data.images import ImageError, to_uint8
 from data.manifest import file_sha256, read_manifest
@@ -86,33 +93,69 @@ def fit_detector(df: pd.DataFrame, features: Features, spec: dict, quantile: flo
     return detector
 
 
-def fit_gate(df: pd.DataFrame, features: Features, spec: dict, quantile: float, balance: bool,
-             provenance: dict, extractor: FeatureExtractor) -> tuple[Gate, list]:
-    """All `fit` lesions -> Gaussian; those lesions against the development non-lesion set -> probe; all calib/val
-    lesions -> both thresholds, and the margins the cheap checks leave on them. Returns the gate and its verdicts
-    on the calib/val lesions."""
-    train, calib = fit_rows(df, benign_only=False), calibration_rows(df, benign_only=False)
+def fit_lesion_gate(df: pd.DataFrame, features: Features, spec: dict, balance: bool, extractor: FeatureExtractor,
+                 datasets: list[str] | None = None, **info) -> Gate:
+    """A gate (Gaussian + non-lesion probe, no thresholds yet) fitted on the `fit` lesions of `datasets` (default
+    every source), the probe against the development non-lesion set built from those sources' `fit` images."""
+    train = fit_rows(df, benign_only=False, datasets=datasets)
     weights = source_weights(train["dataset"]) if balance else None
     train_features = select(features, train.index.to_numpy())
-    gate = Gate.fit(train_features, spec, weights,
-                    trained_on="all lesion images (both classes) of the fit split, every source",
-                    fit_counts=train["dataset"].value_counts().to_dict(), source_balanced=balance, **provenance)
-    fit_paths = {str(d): list(part["path"]) for d, part in train.groupby("dataset", sort=True)}
-    items = development_set(fit_paths)
+    gate = Gate.fit(train_features, spec, weights, fit_counts=train["dataset"].value_counts().to_dict(),
+                    source_balanced=balance, **info)
+    items = development_set({str(d): list(part["path"]) for d, part in train.groupby("dataset", sort=True)})
     size, rule = spec["input_size"], spec["resize"]
-    pixels = np.stack([to_uint8(Image.fromarray(item.image), size, rule) for item in items])
-    gate.fit_probe(train_features, extractor(pixels))
+    gate.fit_probe(train_features, extractor(np.stack([to_uint8(Image.fromarray(i.image), size, rule) for i in items])))
     gate.meta["probe"]["non_lesions"] = "data/non_lesion.py development_set: " + ", ".join(
         f"{k} {v}" for k, v in pd.Series([i.kind for i in items]).value_counts().sort_index().items())
+    return gate
+
+
+def unseen_source_margins(df: pd.DataFrame, features: Features, spec: dict, quantile: float, balance: bool,
+                          extractor: FeatureExtractor, tolerance: float) -> dict[str, Any]:
+    """Leave-one-source-out on calib+val: a gate fitted and calibrated (`quantile`) on one source alone, applied to
+    another source's calib+val lesions. The distance margin (a factor on the threshold) and the probe offset (added
+    to its threshold) at which such a gate flags at most `tolerance` of the unseen source's lesions, the largest
+    over all ordered pairs of sources (at least 1 and 0: the margins only ever loosen the calibrated thresholds)."""
+    calib = calibration_rows(df, benign_only=False)
+    calib_features = select(features, calib.index.to_numpy())
+    pairs, margin, offset = {}, 1.0, 0.0
+    for seen in sorted(calib["dataset"].unique()):
+        gate = fit_lesion_gate(df, features, spec, balance, extractor, [seen])
+        distance, probe = gate.score(calib_features), gate.probe_score(calib_features)
+        own = (calib["dataset"] == seen).to_numpy()
+        d_seen, p_seen = upper_quantile(distance[own], quantile), upper_quantile(probe[own], quantile)
+        for unseen in sorted(set(calib["dataset"]) - {seen}):
+            other = (calib["dataset"] == unseen).to_numpy()
+            pair = {"distance_margin": float(np.quantile(distance[other] / d_seen, 1 - tolerance)),
+                    "probe_offset": float(np.quantile(probe[other] - p_seen, 1 - tolerance)),
+                    "flagged_at_calibrated_thresholds": float(np.mean((distance[other] >= d_seen) |
+                                                                      (probe[other] >= p_seen)))}
+            pairs[f"{seen} -> {unseen}"] = pair
+            margin, offset = max(margin, pair["distance_margin"]), max(offset, pair["probe_offset"])
+    return {"distance_margin": margin, "probe_offset": offset, "tolerance": tolerance, "pairs": pairs}
+
+
+def fit_gate(df: pd.DataFrame, features: Features, spec: dict, quantile: float, balance: bool,
+             provenance: dict, extractor: FeatureExtractor, unseen_tolerance: float) -> tuple[Gate, list]:
+    """All `fit` lesions -> Gaussian; those lesions against the development non-lesion set -> probe; all calib/val
+    lesions -> both thresholds, loosened by the unseen-source margins (module docstring), and the margins the cheap
+    checks leave on them. Returns the gate and its verdicts on the calib/val lesions."""
+    gate = fit_lesion_gate(df, features, spec, balance, extractor,
+                        trained_on="all lesion images (both classes) of the fit split, every source", **provenance)
+    unseen = unseen_source_margins(df, features, spec, quantile, balance, extractor, unseen_tolerance)
+    calib = calibration_rows(df, benign_only=False)
     calib_features = select(features, calib.index.to_numpy())
     threshold, per_source = benign_percentile_threshold(gate.score(calib_features), calib["dataset"], quantile)
-    gate.set_threshold(threshold, gate_threshold_rule=f"max over sources of each source's {quantile} quantile of "
-                       "lesion distances", gate_threshold_split="calib+val", gate_threshold_per_source=per_source)
+    gate.set_threshold(unseen["distance_margin"] * threshold, gate_threshold_rule=(
+        f"max over sources of each source's {quantile} quantile of lesion distances, times the unseen-source margin"),
+        gate_threshold_split="calib+val", gate_threshold_per_source=per_source, unseen_source=unseen)
     probe_threshold, probe_per_source = benign_percentile_threshold(gate.probe_score(calib_features),
                                                                     calib["dataset"], quantile)
-    gate.set_probe_threshold(probe_threshold, probe_threshold_rule=f"max over sources of each source's {quantile} "
-                             "quantile of lesion probe scores", probe_threshold_per_source=probe_per_source)
-    verdicts, spread, chroma = check_paths(gate, calib_features, list(calib["path"]), size, rule)
+    gate.set_probe_threshold(probe_threshold + unseen["probe_offset"], probe_threshold_rule=(
+        f"max over sources of each source's {quantile} quantile of lesion probe scores, plus the unseen-source "
+        "offset"), probe_threshold_per_source=probe_per_source)
+    verdicts, spread, chroma = check_paths(gate, calib_features, list(calib["path"]), spec["input_size"],
+                                           spec["resize"])
     gate.meta["checks"] = check_constants(spread, chroma)
     return gate, verdicts
 
@@ -129,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gate-quantile", type=float, default=GATE_QUANTILE,
                    help="gate thresholds: this quantile of each source's calib+val lesion distances and probe "
                    "scores (max over sources)")
+    p.add_argument("--unseen-tolerance", type=float, default=UNSEEN_TOLERANCE,
+                   help="gate: loosen both thresholds until a gate fitted on one source alone flags at most this share "
+                        "of another source's calib+val lesions (leave-one-source-out; 0 keeps the calibrated ones)")
     p.add_argument("--no-balance", action="store_true", help="weight fit images equally instead of sources equally")
     p.add_argument("--detector", default=str(CHECKPOINTS / "feature_detector.safetensors"),
                    help="where to write the detector")
@@ -147,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     detector = fit_detector(df, features, feature_spec(levels), a.benign_quantile, balance,
                             {**provenance, "levels_val_auc": candidates})
     gate, verdicts = fit_gate(df, features, feature_spec(GATE_LEVELS), a.gate_quantile, balance, provenance,
-                              extractor)
+                              extractor, a.unseen_tolerance)
     detector.save(a.detector)
     gate.save(a.gate)
     calib = calibration_rows(df, benign_only=False)
@@ -157,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                "per_source": detector.meta["anomaly_threshold_per_source"],
                "calib_val_auc": detector.meta["calib_val_auc_malignant_vs_benign"],
                "gate": str(a.gate), "gate_threshold": gate.threshold, "probe_threshold": gate.meta["probe_threshold"],
+               "unseen_source": gate.meta["unseen_source"],
                "gate_flag_rate_calib_val": {str(s): float(flagged[(calib["dataset"] == s).to_numpy()].mean())
                                             for s in calib["dataset"].unique()},
                "checks": gate.meta["checks"]}

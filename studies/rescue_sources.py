@@ -56,7 +56,8 @@ from anomaly_detection.feature_detector import (
     select,
     upper_quantile,
 )
-from anomaly_detection.gate import Gate, GateResult, check_paths
+from anomaly_detection.fit_feature_detector import fit_lesion_gate
+from anomaly_detection.gate import GATE_QUANTILE, Gate, GateResult, check_paths
 from anomaly_detection.hybrid import load_vae, rescue
 from anomaly_detection.train_vae import score_images
 from classifiers.models import load_classifier
@@ -250,6 +251,34 @@ def loso_rows(table: pd.DataFrame, df: pd.DataFrame, features: Features, detecto
                              "spec_drop_ci_high": -change["spec_change_ci_low"],
                              "sens_classifier": decision_metrics(y, r["pred_classifier"])["sensitivity"],
                              "sens_hybrid": decision_metrics(y, r["pred_hybrid"])["sensitivity"]})
+    return rows
+
+
+def gate_loso_rows(table: pd.DataFrame, df: pd.DataFrame, features: Features, gate: Gate,
+                   extractor: FeatureExtractor) -> list[dict[str, Any]]:
+    """Leave-one-source-out for the gate's learned checks (distance, probe): a gate fitted on one source's `fit`
+    lesions alone, its thresholds the 99.7th percentiles of that source's calib+val lesions, first as calibrated and
+    then loosened by the shipped gate's unseen-source margin and offset; the share of every evaluation set's lesions
+    it flags. `df` is the full manifest whose index addresses `features`; `table` comes from score_table."""
+    unseen = gate.meta.get("unseen_source") or {"distance_margin": 1.0, "probe_offset": 0.0}
+    spec = {k: gate.meta[k] for k in (*FEATURE_KEYS, "levels")}
+    rows = []
+    for seen in sorted(table["dataset"].unique()):
+        single = fit_lesion_gate(df, features, spec, True, extractor, [seen])
+        calib = table[table["split"].isin(CALIBRATION_SPLITS) & (table["dataset"] == seen)]
+        calib_features = select(features, calib["row"].to_numpy())
+        distance_q = upper_quantile(single.score(calib_features), GATE_QUANTILE)
+        probe_q = upper_quantile(single.probe_score(calib_features), GATE_QUANTILE)
+        for name, part in evaluation_sets(table).items():
+            part_features = select(features, part["row"].to_numpy())
+            distance, probe = single.score(part_features), single.probe_score(part_features)
+            for thresholds, margin, offset in (("calibrated", 1.0, 0.0), ("unseen-source margin", unseen[
+                    "distance_margin"], unseen["probe_offset"])):
+                flagged = int(((distance >= margin * distance_q) | (probe >= probe_q + offset)).sum())
+                rate = _proportion(flagged, len(part))
+                rows.append({"fitted_on": seen, "applied_to": name, "unseen": not name.startswith(seen),
+                             "thresholds": thresholds, "n": len(part), "flagged": flagged, "flag_rate": rate[0],
+                             "flag_rate_ci_low": rate[1], "flag_rate_ci_high": rate[2]})
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import ROOT
 from PIL import Image
@@ -16,7 +17,9 @@ from anomaly_detection.feature_detector import (
     feature_spec,
     fit_rows,
     source_weights,
+    upper_quantile,
 )
+from anomaly_detection.fit_feature_detector import fit_lesion_gate, unseen_source_margins
 from anomaly_detection.gate import GATE_QUANTILE, MIN_SIDE, Gate, LesionScreen, cheap_reasons
 from data.images import load_rgb, to_uint8
 from data.manifest import read_manifest
@@ -163,3 +166,34 @@ def test_shipped_gate_flags_generated_non_lesions_and_passes_real_lesions(real_d
     # One pass serves both: the gate alone gives the same verdicts as the screen.
     alone = screen.gate.check_batch(pixels, sizes, screen.extractor)
     assert [v.ok for v in alone] == [v.ok for v in result.gate]
+
+
+@pytest.mark.real_data
+def test_unseen_source_margin_lets_a_single_source_gate_pass_the_other_source(real_data):
+    """Two sources whose lesion features differ by a shift (a new device): a gate fitted and calibrated on one alone
+    refuses many of the other's lesions; the margin found on calib+val brings that down to the tolerance."""
+    mixed = read_manifest(ROOT / "data" / "manifests" / "mixed.csv")
+    rows = []
+    for source in ("ham10000", "isic2017"):
+        fit = mixed[(mixed["split"] == "fit") & (mixed["dataset"] == source)].sample(300, random_state=0)
+        rows += [fit, fit.assign(split="calib")]  # calib rows only need a dataset and a split here
+    df = pd.concat(rows, ignore_index=True)
+    rng = np.random.default_rng(0)
+    shift = np.where(df["dataset"] == "isic2017", 0.6, 0.0)[:, None]
+    features = {"block2": rng.normal(size=(len(df), 40)) + shift}
+
+    def far_away(pixels: np.ndarray) -> dict[str, np.ndarray]:  # the development non-lesions' features
+        return {"block2": rng.normal(4.0, 1.0, size=(len(pixels), 40))}
+
+    spec = feature_spec(("block2",))
+    found = unseen_source_margins(df, features, spec, GATE_QUANTILE, True, far_away, tolerance=0.01)
+    pair = found["pairs"]["ham10000 -> isic2017"]
+    assert pair["flagged_at_calibrated_thresholds"] > 0.05 and found["distance_margin"] == max(
+        p["distance_margin"] for p in found["pairs"].values()) > 1
+    single = fit_lesion_gate(df, features, spec, True, far_away, ["ham10000"])
+    calib = df["split"] == "calib"
+    own, other = (calib & (df["dataset"] == "ham10000")).to_numpy(), (calib & (df["dataset"] == "isic2017")).to_numpy()
+    distance = single.score(features)
+    threshold = upper_quantile(distance[own], GATE_QUANTILE)
+    assert np.mean(distance[other] >= threshold) > 0.05
+    assert np.mean(distance[other] >= found["distance_margin"] * threshold) <= 0.01 + 1 / other.sum()
