@@ -85,7 +85,8 @@ def run_rows(study: Study, arms: Arms, runs: Path, seeds: list[int]) -> tuple[pd
 
 def summary(runs_df: pd.DataFrame, preds: dict, arms: list[str], seeds: list[int], n_boot: int) -> pd.DataFrame:
     """Per arm and set: mean (sd) AUC over seeds, the change of the seed-mean AUC against the reference arm with a
-    bootstrap CI over test images, and the noise floor (largest AUC gap between two seeds of one arm)."""
+    bootstrap CI over test images, the noise floor (largest AUC gap between two seeds of one arm), and the seed-mean
+    sensitivity and specificity at each run's val threshold (the recall of each class)."""
     rows = []
     for prefix in SETS:
         y = preds[arms[0], seeds[0], prefix]["y"].to_numpy()
@@ -98,7 +99,9 @@ def summary(runs_df: pd.DataFrame, preds: dict, arms: list[str], seeds: list[int
             lo, hi = ci(boot[arm] - boot[arms[0]])
             rows.append({"set": prefix, "arm": arm, "seeds": len(seeds), "auc_mean": aucs[arm].mean(),
                          "auc_sd": aucs[arm].std(ddof=1) if len(seeds) > 1 else np.nan,
-                         "change": change, "change_ci_low": lo, "change_ci_high": hi, "seed_noise_floor": floor})
+                         "change": change, "change_ci_low": lo, "change_ci_high": hi, "seed_noise_floor": floor,
+                         **{f"{m}_mean": runs_df.loc[runs_df["arm"] == arm, f"{prefix}_{m}"].mean()
+                            for m in ("sensitivity", "specificity")}})
     return pd.DataFrame(rows)
 
 

@@ -25,7 +25,7 @@ def test_summary_reads_changes_against_the_reference_and_the_seed_floor():
         row = {"arm": arm, "seed": seed}
         for prefix in arms.SETS:
             preds[arm, seed, prefix] = pd.DataFrame({"y": y, "prob_malignant": score})
-            row[f"{prefix}_auc"] = auc(y, score)
+            row |= {f"{prefix}_auc": auc(y, score), f"{prefix}_sensitivity": seed, f"{prefix}_specificity": 1 - sd}
         rows.append(row)
     table = arms.summary(pd.DataFrame(rows), preds, ["ref", "new"], [0, 1], n_boot=200)
     aucs = {key: auc(y, preds[(*key, "ham10000_test")]["prob_malignant"]) for key in noise}
@@ -36,6 +36,7 @@ def test_summary_reads_changes_against_the_reference_and_the_seed_floor():
     assert new["change"] == pytest.approx(expected_change) and expected_change > 0.05
     assert new["change_ci_low"] < new["change"] < new["change_ci_high"] and new["change_ci_low"] > 0
     assert new["seed_noise_floor"] == pytest.approx(floor) and ref["change"] == 0 == ref["change_ci_low"]
+    assert new["sensitivity_mean"] == 0.5 and new["specificity_mean"] == pytest.approx(0.45)
 
 
 def tiny_configurations(original: pd.DataFrame, folder: Path) -> None:
