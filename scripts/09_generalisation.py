@@ -31,19 +31,11 @@ from data.config import Runtime, config_changes
 from data.manifest import read_manifest, stratified_subset
 from data.runtime import add_runtime_options, cli_main, pick_device, setup_cpu
 from studies import cross_dataset, grid
+from studies.cross_dataset import LIGHT_AUGMENTATION, LONG_LIGHT, RECIPE
 
-# The full recipe: every technique on. Each key is a classifiers/train.py flag.
-RECIPE = {
-    "arch": "densenet121", "img_size": 128, "color_constancy": "shades_of_gray", "balance": "source_class",
-    "balance_power": 0.5, "class_weights": "none", "crop_scale": 0.3, "jitter": 0.4, "cutout": 0.5,
-    "occlusion": 0.3, "epoch_size": 6000,
-}
 SHORT = {"epochs": 4, "patience": 4}
-LIGHT_AUGMENTATION = {"crop_scale": 0.6, "jitter": 0.2, "cutout": 0.0, "occlusion": 0.0}
 RUNS: dict[str, dict] = {
-    # The long run: mixing, colour constancy and balancing with the light augmentation, 14 epochs (chosen on the
-    # val curves of the first runs, where the four strong augmentations slowed learning; see the README).
-    "long/light": {"epochs": 14, "patience": 5, **LIGHT_AUGMENTATION},
+    "long/light": LONG_LIGHT,
     "short/full": SHORT,
     "short/light": {**SHORT, **LIGHT_AUGMENTATION},
     "short/no_color_constancy": {**SHORT, "color_constancy": "none"},

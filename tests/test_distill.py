@@ -1,13 +1,17 @@
 """Knowledge distillation: the soft loss against a hand computation on a tiny batch, and a distilled training run
-that records its teacher; a teacher with another colour constancy is a clear error."""
+that records its teacher; a teacher with another colour constancy is a clear error; the distillation study's two arms
+differ only in the teacher."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from conftest import load_script
+from test_arms import tiny_configurations
 from test_training import train
 
 from classifiers.distill import soft_distillation_loss
@@ -16,6 +20,7 @@ from data.checkpoint import save_checkpoint
 from data.manifest import LABELS
 from data.paths import MANIFESTS
 from data.transforms import preprocess_meta
+from studies import distillation
 
 
 def test_soft_distillation_loss_matches_hand_computation():
@@ -83,3 +88,26 @@ def test_native_size_is_the_default_input_size():
 
     assert parse_args(["--arch", "efficientnet_lite1"])[0].img_size == 240
     assert parse_args(["--arch", "densenet121"])[0].img_size == 128
+
+
+def test_distillation_study_uses_the_shipped_densenet_recipe():
+    step9 = load_script("09_generalisation")
+    assert distillation.RECIPE == {**step9.RECIPE, **step9.RUNS["long/light"], "config": "mixed"}
+
+
+@pytest.mark.real_data
+def test_distillation_study_differs_only_in_the_teacher(original, tmp_path):
+    tiny_configurations(original, tmp_path / "manifests")
+    teacher = teacher_checkpoint(tmp_path / "teacher", "shades_of_gray")
+    distillation.main(["--manifest", str(tmp_path / "manifests" / "original.csv"), "--teacher", str(teacher),
+                       "--seeds", "0", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "report"),
+                       "--n-boot", "50", "--set", "arch=medvit", "img_size=32", "epochs=1", "epoch_size=8",
+                       "batch_size=4", "--threads", "1", "--no-progress"])
+    runs = pd.read_csv(tmp_path / "report" / "runs.csv")
+    assert list(runs["arm"]) == ["scratch", "distilled", "all_malignant_baseline"]
+    scratch, distilled = (json.loads((tmp_path / "runs" / f"{arm}_s0" / "config.json").read_text())
+                          for arm in ("scratch", "distilled"))
+    assert scratch["teacher"] is None and Path(distilled["teacher"]) == teacher
+    assert {k: v for k, v in scratch.items() if k not in ("teacher", "out")} == \
+        {k: v for k, v in distilled.items() if k not in ("teacher", "out")}
+    assert "distilled_from" in json.loads((tmp_path / "runs" / "distilled_s0" / "best.json").read_text())
