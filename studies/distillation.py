@@ -3,7 +3,7 @@ and distilled from the teacher (DeiT soft distillation, classifiers/distill.py),
 several seeds, read against the seed-noise floor (studies/arms.py runs and reports it).
 
     # CPU, one student per command (--set arch=...), its own runs and report folders; resumable. MedViT: about 7
-    # minutes a scratch run and 30 a distilled one on one thread (the teacher sees every augmented image at 224 px)
+    # minutes a scratch run and 25-35 a distilled one on one thread (the teacher sees every augmented image at 224 px)
     python studies/distillation.py --set arch=medvit --runs-dir runs/distillation/medvit \\
         --out results/distillation/medvit --seeds 0 1 --threads 1
     python studies/distillation.py --set arch=resnet50 --runs-dir runs/distillation/resnet50 \\

@@ -7,7 +7,7 @@ short fine-tune of the ImageNet EfficientNet-Lite0 with several seeds, read agai
     python scripts/03_build_configs.py --generators dcgan ldm --ldm runs/generators/ldm_final.safetensors \\
         --out-dir runs/synthetic_data/manifests --threads 1
     # CPU: 3 to 5 minutes a run on one thread; resumable, so seeds can be added later. The reported run (24 runs):
-    python studies/synthetic_data.py --arms original dcgan_aug dcgan_up ldm_aug ldm_up ldm_filtered \
+    python studies/synthetic_data.py --arms original dcgan_aug dcgan_up ldm_aug ldm_up ldm_filtered \\
         --seeds 0 1 2 3 --threads 1
     # one GPU, or several (each process its own --seeds, then once more with --report-only)
     python studies/synthetic_data.py --device cuda --seeds 0 1 2 3 4
