@@ -1,4 +1,4 @@
-"""Grad-CAM maps for every registry architecture (pytorch-grad-cam), as overlays or as a gallery of outcomes.
+r"""Grad-CAM maps for every registry architecture (pytorch-grad-cam), as overlays or as a gallery of outcomes.
 
     # CPU: overlays for chosen images (written as <out-dir>/<image stem>_gradcam.png)
     python classifiers/gradcam.py --checkpoint runs/classifiers/densenet121_original_s0/best.safetensors \

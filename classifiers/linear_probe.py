@@ -1,4 +1,4 @@
-"""Linear probe: a frozen EfficientNet-Lite backbone + logistic regression on its pooled features, saved as an
+r"""Linear probe: a frozen EfficientNet-Lite backbone + logistic regression on its pooled features, saved as an
 ordinary classifier checkpoint, so it is evaluated, served and compared exactly like a fine-tuned model.
 
 It measures what the ImageNet weights alone are worth: the row beside the fine-tuned model (and, with

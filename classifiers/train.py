@@ -1,4 +1,4 @@
-"""Train one classifier on one dataset configuration; select the epoch and the threshold on `val`.
+r"""Train one classifier on one dataset configuration; select the epoch and the threshold on `val`.
 
     # CPU (2 cores, about 2 minutes an epoch for DenseNet-121 at 128 px):
     python classifiers/train.py --arch densenet121 --config original --epochs 12

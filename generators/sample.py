@@ -1,4 +1,4 @@
-"""Sample N images per class from a generator checkpoint (DCGAN, DDPM or latent diffusion), optionally through the
+r"""Sample N images per class from a generator checkpoint (DCGAN, DDPM or latent diffusion), optionally through the
 learned upscaler.
 
     # CPU: DCGAN, thousands of images a minute; with the upscaler (64 -> 128 px) a few hundred a minute

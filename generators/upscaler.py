@@ -1,4 +1,4 @@
-"""Learned super-resolution for the "upscaled" configurations, and its comparison with bicubic.
+r"""Learned super-resolution for the "upscaled" configurations, and its comparison with bicubic.
 
     # CPU: the table of the shipped upscaler against bicubic on the real `val` split (about a minute)
     python generators/upscaler.py --checkpoint checkpoints/generators/upscaler.safetensors \

@@ -1,4 +1,4 @@
-"""Step 3: sample the synthetic lesions the configurations need and write the dataset manifests.
+r"""Step 3: sample the synthetic lesions the configurations need and write the dataset manifests.
 
     # CPU: DCGAN configurations in a few minutes; DDPM at DDIM-50: about 40 minutes for ~3,900 images on 2 threads
     python scripts/03_build_configs.py --bf16 --threads 2

@@ -1,4 +1,4 @@
-"""Streamlit demo of the hybrid melanoma screen: a classifier + benign-only VAE "rescue", with Grad-CAM, one-click
+r"""Streamlit demo of the hybrid melanoma screen: a classifier + benign-only VAE "rescue", with Grad-CAM, one-click
 examples (real HAM10000 test images with their ground truth), a batch mode and the committed results. Research
 software, not a diagnosis.
 

@@ -1,4 +1,4 @@
-"""Compare evaluated classifiers side by side, paired on the same images: AUC with its CI, the AUC difference to a
+r"""Compare evaluated classifiers side by side, paired on the same images: AUC with its CI, the AUC difference to a
 reference model with a paired bootstrap CI, sensitivity/specificity at each model's own val threshold, the
 all-malignant baseline, and the training cost read from each run's log.
 

@@ -1,15 +1,15 @@
-"""Does distilling the fine-tuned EfficientNet-Lite0 help a student architecture? Each student trained from scratch
+r"""Does distilling the fine-tuned EfficientNet-Lite0 help a student architecture? Each student trained from scratch
 and distilled from the teacher (DeiT soft distillation, classifiers/distill.py), the same recipe otherwise, with
 several seeds, read against the seed-noise floor (studies/arms.py runs and reports it).
 
     # CPU, one student per command (--set arch=...), its own runs and report folders; resumable. MedViT: about 7
     # minutes a scratch run and 25-35 a distilled one on one thread (the teacher sees every augmented image at 224 px)
-    python studies/distillation.py --set arch=medvit --runs-dir runs/distillation/medvit \\
+    python studies/distillation.py --set arch=medvit --runs-dir runs/distillation/medvit \
         --out results/distillation/medvit --seeds 0 1 --threads 1
-    python studies/distillation.py --set arch=resnet50 --runs-dir runs/distillation/resnet50 \\
+    python studies/distillation.py --set arch=resnet50 --runs-dir runs/distillation/resnet50 \
         --out results/distillation/resnet50 --seeds 0 --threads 1
     # one GPU, or several (each process its own student or --seeds, then once more with --report-only)
-    python studies/distillation.py --set arch=swin --runs-dir runs/distillation/swin \\
+    python studies/distillation.py --set arch=swin --runs-dir runs/distillation/swin \
         --out results/distillation/swin --device cuda --seeds 0 1 2
 
 The recipe is the shipped DenseNet-121's (scripts/09's long run: HAM10000 `fit` + ISIC 2017 train-`fit`, 128 px,

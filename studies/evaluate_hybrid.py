@@ -1,7 +1,7 @@
-"""Does the VAE rescue add anything? Compare five decision rules on held-out data, honestly.
+r"""Does the VAE rescue add anything? Compare five decision rules on held-out data, honestly.
 
     python studies/evaluate_hybrid.py                       # shipped checkpoints, HAM10000 test + ISIC 2017
-    python studies/evaluate_hybrid.py --classifier runs/classifiers/x/best.safetensors \\
+    python studies/evaluate_hybrid.py --classifier runs/classifiers/x/best.safetensors \
         --vae runs/vae/best.safetensors
     # GPU: add --device cuda. Nothing here is worth spreading over several GPUs.
 

@@ -1,4 +1,4 @@
-"""Filter synthetic lesions with a classifier, as one more dataset configuration for studies/synthetic_data.py.
+r"""Filter synthetic lesions with a classifier, as one more dataset configuration for studies/synthetic_data.py.
 
     # CPU: score 7,808 latent diffusion samples (two seeds' folders) with the shipped default (about 5 minutes on one
     # thread) and keep the 3,904 it finds most malignant: runs/synthetic_data/manifests/ldm_filtered.csv

@@ -1,4 +1,4 @@
-"""How real and how new are the synthetic images: FID, KID, precision/recall, and a memorisation check.
+r"""How real and how new are the synthetic images: FID, KID, precision/recall, and a memorisation check.
 
     # CPU (a few minutes: feature extraction of a few thousand images)
     python studies/generator_quality.py --synthetic runs/generators/synthetic/dcgan/samples.csv \

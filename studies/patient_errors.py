@@ -1,4 +1,4 @@
-"""Where does a classifier err? Sensitivity and specificity by patient age band, sex and body site.
+r"""Where does a classifier err? Sensitivity and specificity by patient age band, sex and body site.
 
 Reads a classifier's per-image predictions (classifiers/evaluate.py's predictions.csv: the `pred` column is the
 decision at the checkpoint's own val threshold) and the manifest's HAM10000 metadata, and writes one table row per

@@ -1,13 +1,13 @@
-"""Does synthetic data help a strong classifier? The dataset configurations (original, and the real `fit` split
+r"""Does synthetic data help a strong classifier? The dataset configurations (original, and the real `fit` split
 balanced with DCGAN, upscaled DCGAN, latent diffusion, upscaled latent diffusion or pixel DDPM lesions) each train a
 short fine-tune of the ImageNet EfficientNet-Lite0 with several seeds, read against the seed-noise floor
 (studies/arms.py runs and reports it).
 
     # first the configurations (about 25 minutes on one thread: DCGAN, then 3,904 latent diffusion samples)
-    python scripts/03_build_configs.py --generators dcgan ldm --ldm runs/generators/ldm_final.safetensors \\
+    python scripts/03_build_configs.py --generators dcgan ldm --ldm runs/generators/ldm_final.safetensors \
         --out-dir runs/synthetic_data/manifests --threads 1
     # CPU: 3 to 5 minutes a run on one thread; resumable, so seeds can be added later. The reported run (24 runs):
-    python studies/synthetic_data.py --arms original dcgan_aug dcgan_up ldm_aug ldm_up ldm_filtered \\
+    python studies/synthetic_data.py --arms original dcgan_aug dcgan_up ldm_aug ldm_up ldm_filtered \
         --seeds 0 1 2 3 --threads 1
     # one GPU, or several (each process its own --seeds, then once more with --report-only)
     python studies/synthetic_data.py --device cuda --seeds 0 1 2 3 4

@@ -73,3 +73,23 @@ def test_every_trainer_cli_builds_its_config_and_the_runtime_apart(tmp_path):
     path = write_config(tmp_path, VAEConfig(img_size=64))
     assert json.loads(path.read_text()) == json.loads(json.dumps(asdict(VAEConfig(img_size=64))))
     assert GeneratorConfig(model="dcgan", out=str(tmp_path)).run_dir == tmp_path
+
+
+def test_help_texts_keep_the_line_breaks_of_their_commands():
+    """A module docstring is each script's --help; a backslash at a line end there (a shell continuation in an
+    example command) joins the lines unless the docstring is raw."""
+    import ast
+
+    from data.paths import ROOT
+
+    folders = ("anomaly_detection", "classifiers", "data", "evaluation", "generators", "scripts", "streamlit",
+               "studies", "tests")
+    joined = []
+    for path in [*ROOT.glob("*.py"), *(p for folder in folders for p in (ROOT / folder).rglob("*.py"))]:
+        source = path.read_text()
+        body = ast.parse(source).body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            text = ast.get_source_segment(source, body[0].value) or ""
+            if "\\\n" in text and not text.startswith(("r", "R")):
+                joined.append(str(path.relative_to(ROOT)))
+    assert joined == []
