@@ -31,7 +31,7 @@ from data.config import Runtime, config_changes
 from data.manifest import read_manifest, stratified_subset
 from data.runtime import add_runtime_options, cli_main, pick_device, setup_cpu
 from studies import cross_dataset, grid
-from studies.cross_dataset import LIGHT_AUGMENTATION, LONG_LIGHT, RECIPE
+from studies.recipes import LIGHT_AUGMENTATION, LONG_LIGHT, RECIPE
 
 SHORT = {"epochs": 4, "patience": 4}
 RUNS: dict[str, dict] = {

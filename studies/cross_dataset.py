@@ -29,16 +29,6 @@ from evaluation.metrics import auc_ci, decision_metrics, paired_auc_difference
 from evaluation.plots import auc_image, auc_text_colour, save_figure
 from studies import grid
 
-# scripts/09's full recipe: every technique on. Each key is a classifiers/train.py flag.
-RECIPE = {
-    "arch": "densenet121", "img_size": 128, "color_constancy": "shades_of_gray", "balance": "source_class",
-    "balance_power": 0.5, "class_weights": "none", "crop_scale": 0.3, "jitter": 0.4, "cutout": 0.5,
-    "occlusion": 0.3, "epoch_size": 6000,
-}
-LIGHT_AUGMENTATION = {"crop_scale": 0.6, "jitter": 0.2, "cutout": 0.0, "occlusion": 0.0}
-# The long run (the shipped DenseNet-121's): mixing, colour constancy and balancing with the light augmentation, 14
-# epochs (chosen on the val curves of the first runs, where the four strong augmentations slowed learning; README).
-LONG_LIGHT = {"epochs": 14, "patience": 5, **LIGHT_AUGMENTATION}
 EVAL_NAMES = {"ham10000_test": "HAM10000 test", "isic2017_val": "ISIC 2017 val"}
 TTA_ROW = "+ flip TTA (reference re-scored)"
 

@@ -22,9 +22,8 @@ from __future__ import annotations
 import argparse
 
 from data import paths
-from studies import arms, cross_dataset
+from studies import arms, recipes
 
-RECIPE = {**cross_dataset.RECIPE, **cross_dataset.LONG_LIGHT, "config": "mixed"}
 ARMS = ["scratch", "distilled"]  # the first arm is the reference
 
 
@@ -38,8 +37,8 @@ def distillation_arms(a: argparse.Namespace) -> arms.Arms:
     return {"scratch": {"manifest": str(a.manifest)}, "distilled": {"manifest": str(a.manifest), "teacher": a.teacher}}
 
 
-STUDY = arms.Study("distillation", RECIPE, distillation_arms, "build it with python scripts/01_prepare_data.py --mixed",
-                   add_options=add_options)
+STUDY = arms.Study("distillation", recipes.SHIPPED_DENSENET, distillation_arms,
+                   "build it with python scripts/01_prepare_data.py --mixed", add_options=add_options)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -92,7 +92,7 @@ def test_native_size_is_the_default_input_size():
 
 def test_distillation_study_uses_the_shipped_densenet_recipe():
     step9 = load_script("09_generalisation")
-    assert distillation.RECIPE == {**step9.RECIPE, **step9.RUNS["long/light"], "config": "mixed"}
+    assert distillation.STUDY.recipe == {**step9.RECIPE, **step9.RUNS["long/light"], "config": "mixed"}
 
 
 @pytest.mark.real_data
