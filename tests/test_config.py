@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 from dataclasses import asdict, dataclass
 
@@ -11,6 +12,7 @@ from anomaly_detection.train_vae import VAEConfig
 from classifiers.train import TrainConfig
 from classifiers.train import parse_args as classifier_args
 from data.config import Runtime, add_options, check_types, config_changes, from_args, option, write_config
+from data.paths import ROOT
 from generators.train import GeneratorConfig
 from generators.train import parse_args as generator_args
 
@@ -78,10 +80,6 @@ def test_every_trainer_cli_builds_its_config_and_the_runtime_apart(tmp_path):
 def test_help_texts_keep_the_line_breaks_of_their_commands():
     """A module docstring is each script's --help; a backslash at a line end there (a shell continuation in an
     example command) joins the lines unless the docstring is raw."""
-    import ast
-
-    from data.paths import ROOT
-
     folders = ("anomaly_detection", "classifiers", "data", "evaluation", "generators", "scripts", "streamlit",
                "studies", "tests")
     joined = []
