@@ -34,7 +34,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")  # long labels or an outside legend are never cut off
     plt.close(fig)
     os.replace(tmp, path)
     return path
