@@ -42,6 +42,12 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+def project_sources() -> list[Path]:
+    """The repository's own Python files: not the virtual environment, caches, hidden folders or run outputs."""
+    top = [p for p in ROOT.iterdir() if not p.name.startswith(".") and p.name not in ("runs", "node_modules")]
+    return sorted(f for p in top for f in ([p] if p.suffix == ".py" else p.rglob("*.py") if p.is_dir() else []))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("real_data") and not HAVE_DATA:
         pytest.skip(NO_DATA_REASON)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, project_sources
 from safetensors import safe_open
 from torch import nn
 
@@ -244,8 +244,7 @@ def test_the_detector_finds_unsafe_loads():
 
 
 def test_no_code_loads_unsafely():
-    skip = {".venv", ".cache", "runs", ".git", "node_modules"}
-    files = [p for p in ROOT.rglob("*.py") if not skip & set(p.relative_to(ROOT).parts)]
+    files = project_sources()
     assert len(files) > 10
     hits = {str(p.relative_to(ROOT)): unsafe_loads(p.read_text()) for p in files}
     assert {k: v for k, v in hits.items() if v} == {}

@@ -7,12 +7,12 @@ import json
 from dataclasses import asdict, dataclass
 
 import pytest
+from conftest import ROOT, project_sources
 
 from anomaly_detection.train_vae import VAEConfig
 from classifiers.train import TrainConfig
 from classifiers.train import parse_args as classifier_args
 from data.config import Runtime, add_options, check_types, config_changes, from_args, option, write_config
-from data.paths import ROOT
 from generators.train import GeneratorConfig
 from generators.train import parse_args as generator_args
 
@@ -80,10 +80,8 @@ def test_every_trainer_cli_builds_its_config_and_the_runtime_apart(tmp_path):
 def test_help_texts_keep_the_line_breaks_of_their_commands():
     """A module docstring is each script's --help; a backslash at a line end there (a shell continuation in an
     example command) joins the lines unless the docstring is raw."""
-    folders = ("anomaly_detection", "classifiers", "data", "evaluation", "generators", "scripts", "streamlit",
-               "studies", "tests")
     joined = []
-    for path in [*ROOT.glob("*.py"), *(p for folder in folders for p in (ROOT / folder).rglob("*.py"))]:
+    for path in project_sources():
         source = path.read_text()
         body = ast.parse(source).body
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
