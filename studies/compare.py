@@ -27,7 +27,10 @@ from evaluation.plots import save_figure
 
 # evaluation set -> (dataset, split in predictions.csv, split in metrics.csv: evaluate.py names ISIC's official split)
 SETS = {"HAM10000 test": ("ham10000", "test", "test"),
-        "ISIC 2017 val (held out)": ("isic2017", "external", "external-val")}
+        "ISIC 2017 val (held out)": ("isic2017", "external", "external-val"),
+        # only for models that never saw ISIC 2017 (trained on original.csv, where all of it is `external`)
+        "ISIC 2017 train (unseen source)": ("isic2017", "external", "external-train")}
+DEFAULT_SETS = ("HAM10000 test", "ISIC 2017 val (held out)")
 
 
 def named_paths(items: list[str], flag: str) -> dict[str, Path]:
@@ -56,14 +59,19 @@ def rows_of(df: pd.DataFrame, dataset: str, split: str) -> pd.DataFrame:
     return df[(df["dataset"] == dataset) & (df["split"] == split)]
 
 
-def compare(runs: dict[str, Path], reference: str, logs: dict[str, Path], n_boot: int = 1000) -> pd.DataFrame:
+def compare(runs: dict[str, Path], reference: str, logs: dict[str, Path], n_boot: int = 1000,
+            sets: tuple[str, ...] = DEFAULT_SETS) -> pd.DataFrame:
     metrics = {name: pd.read_csv(path / "metrics.csv") for name, path in runs.items()}
     preds = {name: pd.read_csv(path / "predictions.csv") for name, path in runs.items()}
     rows = []
-    for label, (dataset, split, metrics_split) in SETS.items():
+    for label in sets:
+        dataset, split, metrics_split = SETS[label]
         ref = rows_of(preds[reference], dataset, split).set_index("path")
         for name in runs:
             m = rows_of(metrics[name], dataset, metrics_split)
+            if m.empty:
+                raise ValueError(f"{runs[name]} has no {dataset}/{metrics_split} rows for {label!r}: evaluate it with "
+                                 f"--splits {split}, or leave that set out of --sets")
             model_row = m[m["model"] != "all_malignant_baseline"].iloc[0]
             p = rows_of(preds[name], dataset, split).set_index("path")
             common = p.index.intersection(ref.index)
@@ -88,7 +96,9 @@ def compare(runs: dict[str, Path], reference: str, logs: dict[str, Path], n_boot
 def plot(table: pd.DataFrame, path: Path) -> Path:
     models = [m for m in dict.fromkeys(table["model"]) if m != "all-malignant baseline"]
     fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(models) + 2.2))
-    for offset, (label, colour) in zip((-0.15, 0.15), zip(SETS, ("tab:blue", "tab:orange"))):
+    sets = list(dict.fromkeys(table["evaluation_set"]))
+    offsets = np.linspace(-0.15, 0.15, len(sets)) if len(sets) > 1 else [0.0]
+    for offset, label, colour in zip(offsets, sets, ("tab:blue", "tab:orange", "tab:green")):
         part = table[table["evaluation_set"] == label].set_index("model").loc[models]
         yy = np.arange(len(models)) + offset
         ax.errorbar(part["auc"], yy, xerr=[part["auc"] - part["auc_ci_low"], part["auc_ci_high"] - part["auc"]],
@@ -108,6 +118,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--reference", required=True, help="the NAME the paired differences are taken against")
     p.add_argument("--train-log", nargs="*", default=[],
                    help="NAME=training run folder or metrics CSV (cost; several stages: comma-separated, summed)")
+    p.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), choices=list(SETS), metavar="SET",
+                   help=f"evaluation sets to pair on, from {list(SETS)} (the last: models trained without ISIC 2017)")
     p.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     p.add_argument("--out", required=True, help="output folder (comparison.csv, comparison.png)")
     a = p.parse_args(argv)
@@ -122,7 +134,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                                                    if not f.is_file()]
     if missing:
         p.error(f"not found: {', '.join(missing)}")
-    table = compare(runs, a.reference, logs, a.n_boot)
+    try:
+        table = compare(runs, a.reference, logs, a.n_boot, tuple(a.sets))
+    except ValueError as exc:
+        p.error(str(exc))
     out = Path(a.out)
     write_rows(out / "comparison.csv", table.to_dict("records"))
     plot(table, out / "comparison.png")

@@ -63,3 +63,15 @@ def test_training_cost_sums_the_stages_of_a_model(tmp_path):
     assert compare.training_cost(tmp_path / "run") == {"train_minutes": 3.0, "epochs_run": 2, "train_images_per_s": 6.0}
     assert compare.training_cost(f"{tmp_path / 'stage1.csv'},{tmp_path / 'run'}") == \
         {"train_minutes": 7.0, "epochs_run": 3, "train_images_per_s": 7.0}
+
+
+def test_a_set_the_evaluation_lacks_is_a_usage_error(tmp_path, capsys):
+    y = np.tile([0, 1], 50)
+    evaluated(tmp_path / "a", np.linspace(0.1, 0.9, 100), y)
+    with pytest.raises(SystemExit):
+        compare.main(["--run", f"a={tmp_path / 'a'}", "--reference", "a", "--sets", "ISIC 2017 train (unseen source)",
+                      "--out", str(tmp_path / "out")])
+    assert "no isic2017/external-train rows" in capsys.readouterr().err
+    table = compare.main(["--run", f"a={tmp_path / 'a'}", "--reference", "a", "--sets", "HAM10000 test",
+                          "--out", str(tmp_path / "out")])
+    assert set(table["evaluation_set"]) == {"HAM10000 test"} and (tmp_path / "out" / "comparison.png").is_file()
