@@ -44,7 +44,7 @@ def pipe_table(df: pd.DataFrame) -> str:
 
 
 def readme(command: str, metrics: pd.DataFrame, loso: pd.DataFrame, gate: pd.DataFrame, gate_loso: pd.DataFrame,
-           goals: pd.DataFrame, classifier: str) -> str:
+           goals: pd.DataFrame, classifier: str, vae_meta: dict) -> str:
     keep = ["evaluation_set", "model", "auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity",
             "spec_change", "sens_change"]
     loso_cols = ["score", "mode", "calibrated_on", "applied_to", "threshold", "benign_flag_rate_calibration",
@@ -59,7 +59,8 @@ def readme(command: str, metrics: pd.DataFrame, loso: pd.DataFrame, gate: pd.Dat
         "studies/rescue_sources.py, anomaly_detection/feature_detector.py, anomaly_detection/gate.py.",
         f"Rescue threshold rule, for either anomaly score: {rs.RESCUE_RULE} (so the rescue costs at most 0.02 "
         "specificity on each source's calibration images). `hybrid_vae_shipped` uses the VAE sidecar's own "
-        "threshold (HAM10000 calib only) for comparison.",
+        f"threshold ({vae_meta['anomaly_threshold']:.4f}, rule `{vae_meta.get('anomaly_threshold_rule')}` on "
+        f"{vae_meta.get('anomaly_threshold_split')} of {vae_meta.get('anomaly_threshold_manifest')}) for comparison.",
         "## Targets\n\n" + pipe_table(goals),
         "## Per source\n\nspec_change / sens_change: what the rescue changes against the classifier alone at its "
         "threshold (exact CIs in metrics.csv). `classifier_at_hybrid_*_spec_on_this_set` is the classifier's curve "
@@ -68,7 +69,9 @@ def readme(command: str, metrics: pd.DataFrame, loso: pd.DataFrame, gate: pd.Dat
         "## Leave one source out\n\nThe rescue threshold is calibrated on one source's benign calib+val images only "
         "(98th percentile) and applied to both sources' evaluation sets; spec_drop = the classifier's specificity "
         "minus the hybrid's on the same images (what the rescue costs there). `refit`: the feature detector is also "
-        "refitted on that source's benign `fit` images only. The VAE was trained on HAM10000 only.\n\n"
+        "refitted on that source's benign `fit` images only. The VAE is not refitted: it was trained on the "
+        f"{vae_meta.get('trained_on', 'training images')} of {vae_meta.get('manifest')}, so for it only the "
+        "threshold is left out.\n\n"
         + pipe_table(loso[loso_cols]),
         "## Gate\n\nNon-lesion images: data/non_lesion.py, `generated(240, seed 0)` + skin crops of HAM10000 `test` "
         "images; the gate's probe was trained on a disjoint development set (seed 1, no photographs, skin crops of "
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rs.contact_sheet(items, gated, out / "non_lesion_sheet.png")
     command = "python scripts/10_rescue_across_sources.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     atomic_write_text(out / "README.md", readme(command.strip(), metrics, loso, gate_summary, gate_loso, goals,
-                                                     repo_relative(a.classifier)))
+                                                     repo_relative(a.classifier), vae_meta))
     print(goals.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {out}")
     return metrics

@@ -22,7 +22,7 @@ Leave-one-source-out (`loso_rows`): calibrate the rescue threshold on one source
 apply it to the other source. The specificity drop is the classifier's specificity minus the hybrid's on the same
 images (what the rescue costs there). Modes: `calibration` (the shipped detector, fitted on both sources' benign
 `fit` images), `refit` (the detector refitted on the calibration source's benign `fit` images only: the unseen source
-is unseen in every way) and the VAE (trained on HAM10000 only).
+is unseen in every way) and the VAE (not refitted: only its threshold is left out).
 
 Gate (`gate_rows`): the share flagged "cannot assess" of the non-lesion set (data/non_lesion.py) per kind and in all,
 and of HAM10000 `test` and ISIC 2017 `external` lesions, with exact CIs; also the share flagged by the feature

@@ -214,3 +214,24 @@ def test_rescue_rule_costs_at_most_two_percent_specificity_on_each_calibration_s
     # At the hybrid's specificity on the same images, the classifier's curve point is at least as specific.
     assert rows["classifier_at_hybrid_vae_spec_on_this_set"]["specificity"] >= rows["hybrid_vae"]["specificity"]
     assert rows["all_malignant_baseline"]["sensitivity"] == 1.0
+
+
+def test_step10_readme_describes_the_vae_it_was_given():
+    from conftest import load_script
+
+    step10 = load_script("10_rescue_across_sources")
+    empty = pd.DataFrame(columns=["x"])
+    loso = pd.DataFrame(columns=["score", "mode", "calibrated_on", "applied_to", "threshold",
+                                 "benign_flag_rate_calibration", "benign_flag_rate", "spec_classifier", "spec_hybrid",
+                                 "spec_drop", "spec_drop_ci_high"])
+    metrics = pd.DataFrame(columns=["evaluation_set", "model", "auc", "auc_ci_low", "auc_ci_high", "sensitivity",
+                                    "specificity", "spec_change", "sens_change"])
+    gate = pd.DataFrame(columns=["set", "kind", "n", "flagged", "flag_rate", "flag_rate_ci_low", "flag_rate_ci_high",
+                                 "flag_rate_distance_only", "flag_rate_probe_only", "flag_rate_without_probe"])
+    vae_meta = {"anomaly_threshold": 0.1234567, "anomaly_threshold_rule": "source_percentile",
+                "anomaly_threshold_split": "calib+val", "anomaly_threshold_manifest": "mixed.csv",
+                "trained_on": "benign images of the fit split", "manifest": "mixed.csv"}
+    text = step10.readme("python scripts/10_rescue_across_sources.py", metrics, loso, gate, empty, empty,
+                         "checkpoints/x.safetensors", vae_meta)
+    assert "0.1235, rule `source_percentile` on calib+val of mixed.csv" in text
+    assert "trained on the benign images of the fit split of mixed.csv" in text and "HAM10000 only" not in text
