@@ -137,7 +137,8 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     metrics = pd.DataFrame(rows)
     metrics.to_csv(out / "metrics.csv", index=False)
-    columns = [c for c in ("path", "label", "prob_malignant", "pred", "split", "dataset", "dx") if c in kept.columns]
+    columns = [c for c in ("path", "label", "prob_malignant", "pred", "split", "official_split", "dataset", "dx")
+               if c in kept.columns]
     kept[columns].to_csv(out / "predictions.csv", index=False)
     return metrics
 

@@ -25,11 +25,11 @@ from data.atomic import write_rows
 from evaluation.metrics import paired_auc_difference
 from evaluation.plots import save_figure
 
-# evaluation set -> (dataset, split in predictions.csv, split in metrics.csv: evaluate.py names ISIC's official split)
-SETS = {"HAM10000 test": ("ham10000", "test", "test"),
-        "ISIC 2017 val (held out)": ("isic2017", "external", "external-val"),
+# evaluation set -> (dataset, split in predictions.csv, ISIC's official split or None, split in metrics.csv)
+SETS = {"HAM10000 test": ("ham10000", "test", None, "test"),
+        "ISIC 2017 val (held out)": ("isic2017", "external", "val", "external-val"),
         # only for models that never saw ISIC 2017 (trained on original.csv, where all of it is `external`)
-        "ISIC 2017 train (unseen source)": ("isic2017", "external", "external-train")}
+        "ISIC 2017 train (unseen source)": ("isic2017", "external", "train", "external-train")}
 DEFAULT_SETS = ("HAM10000 test", "ISIC 2017 val (held out)")
 
 
@@ -55,8 +55,11 @@ def training_cost(logs: str | Path) -> dict[str, float]:
             "train_images_per_s": float(log["images_per_s"].mean())}
 
 
-def rows_of(df: pd.DataFrame, dataset: str, split: str) -> pd.DataFrame:
-    return df[(df["dataset"] == dataset) & (df["split"] == split)]
+def rows_of(df: pd.DataFrame, dataset: str, split: str, official: str | None = None) -> pd.DataFrame:
+    """Rows of one evaluation set; `official` picks ISIC's official split where predictions.csv records it (older
+    files do not: compare() then checks that the rows are as many as metrics.csv counted)."""
+    rows = df[(df["dataset"] == dataset) & (df["split"] == split)]
+    return rows[rows["official_split"] == official] if official and "official_split" in rows else rows
 
 
 def compare(runs: dict[str, Path], reference: str, logs: dict[str, Path], n_boot: int = 1000,
@@ -65,15 +68,18 @@ def compare(runs: dict[str, Path], reference: str, logs: dict[str, Path], n_boot
     preds = {name: pd.read_csv(path / "predictions.csv") for name, path in runs.items()}
     rows = []
     for label in sets:
-        dataset, split, metrics_split = SETS[label]
-        ref = rows_of(preds[reference], dataset, split).set_index("path")
+        dataset, split, official, metrics_split = SETS[label]
+        ref = rows_of(preds[reference], dataset, split, official).set_index("path")
         for name in runs:
             m = rows_of(metrics[name], dataset, metrics_split)
             if m.empty:
                 raise ValueError(f"{runs[name]} has no {dataset}/{metrics_split} rows for {label!r}: evaluate it with "
                                  f"--splits {split}, or leave that set out of --sets")
             model_row = m[m["model"] != "all_malignant_baseline"].iloc[0]
-            p = rows_of(preds[name], dataset, split).set_index("path")
+            p = rows_of(preds[name], dataset, split, official).set_index("path")
+            if len(p) != model_row["n"]:
+                raise ValueError(f"{runs[name]}: predictions.csv has {len(p)} rows for {label!r}, metrics.csv "
+                                 f"{int(model_row['n'])}; re-run classifiers/evaluate.py (it records official_split)")
             common = p.index.intersection(ref.index)
             y = (p.loc[common, "label"] == "malignant").to_numpy()
             diff = (np.nan, np.nan, np.nan) if name == reference else paired_auc_difference(

@@ -75,3 +75,37 @@ def test_a_set_the_evaluation_lacks_is_a_usage_error(tmp_path, capsys):
     table = compare.main(["--run", f"a={tmp_path / 'a'}", "--reference", "a", "--sets", "HAM10000 test",
                           "--out", str(tmp_path / "out")])
     assert set(table["evaluation_set"]) == {"HAM10000 test"} and (tmp_path / "out" / "comparison.png").is_file()
+
+
+def isic_only(folder, probs: np.ndarray, y: np.ndarray, official: np.ndarray, record_official: bool = True) -> None:
+    """An evaluate.py output of a model trained without ISIC 2017: all of it `external`, two official splits."""
+    from evaluation.metrics import baseline_row, metrics_row
+
+    folder.mkdir(parents=True)
+    preds = pd.DataFrame({"path": [f"i{i}.jpg" for i in range(len(y))],
+                          "label": np.where(y == 1, "malignant", "benign"), "prob_malignant": probs,
+                          "pred": (probs >= 0.5).astype(int), "split": "external",
+                          "official_split": official, "dataset": "isic2017"})
+    preds.drop(columns=[] if record_official else ["official_split"]).to_csv(folder / "predictions.csv", index=False)
+    rows = []
+    for name in ("train", "val"):
+        idx = official == name
+        common = {"config": "c", "dataset": "isic2017", "split": f"external-{name}"}
+        rows += [metrics_row(y[idx], probs[idx], 0.5, model="m", threshold_split="val", threshold_rule="youden",
+                             **common), baseline_row(y[idx], **common)]
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+
+
+def test_isic_official_splits_are_paired_apart(tmp_path):
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    official = np.where(np.arange(300) < 200, "train", "val")
+    isic_only(tmp_path / "a", 1 / (1 + np.exp(-(y + rng.normal(0, 1, 300)))), y, official)
+    isic_only(tmp_path / "b", 1 / (1 + np.exp(-(y + rng.normal(0, 1, 300)))), y, official)
+    sets = ("ISIC 2017 train (unseen source)", "ISIC 2017 val (held out)")
+    table = compare.compare({"a": tmp_path / "a", "b": tmp_path / "b"}, "a", {}, n_boot=100, sets=sets)
+    b = table[table["model"] == "b"].set_index("evaluation_set")
+    assert list(b.loc[list(sets), "paired_n"]) == [200, 100] and list(b.loc[list(sets), "n"]) == [200, 100]
+    isic_only(tmp_path / "old", 1 / (1 + np.exp(-y)), y, official, record_official=False)
+    with pytest.raises(ValueError, match="re-run classifiers/evaluate.py"):
+        compare.compare({"a": tmp_path / "a", "old": tmp_path / "old"}, "a", {}, n_boot=100, sets=sets)
