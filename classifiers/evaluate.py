@@ -24,7 +24,7 @@ from classifiers.models import load_classifier
 from classifiers.predict import predict_proba
 from data.cache import CachedImages
 from data.checkpoint import CheckpointError
-from data.manifest import file_sha256, label_index, read_folder, read_manifest
+from data.manifest import file_sha256, label_index, read_folder, read_manifest, split_label
 from data.paths import MANIFESTS, ROOT, RUNS
 from data.runtime import add_runtime_options, cli_main, init_device
 from data.transforms import Preprocess
@@ -39,10 +39,7 @@ def evaluation_groups(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     for values, part in df.groupby(keys, dropna=False, sort=True):
         values = values if isinstance(values, tuple) else (values,)
         named = dict(zip(keys, values))
-        name = f"{named.get('dataset', 'data')}/{named['split']}"
-        if named.get("split") == "external" and isinstance(named.get("official_split"), str):
-            name += f"-{named['official_split']}"
-        groups[name] = part
+        groups[f"{named.get('dataset', 'data')}/{split_label(named['split'], named.get('official_split'))}"] = part
     return groups
 
 

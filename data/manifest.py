@@ -65,6 +65,11 @@ def validate(df: pd.DataFrame, name: str = "manifest") -> pd.DataFrame:
     return df
 
 
+def split_label(split: str, official_split: object = None) -> str:
+    """How evaluation outputs name a split: `external` rows keep ISIC's official split apart (external-val)."""
+    return f"{split}-{official_split}" if split == "external" and isinstance(official_split, str) else split
+
+
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     """Load and validate a manifest CSV; relative paths become absolute."""
     path = Path(path)

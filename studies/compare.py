@@ -22,14 +22,15 @@ import numpy as np
 import pandas as pd
 
 from data.atomic import write_rows
+from data.manifest import split_label
 from evaluation.metrics import paired_auc_difference
 from evaluation.plots import save_figure
 
-# evaluation set -> (dataset, split in predictions.csv, ISIC's official split or None, split in metrics.csv)
-SETS = {"HAM10000 test": ("ham10000", "test", None, "test"),
-        "ISIC 2017 val (held out)": ("isic2017", "external", "val", "external-val"),
+# evaluation set -> (dataset, split, ISIC's official split or None), as predictions.csv records them
+SETS = {"HAM10000 test": ("ham10000", "test", None),
+        "ISIC 2017 val (held out)": ("isic2017", "external", "val"),
         # only for models that never saw ISIC 2017 (trained on original.csv, where all of it is `external`)
-        "ISIC 2017 train (unseen source)": ("isic2017", "external", "train", "external-train")}
+        "ISIC 2017 train (unseen source)": ("isic2017", "external", "train")}
 DEFAULT_SETS = ("HAM10000 test", "ISIC 2017 val (held out)")
 
 
@@ -68,7 +69,8 @@ def compare(runs: dict[str, Path], reference: str, logs: dict[str, Path], n_boot
     preds = {name: pd.read_csv(path / "predictions.csv") for name, path in runs.items()}
     rows = []
     for label in sets:
-        dataset, split, official, metrics_split = SETS[label]
+        dataset, split, official = SETS[label]
+        metrics_split = split_label(split, official)
         ref = rows_of(preds[reference], dataset, split, official).set_index("path")
         for name in runs:
             m = rows_of(metrics[name], dataset, metrics_split)
