@@ -18,7 +18,9 @@ The calibration rows (`calib`, plus `val` for `source_percentile`) are disjoint 
 (benign `fit`); `test` and `external` are never read. Outputs in --out: calib_scores.csv, histogram, ROC/PR PNGs
 and calibration.json (with AUC and the specificity at the chosen threshold per source); the sidecar gets
 `anomaly_threshold`, the rule, all candidates, the per-source thresholds and the benign score quantiles of the
-calibration rows (used to warn on out-of-distribution input).
+calibration rows (used to warn on out-of-distribution input). `--score-region` changes where the score is measured
+(the central disc or the whole image, anomaly_detection/vae.py) and stores it in the sidecar with the threshold it
+was calibrated for.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import pandas as pd
 from anomaly_detection.feature_detector import BENIGN_QUANTILE, CALIBRATION_SPLITS, benign_percentile_threshold
 from anomaly_detection.hybrid import load_vae
 from anomaly_detection.train_vae import score_images
+from anomaly_detection.vae import SCORE_REGIONS, score_description
 from data.atomic import atomic_write_csv
 from data.cache import CachedImages
 from data.checkpoint import CheckpointError, read_sidecar, write_sidecar
@@ -72,8 +75,10 @@ def candidate_thresholds(y: np.ndarray, scores: np.ndarray, sources: np.ndarray,
             }, per_source
 
 
-def per_source_metrics(y: np.ndarray, scores: np.ndarray, sources: np.ndarray, threshold: float) -> dict[str, dict]:
-    """AUC (95% CI) and the decision metrics at `threshold` on each source's calibration rows."""
+def per_source_metrics(y: np.ndarray, scores: np.ndarray, sources: np.ndarray, threshold: float,
+                       source_thresholds: dict[str, float]) -> dict[str, dict]:
+    """AUC (95% CI) and the decision metrics at `threshold` on each source's calibration rows, and how a threshold
+    calibrated on another source alone would transfer: the share of this source's benign rows at or above it."""
     out = {}
     for source in np.unique(sources):
         rows = sources == source
@@ -82,8 +87,27 @@ def per_source_metrics(y: np.ndarray, scores: np.ndarray, sources: np.ndarray, t
             a_auc, lo, hi = auc_ci(y[rows], scores[rows])
             entry.update(auc=a_auc, auc_ci=[lo, hi])
         entry["at_threshold"] = decision_metrics(y[rows], scores[rows] >= threshold)
+        benign = scores[rows & (y == 0)]
+        entry["benign_flagged_by_other_source_threshold"] = {
+            other: float(np.mean(benign >= t)) for other, t in source_thresholds.items() if other != str(source)}
         out[str(source)] = entry
     return out
+
+
+def store_in_sidecar(vae_path: str, calibration: dict) -> None:
+    """The score region and the chosen threshold (with every candidate) go into the VAE's sidecar together."""
+    sidecar = read_sidecar(vae_path)
+    sidecar["arch_kwargs"]["score_region"] = calibration["score_region"]
+    sidecar.update({"score": score_description(calibration["score_region"]),
+                    "anomaly_threshold": calibration["anomaly_threshold"],
+                    "anomaly_threshold_rule": calibration["rule"], "anomaly_threshold_split": calibration["split"],
+                    "anomaly_threshold_manifest": Path(calibration["manifest"]).name,
+                    "anomaly_threshold_candidates": calibration["thresholds"],
+                    "anomaly_threshold_per_source": calibration["source_thresholds"],
+                    "calib_benign_score_quantiles": calibration["benign_score_quantiles"]})
+    sidecar.setdefault("metrics", {})[calibration["split"]] = {"auc": calibration["auc"],
+                                                               "auc_ci": calibration["auc_ci"]}
+    write_sidecar(vae_path, sidecar)
 
 
 @cli_main
@@ -102,6 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
                    help=f"per-source benign quantile for the {SOURCE_RULE} rule")
     p.add_argument("--target-sensitivity", type=float, default=0.5, help="target for the target_sensitivity rule")
     p.add_argument("--benign-percentile", type=float, default=0.95, help="quantile for the benign_percentile rule")
+    p.add_argument("--score-region", default=None, choices=SCORE_REGIONS,
+                   help="where the VAE score averages |x - x_hat| (central disc or whole image), stored in the sidecar "
+                        "with the threshold; default: the checkpoint's")
+    p.add_argument("--keep-sidecar", action="store_true",
+                   help="write the outputs in --out but leave the checkpoint's sidecar as it is (to compare rules or "
+                        "score regions)")
     p.add_argument("--out", default=str(RESULTS / "vae_calibration"), help="output folder")
     add_runtime_options(p)
     a = p.parse_args(argv)
@@ -110,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         vae, meta = load_vae(a.vae)
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
+    vae.score_region = a.score_region or vae.score_region
     df = read_manifest(a.manifest)
     rule = a.rule or default_rule(df)
     splits = a.split.split(",") if a.split else list(CALIBRATION_SPLITS if rule == SOURCE_RULE else ["calib"])
@@ -130,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / "calib_scores.csv",
                      data.df[["path", "label", "split"]].assign(source=sources, vae_score=scores))
-    plots.score_histogram(y, scores, out / "calib_score_histogram.png", chosen, "VAE anomaly score (mean |x - x_hat|)",
+    plots.score_histogram(y, scores, out / "calib_score_histogram.png", chosen,
+                          f"VAE anomaly score (mean |x - x_hat|, {vae.score_region})",
                           f"{split}: benign vs malignant")
     plots.roc_pr({"VAE score": (y, scores)}, out / "calib_roc_pr.png", split)
     benign = scores[y == 0]
@@ -139,22 +171,19 @@ def main(argv: list[str] | None = None) -> dict:
         "auc_ci": [lo, hi], "thresholds": thresholds, "source_thresholds": source_thresholds,
         "source_quantile": a.source_quantile, "rule": rule, "anomaly_threshold": chosen,
         "at_threshold": {name: decision_metrics(y, scores >= t) for name, t in thresholds.items()},
-        "per_source": per_source_metrics(y, scores, sources, chosen),
+        "per_source": per_source_metrics(y, scores, sources, chosen, source_thresholds),
         "benign_score_quantiles": {q: float(np.quantile(benign, float(q))) for q in ("0.5", "0.95", "0.99", "1.0")},
-        "vae": str(a.vae)}
+        "score_region": vae.score_region, "vae": str(a.vae)}
     (out / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
-    sidecar = read_sidecar(a.vae)
-    sidecar.update({"anomaly_threshold": chosen, "anomaly_threshold_rule": rule, "anomaly_threshold_split": split,
-                    "anomaly_threshold_manifest": Path(a.manifest).name, "anomaly_threshold_candidates": thresholds,
-                    "anomaly_threshold_per_source": source_thresholds,
-                    "calib_benign_score_quantiles": calibration["benign_score_quantiles"]})
-    sidecar.setdefault("metrics", {})[split] = {"auc": a_auc, "auc_ci": [lo, hi]}
-    write_sidecar(a.vae, sidecar)
-    print(f"VAE on {split}: AUC {a_auc:.3f} (95% CI {lo:.3f}-{hi:.3f}); thresholds "
+    print(f"VAE ({vae.score_region} score) on {split}: AUC {a_auc:.3f} (95% CI {lo:.3f}-{hi:.3f}); thresholds "
           + ", ".join(f"{k} {v:.5f}" for k, v in thresholds.items()) + f"; using {rule} = {chosen:.5f}")
     for source, entry in calibration["per_source"].items():
+        transfer = "".join(f", {rate:.3f} of benign over {other}'s own threshold"
+                           for other, rate in entry["benign_flagged_by_other_source_threshold"].items())
         print(f"  {source}: n {entry['n']}, specificity at {chosen:.5f}: {entry['at_threshold']['specificity']:.3f}, "
-              f"sensitivity {entry['at_threshold']['sensitivity']:.3f}")
+              f"sensitivity {entry['at_threshold']['sensitivity']:.3f}{transfer}")
+    if not a.keep_sidecar:
+        store_in_sidecar(a.vae, calibration)
     return calibration
 
 

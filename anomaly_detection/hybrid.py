@@ -52,7 +52,8 @@ NON_FINITE = "the model output is not a finite number (NaN or infinity): the che
 
 def build_vae(meta: dict[str, Any]) -> ConvVAE:
     kwargs = meta["arch_kwargs"]
-    return ConvVAE(meta["input_size"], kwargs["latent_dim"], tuple(kwargs["channels"]))
+    return ConvVAE(meta["input_size"], kwargs["latent_dim"], tuple(kwargs["channels"]),
+                   kwargs.get("score_region", "image"))
 
 
 def load_vae(path: str | os.PathLike) -> tuple[ConvVAE, dict[str, Any]]:

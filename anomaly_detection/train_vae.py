@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from anomaly_detection.vae import ConvVAE, VAEScorer, vae_loss
+from anomaly_detection.vae import SCORE_REGIONS, ConvVAE, VAEScorer, score_description, vae_loss
 from data.atomic import write_rows
 from data.cache import CachedImages
 from data.checkpoint import save_checkpoint
@@ -47,6 +47,8 @@ class VAEConfig:
     latent_dim: int = option(128, "latent dimension (128: as good on val as 512 was, with a 3.6x smaller "
                              "checkpoint)")
     beta: float = option(1e-4, "weight of the KL term")
+    score_region: str = option("centre", "where the anomaly score averages |x - x_hat|: the central disc, where the "
+                               "lesion is (less sensitive to the device), or the whole image", choices=SCORE_REGIONS)
     epochs: int = option(6, "training epochs")
     batch_size: int = option(32, "images per step")
     lr: float = option(3e-4, "AdamW learning rate")
@@ -133,7 +135,7 @@ def train(cfg: VAEConfig, rt: Runtime | None = None) -> dict:
     prep_meta = preprocess_meta(cfg.img_size, "squash", normalization="unit", color_constancy=cfg.color_constancy)
     preprocess = Preprocess.from_meta(prep_meta)
     seed_everything(cfg.seed)
-    vae = ConvVAE(cfg.img_size, cfg.latent_dim).to(device)
+    vae = ConvVAE(cfg.img_size, cfg.latent_dim, score_region=cfg.score_region).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
     print(f"ConvVAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M parameters; "
           f"{len(fit)} benign fit images; val {len(val)} ({int(val.targets.sum())} malignant); device {device}")
@@ -163,8 +165,9 @@ def train(cfg: VAEConfig, rt: Runtime | None = None) -> dict:
             best = {"auc": row["val_auc"], "epoch": epoch}
             save_checkpoint(out / "best", vae, {
                 "kind": "vae", "arch": "convvae", "arch_kwargs": {"latent_dim": cfg.latent_dim,
-                                                                  "channels": list(vae.channels)},
-                **prep_meta, "score": "mean absolute error per image in [0,1] space, latent mean",
+                                                                  "channels": list(vae.channels),
+                                                                  "score_region": cfg.score_region},
+                **prep_meta, "score": score_description(cfg.score_region),
                 "trained_on": "benign images of the fit split", "epoch": epoch + 1, "beta": cfg.beta,
                 "manifest": Path(cfg.manifest).name, "manifest_sha256": file_sha256(cfg.manifest),
                 "anomaly_threshold": None, "metrics": {"val": {"auc": row["val_auc"]}}, "train_args": to_json(cfg)})

@@ -6,7 +6,12 @@ worse. Design choices, and why:
   add structured error to every image);
 - the score uses the latent mean, not a sample, so the same image always gets the same score;
 - log-variance is clamped: with a large learning rate the KL term can explode (seen on CPU under bf16);
-- one score definition, `anomaly_score`: mean absolute error per image in [0,1] pixel space. The input must be
+- one score definition, `anomaly_score`: mean absolute error in [0,1] pixel space, over the whole image or, with
+  `score_region="centre"`, over the central disc of radius CENTRE_RADIUS x side. Why the centre: dermoscopic images
+  are framed on the lesion, while the border holds the device (vignette, ruler, lighting), and whole-image error
+  rises with the device: a HAM10000-calibrated threshold flagged 12.3% of ISIC 2017 benign calibration lesions,
+  the centre's 6.2% (README, "The rescue on a clinic it was not calibrated on"). The region is part of the
+  checkpoint (`arch_kwargs.score_region`), so the exported ONNX graph scores the same way. The input must be
   preprocessed with the VAE's own sidecar (normalization `unit`), never the classifier's ImageNet normalization.
 """
 from __future__ import annotations
@@ -14,6 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+SCORE_REGIONS = ("image", "centre")
+CENTRE_RADIUS = 0.25  # of the side: a disc over about a fifth of the image
 
 
 def down(cin: int, cout: int) -> nn.Sequential:
@@ -26,8 +34,12 @@ def up(cin: int, cout: int) -> nn.Sequential:
 
 
 class ConvVAE(nn.Module):
-    def __init__(self, img_size: int = 128, latent_dim: int = 128, channels: tuple[int, ...] = (32, 64, 128, 256)):
+    def __init__(self, img_size: int = 128, latent_dim: int = 128, channels: tuple[int, ...] = (32, 64, 128, 256),
+                 score_region: str = "image"):
         super().__init__()
+        if score_region not in SCORE_REGIONS:
+            raise ValueError(f"score_region must be one of {SCORE_REGIONS}, not {score_region!r}")
+        self.score_region = score_region
         self.img_size, self.latent_dim = img_size, latent_dim
         self.grid = img_size // 2 ** len(channels)
         if self.grid * 2 ** len(channels) != img_size:
@@ -68,9 +80,26 @@ def vae_loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: tor
     return rec + beta * kl, rec, kl
 
 
-def anomaly_score(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error per image in [0,1] space: the one VAE score of the project."""
-    return (x - recon).abs().flatten(1).mean(1)
+def centre_mask(height: int, width: int) -> torch.Tensor:
+    """Boolean H x W mask of the central disc of radius CENTRE_RADIUS x the shorter side."""
+    ys = torch.arange(height, dtype=torch.float32) - (height - 1) / 2
+    xs = torch.arange(width, dtype=torch.float32) - (width - 1) / 2
+    return ys[:, None] ** 2 + xs[None, :] ** 2 < (CENTRE_RADIUS * min(height, width)) ** 2
+
+
+def score_description(region: str) -> str:
+    """The sidecar's `score` field: what the number is."""
+    where = "per image" if region == "image" else f"over the central disc (radius {CENTRE_RADIUS} of the side)"
+    return f"mean absolute error {where} in [0,1] space, latent mean"
+
+
+def anomaly_score(x: torch.Tensor, recon: torch.Tensor, region: str = "image") -> torch.Tensor:
+    """Mean absolute error per image in [0,1] space over `region` (SCORE_REGIONS): the one VAE score of the project."""
+    error = (x - recon).abs().mean(1)
+    if region == "image":
+        return error.flatten(1).mean(1)
+    mask = centre_mask(*error.shape[1:]).to(error)  # a weighted mean (not boolean indexing) exports cleanly to ONNX
+    return (error * mask).flatten(1).sum(1) / mask.sum()
 
 
 class VAEScorer(nn.Module):
@@ -87,4 +116,4 @@ class VAEScorer(nn.Module):
         self.vae.eval()
         recon = self.vae.reconstruct(x)
         self.vae.train(was_training)
-        return anomaly_score(x, recon), recon
+        return anomaly_score(x, recon, self.vae.score_region), recon

@@ -199,7 +199,7 @@ No test number took part in that choice. `python inference.py --classifier <name
 ## The VAE
 `convvae.safetensors` (+ `.json`): convolutional VAE (latent {vae_meta["arch_kwargs"]["latent_dim"]}) trained on benign `fit` images only
 - epoch {vae_meta["epoch"]} chosen by val anomaly AUC; input {vae_meta["input_size"]} px in [0,1].
-- Score: mean absolute reconstruction error per image (latent mean, deterministic).
+- Score: {vae_meta["score"]} (deterministic).
 - Anomaly threshold {c["anomaly_threshold"]:.5f} ({c["rule"]} on `{c.get("split", "calib")}`, n={c["n"]}); VAE AUC there {c["auc"]:.3f} ({c["auc_ci"][0]:.3f}-{c["auc_ci"][1]:.3f}).
 
 ## Training data and licence

@@ -133,9 +133,10 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     save_checkpoint(folder / "classifier", classifier, {
         "kind": "classifier", "arch": "medvit", "arch_kwargs": {}, **preprocess_meta(64),
         "class_names": ["benign", "malignant"], "malignant_threshold": 0.5, "threshold_split": "val"})
-    vae = ConvVAE(64, latent_dim=32)
+    vae = ConvVAE(64, latent_dim=32, score_region="centre")  # the shipped region, so ONNX parity covers it
     save_checkpoint(folder / "vae", vae, {
-        "kind": "vae", "arch": "convvae", "arch_kwargs": {"latent_dim": 32, "channels": [32, 64, 128, 256]},
+        "kind": "vae", "arch": "convvae", "arch_kwargs": {"latent_dim": 32, "channels": [32, 64, 128, 256],
+                                                          "score_region": "centre"},
         **preprocess_meta(64, normalization="unit"), "anomaly_threshold": 0.2,
         "calib_benign_score_quantiles": {"0.5": 0.1, "0.95": 0.2, "0.99": 0.25, "1.0": 0.3}})
     return folder / "classifier.safetensors", folder / "vae.safetensors"

@@ -8,7 +8,7 @@ import torch
 
 from anomaly_detection.calibrate import SOURCE_RULE, candidate_thresholds, default_rule
 from anomaly_detection.hybrid import HybridPredictor, load_vae, rescue
-from anomaly_detection.vae import ConvVAE, VAEScorer, anomaly_score, vae_loss
+from anomaly_detection.vae import CENTRE_RADIUS, ConvVAE, VAEScorer, anomaly_score, centre_mask, vae_loss
 from data.cache import build_cache
 from data.images import load_rgb
 from data.transforms import Preprocess, preprocess_meta
@@ -31,6 +31,29 @@ def test_anomaly_score_is_mean_absolute_error_per_image():
     x, recon = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
     recon[1] = 0.5
     assert anomaly_score(x, recon).tolist() == [0.0, 0.5]
+
+
+def test_centre_score_ignores_the_border():
+    x, recon = torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)
+    recon[..., :8, :] = 1.0  # error only along the top edge, where the device's vignette sits
+    assert anomaly_score(x, recon, "centre").item() == 0.0 and anomaly_score(x, recon, "image").item() == 0.125
+    recon[..., 32, 32] = 1.0  # one centre pixel in all three channels
+    mask = centre_mask(64, 64)
+    assert anomaly_score(x, recon, "centre").item() == pytest.approx(1 / mask.sum().item())
+    assert mask.sum().item() == pytest.approx(np.pi * (CENTRE_RADIUS * 64) ** 2, rel=0.03)
+
+
+def test_score_region_travels_in_the_checkpoint(tmp_path):
+    from data.checkpoint import save_checkpoint
+    vae = ConvVAE(64, latent_dim=16, score_region="centre")
+    save_checkpoint(tmp_path / "vae", vae, {"kind": "vae", "arch": "convvae", "input_size": 64,
+                                            "arch_kwargs": {"latent_dim": 16, "channels": [32, 64, 128, 256],
+                                                            "score_region": "centre"},
+                                            **preprocess_meta(64, "squash", "unit")})
+    loaded, _ = load_vae(tmp_path / "vae.safetensors")
+    assert loaded.score_region == "centre"
+    with pytest.raises(ValueError, match="score_region"):
+        ConvVAE(64, latent_dim=16, score_region="corner")
 
 
 def test_calibration_finds_the_known_best_thresholds():
@@ -164,6 +187,15 @@ def test_calibrate_cli_writes_the_source_rule_into_the_sidecar(tiny_checkpoints,
     assert (sidecar["anomaly_threshold_rule"], sidecar["anomaly_threshold_split"]) == (SOURCE_RULE, "calib+val")
     assert sidecar["anomaly_threshold"] == max(sidecar["anomaly_threshold_per_source"].values())
     assert set(result["per_source"]) == {"ham10000", "isic2017"} and result["n"] == 12  # calib + val rows only
+    assert set(result["per_source"]["ham10000"]["benign_flagged_by_other_source_threshold"]) == {"isic2017"}
+    before = read_sidecar(weights)
+    whole = calibrate.main(["--vae", str(weights), "--manifest", str(manifest), "--out", str(tmp_path / "whole"),
+                            "--score-region", "image", "--keep-sidecar", "--device", "cpu", "--threads", "1"])
+    assert whole["score_region"] == "image" and read_sidecar(weights) == before  # compared, not stored
+    calibrate.main(["--vae", str(weights), "--manifest", str(manifest), "--out", str(tmp_path / "whole"),
+                    "--score-region", "image", "--device", "cpu", "--threads", "1"])
+    assert read_sidecar(weights)["arch_kwargs"]["score_region"] == "image"
+    assert load_vae(weights)[0].score_region == "image"
     with pytest.raises(SystemExit, match="refusing to calibrate on \\['test'\\]"):
         calibrate.main(["--vae", str(weights), "--manifest", str(manifest), "--split", "calib,test",
                         "--out", str(tmp_path / "out"), "--device", "cpu"])
