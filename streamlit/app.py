@@ -418,7 +418,8 @@ def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], nam
                     f"{p.anomaly_threshold:.4f} (black line): "
                     f"**{'anomalous' if p.anomalous else 'typical of the benign training images'}**."
                     + (f" Dashed line: the highest score of any benign calibration image ({ood:.4f})."
-                       if ood is not None else ""))
+                       if ood is not None else "")
+                    + (f" The score is the {predictor.vae_meta['score']}." if predictor.vae_meta.get("score") else ""))
     st.markdown(f"**Rescue fired:** {'yes' if p.rescued else 'no'}. The rescue turns a benign classifier verdict into "
                 "malignant when the VAE finds the image anomalous.")
 
