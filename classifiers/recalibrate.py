@@ -1,4 +1,4 @@
-"""Recalibrate a classifier's malignant threshold on a new clinic's own labelled images.
+r"""Recalibrate a classifier's malignant threshold on a new clinic's own labelled images.
 
     python classifiers/recalibrate.py --checkpoint checkpoints/efficientnet_lite0.safetensors \
         --folder my_clinic/ --out my_clinic/efficientnet_lite0        # my_clinic/<benign|malignant>/*
