@@ -9,8 +9,8 @@ worse. Design choices, and why:
 - one score definition, `anomaly_score`: mean absolute error in [0,1] pixel space, over the whole image or, with
   `score_region="centre"`, over the central disc of radius CENTRE_RADIUS x side. Why the centre: dermoscopic images
   are framed on the lesion, while the border holds the device (vignette, ruler, lighting), and whole-image error
-  rises with the device: a HAM10000-calibrated threshold flagged 12.3% of ISIC 2017 benign calibration lesions,
-  the centre's 6.2% (README, "The rescue on a clinic it was not calibrated on"). The region is part of the
+  rises with the device: a HAM10000-calibrated threshold flags 12.3% of ISIC 2017 benign calibration lesions, the
+  centre's 5.8% (README, "Leave one source out"; anomaly_detection/calibrate.py reports it). The region is part of the
   checkpoint (`arch_kwargs.score_region`), so the exported ONNX graph scores the same way. The input must be
   preprocessed with the VAE's own sidecar (normalization `unit`), never the classifier's ImageNet normalization.
 """
