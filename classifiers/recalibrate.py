@@ -14,9 +14,9 @@ never on images the model was trained or selected on (refused). The result is a 
 (a byte copy, the same sha256) and a sidecar whose `malignant_threshold` is the clinic's, recording the threshold
 before and where the new one came from. `inference.py`, the demo and classifiers/evaluate.py use it like any other.
 
-Beside it, <out>.recalibration.json: AUC (95% CI) and sensitivity/specificity (exact 95% CIs) at the thresholds
-before and after, on these images. The numbers at the new threshold are in-sample: judge it on other images of the
-clinic (`classifiers/evaluate.py --checkpoint <out>.safetensors --folder <other images>`).
+Beside it, <out>.recalibration.json: AUC (95% CI) and the decision metrics (exact 95% CIs on sensitivity and
+specificity) at the thresholds before and after, on these images. The numbers at the new threshold are in-sample:
+judge it on other images of the clinic (`classifiers/evaluate.py --checkpoint <out>.safetensors --folder <others>`).
 """
 from __future__ import annotations
 
@@ -26,25 +26,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from classifiers.evaluate import TrainingOverlap, predict_ensemble
 from data.atomic import atomic_write_bytes, atomic_write_text
-from data.checkpoint import CheckpointError, read_sidecar, write_sidecar
+from data.checkpoint import CheckpointError, write_sidecar
 from data.manifest import ManifestError, label_index, read_folder
 from data.runtime import UserError, add_runtime_options, cli_main, init_device
-from evaluation.metrics import THRESHOLD_RULES, auc_ci, choose_threshold, decision_metrics, proportion_ci
+from evaluation.metrics import THRESHOLD_RULES, auc_ci, choose_threshold, decision_row
 
 MIN_PER_CLASS = 10  # fewer images of a class than this cannot place a threshold
-
-
-def operating_point(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Sensitivity and specificity at `threshold`, each with its exact 95% CI."""
-    m = decision_metrics(y, prob >= threshold)
-    return {"threshold": threshold,
-            "sensitivity": m["sensitivity"], "sensitivity_ci": proportion_ci(m["TP"], m["TP"] + m["FN"]),
-            "specificity": m["specificity"], "specificity_ci": proportion_ci(m["TN"], m["TN"] + m["FP"])}
 
 
 def recalibrate(checkpoint: str, df: pd.DataFrame, rule: str | None, target: float | None,
@@ -61,9 +52,9 @@ def recalibrate(checkpoint: str, df: pd.DataFrame, rule: str | None, target: flo
     value, low, high = auc_ci(y, prob)
     before = meta["malignant_threshold"]
     report = {"checkpoint": str(checkpoint), "n": len(y), **counts, "auc": value, "auc_ci": [low, high],
-              "rule": rule, "target": target, "before": operating_point(y, prob, before),
-              "after": operating_point(y, prob, threshold)}
-    sidecar = {**read_sidecar(checkpoint), "malignant_threshold": threshold, "threshold_rule": rule,
+              "rule": rule, "target": target, "before": {"threshold": before, **decision_row(y, prob >= before)},
+              "after": {"threshold": threshold, **decision_row(y, prob >= threshold)}}
+    sidecar = {**meta, "malignant_threshold": threshold, "threshold_rule": rule,
                "threshold_target": target, "threshold_split": "clinic",
                "recalibrated": {"from": str(checkpoint), "threshold_before": before,
                                 "threshold_split_before": meta.get("threshold_split"), "n": len(y), **counts}}
@@ -111,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"({report['auc_ci'][0]:.3f}-{report['auc_ci'][1]:.3f})")
     for name, point in (("before", b), ("after", n)):
         print(f"  {name}: threshold {point['threshold']:.4f}, sensitivity {point['sensitivity']:.3f} "
-              f"({point['sensitivity_ci'][0]:.3f}-{point['sensitivity_ci'][1]:.3f}), specificity "
-              f"{point['specificity']:.3f} ({point['specificity_ci'][0]:.3f}-{point['specificity_ci'][1]:.3f})")
+              f"({point['sensitivity_ci_low']:.3f}-{point['sensitivity_ci_high']:.3f}), specificity "
+              f"{point['specificity']:.3f} ({point['specificity_ci_low']:.3f}-{point['specificity_ci_high']:.3f})")
     print(f"wrote {weights} (threshold by {report['rule']} on these images; judge it on others)")
     return report
 

@@ -222,3 +222,20 @@ def proportion_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, f
     """Exact (Clopper-Pearson) interval of a proportion: unlike a bootstrap, not zero-width at 0 or n successes."""
     interval = binomtest(int(successes), int(n)).proportion_ci(confidence_level=1 - alpha, method="exact")
     return float(interval.low), float(interval.high)
+
+
+def proportion_with_ci(k: int, n: int) -> tuple[float, float, float]:
+    """k / n and its exact 95% CI (NaN for n = 0)."""
+    return (k / n, *proportion_ci(k, n)) if n else (float("nan"),) * 3
+
+
+def decision_row(y: np.ndarray, pred: np.ndarray, score: np.ndarray | None = None) -> dict[str, float]:
+    """Decision metrics with exact CIs on sensitivity and specificity, and the AUC with its bootstrap CI."""
+    m = decision_metrics(y, pred)
+    sens = proportion_with_ci(m["TP"], m["TP"] + m["FN"])
+    spec = proportion_with_ci(m["TN"], m["TN"] + m["FP"])
+    auc = auc_ci(y, score) if score is not None else (float("nan"),) * 3
+    return {"n": len(y), "n_malignant": int(np.sum(y)), "auc": auc[0], "auc_ci_low": auc[1], "auc_ci_high": auc[2],
+            "sensitivity": sens[0], "sensitivity_ci_low": sens[1], "sensitivity_ci_high": sens[2],
+            "specificity": spec[0], "specificity_ci_low": spec[1], "specificity_ci_high": spec[2],
+            **{k: m[k] for k in ("ppv", "npv", "f1", "balanced_accuracy", "TP", "TN", "FP", "FN")}}

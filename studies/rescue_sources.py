@@ -69,11 +69,11 @@ from data.non_lesion import NonLesion
 from data.transforms import Preprocess
 from evaluation import plots
 from evaluation.metrics import (
-    auc_ci,
     choose_threshold,
     decision_metrics,
+    decision_row,
     logit,
-    proportion_ci,
+    proportion_with_ci,
     threshold_for_specificity,
 )
 
@@ -120,28 +120,12 @@ def rescue_threshold(calib: pd.DataFrame, column: str) -> float:
     return benign_percentile_threshold(benign[column], benign["dataset"])[0]
 
 
-def _proportion(k: int, n: int) -> tuple[float, float, float]:
-    return (k / n, *proportion_ci(k, n)) if n else (float("nan"),) * 3
-
-
-def decision_row(y: np.ndarray, pred: np.ndarray, score: np.ndarray | None = None) -> dict[str, float]:
-    """Decision metrics with exact CIs on sensitivity and specificity, and the AUC with its bootstrap CI."""
-    m = decision_metrics(y, pred)
-    sens = _proportion(m["TP"], m["TP"] + m["FN"])
-    spec = _proportion(m["TN"], m["TN"] + m["FP"])
-    auc = auc_ci(y, score) if score is not None else (float("nan"),) * 3
-    return {"n": len(y), "n_malignant": int(np.sum(y)), "auc": auc[0], "auc_ci_low": auc[1], "auc_ci_high": auc[2],
-            "sensitivity": sens[0], "sensitivity_ci_low": sens[1], "sensitivity_ci_high": sens[2],
-            "specificity": spec[0], "specificity_ci_low": spec[1], "specificity_ci_high": spec[2],
-            **{k: m[k] for k in ("ppv", "npv", "f1", "balanced_accuracy", "TP", "TN", "FP", "FN")}}
-
-
 def rescue_change(y: np.ndarray, classifier: np.ndarray, hybrid: np.ndarray) -> dict[str, float]:
     """What the rescue changes against the classifier alone on the same images: the specificity lost is the share
     of benign images rescued, the sensitivity gained the share of malignant ones (each with an exact CI)."""
     rescued = hybrid & ~classifier
-    loss = _proportion(int(rescued[y == 0].sum()), int((y == 0).sum()))
-    gain = _proportion(int(rescued[y == 1].sum()), int((y == 1).sum()))
+    loss = proportion_with_ci(int(rescued[y == 0].sum()), int((y == 0).sum()))
+    gain = proportion_with_ci(int(rescued[y == 1].sum()), int((y == 1).sum()))
     return {"spec_change": -loss[0], "spec_change_ci_low": -loss[2], "spec_change_ci_high": -loss[1],
             "sens_change": gain[0], "sens_change_ci_low": gain[1], "sens_change_ci_high": gain[2]}
 
@@ -275,7 +259,7 @@ def gate_loso_rows(table: pd.DataFrame, df: pd.DataFrame, features: Features, ga
             for thresholds, margin, offset in (("calibrated", 1.0, 0.0), ("unseen-source margin", unseen[
                     "distance_margin"], unseen["probe_offset"])):
                 flagged = int(((distance >= margin * distance_q) | (probe >= probe_q + offset)).sum())
-                rate = _proportion(flagged, len(part))
+                rate = proportion_with_ci(flagged, len(part))
                 rows.append({"fitted_on": seen, "applied_to": name, "unseen": not name.startswith(seen),
                              "thresholds": thresholds, "n": len(part), "flagged": flagged, "flag_rate": rate[0],
                              "flag_rate_ci_low": rate[1], "flag_rate_ci_high": rate[2]})
@@ -305,7 +289,7 @@ def _flag_row(name: str, kind: str, part: pd.DataFrame, gate: Gate) -> dict[str,
     """Flag rates of one set: the gate as shipped, and (to show what each part does) the feature distance alone,
     the probe alone, and the gate without the probe (cheap checks + distance)."""
     flagged = int((~part["gate_ok"]).sum())
-    rate = _proportion(flagged, len(part))
+    rate = proportion_with_ci(flagged, len(part))
     by_distance = (part["gate_distance"] >= gate.threshold).to_numpy()
     by_probe = (part["gate_probe"] >= gate.meta.get("probe_threshold", np.inf)).to_numpy()
     cheap = ~part["gate_ok"].to_numpy() & ~by_distance & ~by_probe
