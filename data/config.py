@@ -37,6 +37,10 @@ def _base_type(hint: Any) -> Any:
     return hint
 
 
+def _allows_none(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
 def check_types(cfg: Any) -> None:
     """TypeError for a field whose value does not have its declared type (e.g. a string where a list is due): a
     config built in code, unlike one parsed from flags, is otherwise not checked."""
@@ -98,14 +102,14 @@ def parse_config(cls: type[C], argv: list[str] | None, description: str | None,
 
 def config_changes(cls: type, items: list[str]) -> dict[str, Any]:
     """`["img_size=32", "epochs=1"]` -> {"img_size": 32, "epochs": 1}: quick-check overrides (a study's --set),
-    each value parsed with its field's type ("none" for None, commas for lists)."""
+    each value parsed with its field's type ("none" is None where the field allows None, commas for lists)."""
     hints, changes = typing.get_type_hints(cls), {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in hints:
             raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {sorted(hints)}")
         base = _base_type(hints[key])
-        if value.lower() == "none":
+        if value.lower() == "none" and _allows_none(hints[key]):
             changes[key] = None
         elif base is bool:
             changes[key] = value.lower() in ("1", "true", "yes")

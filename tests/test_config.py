@@ -55,8 +55,10 @@ def test_types_are_checked_when_a_config_is_built_in_code():
 
 
 def test_config_changes_parse_each_value_with_its_field_type():
-    assert config_changes(Example, ["size=8", "rate=0.2", "names=a,b", "fast=true", "label=none"]) == \
-        {"size": 8, "rate": 0.2, "names": ["a", "b"], "fast": True, "label": None}
+    assert config_changes(Example, ["size=8", "rate=0.2", "names=a,b", "fast=true", "label=b"]) == \
+        {"size": 8, "rate": 0.2, "names": ["a", "b"], "fast": True, "label": "b"}
+    # "none" is None only where the field allows None (color_constancy=none is the string "none")
+    assert config_changes(Example, ["names=none", "label=none"]) == {"names": None, "label": "none"}
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         config_changes(Example, ["sizes=8"])
 
