@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from classifiers.evaluate import TrainingOverlap, predict_ensemble
@@ -36,6 +37,13 @@ from data.runtime import UserError, add_runtime_options, cli_main, init_device
 from evaluation.metrics import THRESHOLD_RULES, auc_ci, choose_threshold, decision_row
 
 MIN_PER_CLASS = 10  # fewer images of a class than this cannot place a threshold
+
+
+def decisions(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """decision_row without its AUC fields (the AUC does not depend on the threshold; the report gives it once),
+    undefined ratios (e.g. PPV with no positive decision) as None, so that the report is strict JSON."""
+    return {k: None if isinstance(v, float) and np.isnan(v) else v
+            for k, v in decision_row(y, pred).items() if not k.startswith("auc")}
 
 
 def recalibrate(checkpoint: str, df: pd.DataFrame, rule: str | None, target: float | None,
@@ -52,8 +60,8 @@ def recalibrate(checkpoint: str, df: pd.DataFrame, rule: str | None, target: flo
     value, low, high = auc_ci(y, prob)
     before = meta["malignant_threshold"]
     report = {"checkpoint": str(checkpoint), "n": len(y), **counts, "auc": value, "auc_ci": [low, high],
-              "rule": rule, "target": target, "before": {"threshold": before, **decision_row(y, prob >= before)},
-              "after": {"threshold": threshold, **decision_row(y, prob >= threshold)}}
+              "rule": rule, "target": target, "before": {"threshold": before, **decisions(y, prob >= before)},
+              "after": {"threshold": threshold, **decisions(y, prob >= threshold)}}
     sidecar = {**meta, "malignant_threshold": threshold, "threshold_rule": rule,
                "threshold_target": target, "threshold_split": "clinic",
                "recalibrated": {"from": str(checkpoint), "threshold_before": before,
@@ -69,7 +77,7 @@ def write_recalibrated(checkpoint: str, out: Path, sidecar: dict[str, Any], repo
     weights.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(weights, source.read_bytes())
     write_sidecar(weights, sidecar)
-    atomic_write_text(out.with_suffix(".recalibration.json"), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".recalibration.json"), json.dumps(report, indent=2, allow_nan=False) + "\n")
     return weights
 
 

@@ -90,7 +90,7 @@ class Rules:
         prob = df["prob_malignant"].to_numpy()
         return {
             "classifier": (r["pred_classifier"], prob, self.mt, "val"),
-            "hybrid_rescue": (r["pred_hybrid"], None, self.at, "calib (VAE); val (classifier)"),
+            "hybrid_rescue": (r["pred_hybrid"], None, self.at, "VAE sidecar; val (classifier)"),
             "classifier_equal_specificity": (
                 prob >= self.equal_spec_threshold,
                 prob,
@@ -98,7 +98,7 @@ class Rules:
                 "calib (matches hybrid specificity)",
             ),
             "learned_fusion": (fused >= self.fusion_threshold, fused, self.fusion_threshold, "calib"),
-            "vae_score_alone": (r["anomalous"], df["vae_score"].to_numpy(), self.at, "calib"),
+            "vae_score_alone": (r["anomalous"], df["vae_score"].to_numpy(), self.at, "VAE sidecar"),
             "all_malignant_baseline": (np.ones(len(df), dtype=bool), None, float("nan"), "none"),
         }
 

@@ -175,10 +175,10 @@ def source_rows(part: pd.DataFrame, rules: Rules, name: str) -> list[dict[str, A
     for rescue_name, column in rules.columns.items():
         threshold = rules.anomaly_thresholds[rescue_name]
         hybrid = rescue(prob, part[column], rules.malignant_threshold, threshold)["pred_hybrid"]
-        rule = "vae sidecar (HAM10000 calib 0.95 quantile)" if rescue_name == "vae_shipped" else RESCUE_RULE
+        rule = "the VAE sidecar's own (README.md here)" if rescue_name == "vae_shipped" else RESCUE_RULE
         rows.append({**base, "model": f"hybrid_{rescue_name}", **decision_row(y, hybrid),
                      **rescue_change(y, classifier, hybrid), "threshold": threshold, "threshold_rule": rule,
-                     "threshold_split": "calib+val" if rescue_name != "vae_shipped" else "calib"})
+                     "threshold_split": "calib+val" if rescue_name != "vae_shipped" else "VAE sidecar"})
         matched = rules.equal_spec_thresholds[rescue_name]
         rows.append({**base, "model": f"classifier_equal_spec_to_hybrid_{rescue_name}",
                      **decision_row(y, prob >= matched), "threshold": matched,

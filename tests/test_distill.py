@@ -1,8 +1,9 @@
 """Knowledge distillation: the soft loss against a hand computation on a tiny batch, and a distilled training run
 that records its teacher; a teacher with another colour constancy is a clear error; the distillation study's two arms
-differ only in the teacher."""
+differ only in the teacher and take its colour constancy."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from classifiers.models import create_model
 from data.checkpoint import save_checkpoint
 from data.manifest import LABELS
 from data.paths import MANIFESTS
+from data.runtime import UserError
 from data.transforms import preprocess_meta
 from studies import distillation
 
@@ -93,6 +95,17 @@ def test_native_size_is_the_default_input_size():
 def test_distillation_study_uses_the_shipped_densenet_recipe():
     step9 = load_script("09_generalisation")
     assert distillation.STUDY.recipe == {**step9.RECIPE, **step9.RUNS["long/light"], "config": "mixed"}
+
+
+def test_distillation_arms_take_the_teachers_colour_constancy(tmp_path):
+    for setting in ("none", "shades_of_gray"):
+        teacher = teacher_checkpoint(tmp_path / setting, setting)
+        a = argparse.Namespace(manifest="m.csv", teacher=str(teacher))
+        arms = distillation.distillation_arms(a)
+        assert arms["scratch"] == {"manifest": "m.csv", "color_constancy": setting}
+        assert arms["distilled"] == {**arms["scratch"], "teacher": str(teacher)}
+    with pytest.raises(UserError, match="--teacher: .*not found"):
+        distillation.distillation_arms(argparse.Namespace(manifest="m.csv", teacher=str(tmp_path / "missing.safetensors")))
 
 
 @pytest.mark.real_data

@@ -45,7 +45,9 @@ def test_recalibrated_checkpoint_has_the_clinic_threshold_and_the_same_weights(t
     assert meta["malignant_threshold"] == pytest.approx(expected)
     assert meta["threshold_split"] == "clinic" and meta["recalibrated"]["threshold_before"] == 0.5
     assert read_sidecar(classifier)["malignant_threshold"] == 0.5  # the original is untouched
-    saved = json.loads(out.with_suffix(".recalibration.json").read_text())
+    # strict JSON (NaN is not JSON): the AUC once at the top, none in the decision rows
+    saved = json.loads(out.with_suffix(".recalibration.json").read_text(), parse_constant=pytest.fail)
+    assert 0 <= saved["auc"] <= 1 and "auc" not in saved["before"]
     assert saved["before"]["threshold"] == 0.5 and (saved["benign"], saved["malignant"]) == (12, 12)
     assert 0 <= saved["after"]["sensitivity_ci_low"] <= saved["after"]["sensitivity"] <= 1
     assert report["after"]["threshold"] == pytest.approx(expected)
