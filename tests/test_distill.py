@@ -105,7 +105,7 @@ def test_distillation_arms_take_the_teachers_colour_constancy(tmp_path):
         assert arms["scratch"] == {"manifest": "m.csv", "color_constancy": setting}
         assert arms["distilled"] == {**arms["scratch"], "teacher": str(teacher)}
     with pytest.raises(UserError, match="--teacher: .*not found"):
-        distillation.distillation_arms(argparse.Namespace(manifest="m.csv", teacher=str(tmp_path / "missing.safetensors")))
+        distillation.distillation_arms(argparse.Namespace(manifest="m.csv", teacher=str(tmp_path / "gone.json")))
 
 
 @pytest.mark.real_data
