@@ -3,6 +3,7 @@ balanced sampling, the mixed manifest (HAM10000 splits unchanged, ISIC 2017 grou
 cross-dataset matrix CLI on a small real subset."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from conftest import load_script
 from classifiers.train import stratum_weights
 from data.images import load_uint8
 from data.manifest import read_manifest
-from data.paths import MANIFESTS, RESULTS
+from data.paths import CHECKPOINTS, MANIFESTS, RESULTS
 from data.prepare import build_mixed_manifest
 from data.splits import assert_grouped
 from data.transforms import Preprocess, augment, preprocess_meta, shades_of_gray
@@ -205,6 +206,23 @@ def test_shipping_refuses_a_seven_class_classifier_before_writing_anything(tmp_p
                    "--out", str(tmp_path / "shipped"), "--results-dir", str(tmp_path / "results")])
     assert info.value.code == 2 and "expected ['benign', 'malignant']" in capsys.readouterr().err
     assert not (tmp_path / "shipped").exists() and not (tmp_path / "results").exists()
+
+
+def test_model_card_describes_the_gate_from_its_sidecar_and_the_gate_targets(tmp_path):
+    import shutil
+
+    ship = load_script("ship_models")
+    assert ship.gate_section(tmp_path, tmp_path) == ""  # nothing shipped, no section
+    for name in ("gate.json", "feature_detector.json"):
+        shutil.copy(CHECKPOINTS / name, tmp_path / name)
+    (tmp_path / "rescue_sources").mkdir()
+    (tmp_path / "rescue_sources" / "targets.csv").write_text(
+        "target,where,value,met\ngate flags >= 0.99 of non-lesion images,non_lesion,0.95,False\n"
+        "hybrid_vae specificity within 0.05,ham10000/test,-0.01,True\n")
+    section = ship.gate_section(tmp_path, tmp_path)
+    threshold = json.loads((CHECKPOINTS / "gate.json").read_text())["gate_threshold"]
+    assert f"distance >= {threshold:.1f}" in section and "non_lesion: flags 0.950" in section
+    assert "not met" in section and "specificity" not in section and "feature_detector.safetensors" in section
 
 
 def test_shipping_copies_the_classifiers_training_log_and_refuses_a_run_without_one(tmp_path):
