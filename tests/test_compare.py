@@ -56,13 +56,15 @@ def test_bad_arguments_are_usage_errors(tmp_path, capsys):
     assert info.value.code == 2 and "not found:" in capsys.readouterr().err
 
 
-def test_training_cost_sums_the_stages_of_a_model(tmp_path):
+def test_training_cost_sums_the_stages_of_a_model_and_keeps_the_last_stages_best_val(tmp_path):
     (tmp_path / "run").mkdir()
-    pd.DataFrame({"epoch_seconds": [60.0, 120.0], "images_per_s": [5.0, 7.0]}).to_csv(tmp_path / "run" / "metrics.csv")
-    pd.DataFrame({"epoch_seconds": [240.0], "images_per_s": [9.0]}).to_csv(tmp_path / "stage1.csv")
-    assert compare.training_cost(tmp_path / "run") == {"train_minutes": 3.0, "epochs_run": 2, "train_images_per_s": 6.0}
+    pd.DataFrame({"epoch_seconds": [60.0, 120.0], "images_per_s": [5.0, 7.0], "val_auc": [0.8, 0.7]}).to_csv(
+        tmp_path / "run" / "metrics.csv")
+    pd.DataFrame({"epoch_seconds": [240.0], "images_per_s": [9.0], "val_auc": [0.9]}).to_csv(tmp_path / "stage1.csv")
+    assert compare.training_cost(tmp_path / "run") == {"train_minutes": 3.0, "epochs_run": 2, "train_images_per_s": 6.0,
+                                                       "val_auc": 0.8}
     assert compare.training_cost(f"{tmp_path / 'stage1.csv'},{tmp_path / 'run'}") == \
-        {"train_minutes": 7.0, "epochs_run": 3, "train_images_per_s": 7.0}
+        {"train_minutes": 7.0, "epochs_run": 3, "train_images_per_s": 7.0, "val_auc": 0.8}
 
 
 def test_a_set_the_evaluation_lacks_is_a_usage_error(tmp_path, capsys):
