@@ -74,7 +74,7 @@ def export_onnx(module: torch.nn.Module, size: int, path: Path, outputs: list[st
 
 def export_key(path: str | os.PathLike, meta: dict[str, Any]) -> str:
     """The cache key of a checkpoint's exported graph: its weights' sha256 and the sidecar fields that shape it."""
-    shape = {k: meta.get(k) for k in ("kind", "arch", "arch_kwargs", "input_size", "class_names")}
+    shape = {k: meta.get(k) for k in ("kind", "arch", "arch_kwargs", "input_size", "class_names", "tta")}
     weights = Path(path).with_suffix(".safetensors")
     return hashlib.sha256((file_digest(weights) + json.dumps(shape, sort_keys=True)).encode()).hexdigest()[:16]
 

@@ -35,6 +35,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import nn
 
 from classifiers.models import Classifier, load_classifier
+from classifiers.predict import single_view
 from data.images import ImageError, load_rgb
 from data.manifest import LABELS
 from data.runtime import UserError, add_runtime_options, cli_main, init_device
@@ -90,6 +91,7 @@ def gradcam_map(model: Classifier, meta: dict[str, Any], image_uint8: np.ndarray
                 target: int = MALIGNANT) -> np.ndarray:
     """H x W x 3 uint8 image (any size) -> H x W float32 Grad-CAM map in [0, 1] for the log-odds of class `target`
     (1: malignant). All zeros means no positive evidence for the class at the target layer."""
+    model = single_view(model)
     preprocess = Preprocess.from_meta(meta)
     device = next(model.parameters()).device
     pixels = preprocess.pixels(Image.fromarray(np.ascontiguousarray(image_uint8)))

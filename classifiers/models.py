@@ -26,6 +26,7 @@ import torchvision
 from torch import nn
 
 from classifiers.medvit import MedViT
+from classifiers.predict import TTA_MODES, FlipAverage
 from data.checkpoint import CheckpointError, load_checkpoint
 from data.manifest import LABELS
 
@@ -301,10 +302,15 @@ def build_from_meta(meta: dict[str, Any]) -> Classifier:
     return create_model(meta["arch"], num_classes=len(meta["class_names"]), img_size=meta["input_size"], **kwargs)
 
 
-def load_classifier(path: str | os.PathLike, classes: tuple[str, ...] = LABELS) -> tuple[Classifier, dict[str, Any]]:
+def load_classifier(path: str | os.PathLike,
+                    classes: tuple[str, ...] = LABELS) -> tuple[Classifier | FlipAverage, dict[str, Any]]:
     """A classifier checkpoint, loaded strictly; refused when it predicts other classes than `classes` (the
-    benign/malignant consumers must not read a seven-class model's second output as P(malignant))."""
+    benign/malignant consumers must not read a seven-class model's second output as P(malignant)). A sidecar with
+    `tta: flips` gives the model wrapped in FlipAverage: its probability is the flip average wherever it is used."""
     model, meta = load_checkpoint(path, build_from_meta, kind="classifier")
     if tuple(meta["class_names"]) != tuple(classes):
         raise CheckpointError(f"{path}: predicts {meta['class_names']}, expected {list(classes)}")
-    return model, meta
+    tta = meta.get("tta")
+    if tta is not None and tta not in TTA_MODES:
+        raise CheckpointError(f"{path}: unknown test-time augmentation {tta!r} in its sidecar; known: {TTA_MODES}")
+    return (FlipAverage(model) if tta == "flips" else model), meta

@@ -1,4 +1,5 @@
-"""Batched prediction of P(malignant) (or class probabilities) from uint8 images, with optional flip TTA."""
+"""Batched prediction of P(malignant) (or class probabilities) from uint8 images, with optional flip TTA, and the
+classifier wrapper a checkpoint that declares flip TTA in its sidecar (`tta: flips`) is loaded as."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -8,6 +9,38 @@ import torch
 from torch import nn
 
 from data.transforms import Preprocess
+
+TTA_MODES = ("flips",)
+
+
+def flip_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """A batch N x C x H x W and its horizontal, vertical and double flips."""
+    return [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
+
+
+class FlipAverage(nn.Module):
+    """A classifier whose logits are log(P averaged over `flip_views`), so that their softmax is the averaged
+    probability: every consumer (evaluation, each serving backend, the ONNX export) gets the checkpoint's TTA from
+    the loader alone. Its state dict is the wrapped model's, so the checkpoint saves and loads as before; Grad-CAM
+    explains the wrapped model on the unflipped image."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.model(v).float().softmax(1) for v in flip_views(x)]).mean(0).log()
+
+    def state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - nn.Module's signature
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - nn.Module's signature
+        return self.model.load_state_dict(*args, **kwargs)
+
+
+def single_view(model: nn.Module) -> nn.Module:
+    """The network itself, without a checkpoint's flip averaging (for its features and Grad-CAM)."""
+    return model.model if isinstance(model, FlipAverage) else model
 
 
 def model_inputs(images: np.ndarray, preprocess: Preprocess, device: torch.device,
@@ -25,7 +58,7 @@ def predict_proba(model: nn.Module, images: np.ndarray, preprocess: Preprocess, 
     model.eval()
     out = []
     for x in model_inputs(images, preprocess, device, batch_size):
-        views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if tta else [x]
+        views = flip_views(x) if tta and not isinstance(model, FlipAverage) else [x]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             probs = torch.stack([model(v.contiguous(memory_format=torch.channels_last)).float().softmax(1)
                                  for v in views]).mean(0)

@@ -8,7 +8,8 @@ checkpoints/, calibrated, evaluated, with a model card covering every shipped cl
 Steps, all on the fp16 files users will get (not on the fp32 run outputs):
 1. write checkpoints/<arch>.* (and with --vae checkpoints/convvae.*) as fp16 safetensors + sidecars (the sidecar
    records the run it came from and this command), and copy the run's per-epoch log and curves to
-   results/classifier_training/<arch>_metrics.csv and <arch>_curves.png;
+   results/classifier_training/<arch>_metrics.csv and <arch>_curves.png; with --tta, declare flip TTA in the
+   classifier's sidecar and choose its threshold again on `val` with it (`declare_flip_tta`);
 2. with --vae: calibrate the VAE's anomaly threshold on `calib` (anomaly_detection/calibrate.py) -> results/vae_calibration/;
 3. evaluate the classifier on HAM10000 `test` and ISIC 2017 (classifiers/evaluate.py) -> results/classifier/<arch>/;
 4. compare the rescue rules with this classifier (studies/evaluate_hybrid.py) -> results/hybrid/<arch>/;
@@ -39,13 +40,18 @@ from anomaly_detection import calibrate
 from anomaly_detection.hybrid import load_vae
 from classifiers import evaluate
 from classifiers.models import load_classifier
+from classifiers.predict import FlipAverage, predict_proba
 from classifiers.shipped import default_classifier, shipped_classifiers
+from classifiers.train import val_score
 from data.atomic import atomic_write_text
-from data.checkpoint import CheckpointError, save_checkpoint
-from data.manifest import file_sha256, read_manifest
+from data.cache import CachedImages
+from data.checkpoint import CheckpointError, save_checkpoint, write_sidecar
+from data.manifest import file_sha256, label_index, read_manifest
 from data.paths import CHECKPOINTS, MANIFESTS, RESULTS, repo_relative
-from data.runtime import add_runtime_options, runtime_argv
+from data.runtime import add_runtime_options, init_device, runtime_argv
+from data.transforms import Preprocess
 from evaluation import plots
+from evaluation.metrics import choose_threshold, decision_metrics
 from studies import evaluate_hybrid
 
 TRAINING_LOGS = Path("classifier_training")  # under --results-dir: <arch>_metrics.csv and <arch>_curves.png
@@ -67,6 +73,27 @@ def ship(source: str, target: Path, loader, command: str) -> None:
         "shipped_by": command,
     }
     save_checkpoint(target, model, meta, dtype=torch.float16)
+
+
+def declare_flip_tta(path: Path, manifest: Path, device: torch.device) -> dict:
+    """Step 1b (`--tta`): the shipped classifier's sidecar declares flip TTA (`tta: flips`, honoured by every loader,
+    classifiers/predict.py), with its threshold chosen again on `val` by its own rule on the flip-averaged
+    probabilities and its val AUC recomputed there (the values without TTA are kept under `without_tta`)."""
+    model, meta = load_classifier(path)
+    if meta.get("tta"):
+        raise ValueError(f"{path} already declares tta {meta['tta']!r}")
+    val = CachedImages(read_manifest(manifest).query("split == 'val'"), meta["input_size"], meta["resize"])
+    probs = predict_proba(FlipAverage(model).to(device), val.images, Preprocess.from_meta(meta), device)
+    y = label_index(val.df["label"]).to_numpy()
+    val_auc, per_source = val_score(val.df, y, probs)
+    threshold = choose_threshold(y, probs[:, 1], meta["threshold_rule"], "val", meta.get("threshold_target"))
+    meta = {**meta, "tta": "flips", "malignant_threshold": threshold,
+            "without_tta": {"malignant_threshold": meta["malignant_threshold"], "val_auc": meta["metrics"]["val"]["auc"]},
+            "metrics": {**meta["metrics"], "val": {**meta["metrics"]["val"], "auc": val_auc,
+                                                   **{f"auc_{k}": v for k, v in per_source.items()},
+                                                   **decision_metrics(y, probs[:, 1] >= threshold)}}}
+    write_sidecar(path, meta)
+    return meta
 
 
 @contextmanager
@@ -264,6 +291,8 @@ def ship_and_evaluate(a: argparse.Namespace, source_meta: dict, out: Path, resul
     ship(a.classifier, cls_path, load_classifier, command)
     data = ["--manifest", a.manifest or str(evaluate.training_manifest(source_meta))]
     runtime = runtime_argv(a)
+    if a.tta:
+        declare_flip_tta(cls_path, evaluate.training_manifest(source_meta), init_device(a.device, a.threads))
     if a.vae:
         ship(a.vae, vae_path, load_vae, command)
         calibrate.main(["--vae", str(vae_path), "--out", str(results / "vae_calibration"), *data, *runtime])
@@ -301,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
         "no evaluation image was seen in training)",
     )
     p.add_argument("--results-dir", default=str(RESULTS), help="where the evaluation outputs go")
+    p.add_argument("--tta", action="store_true",
+                   help="ship the classifier with flip test-time augmentation: its threshold is chosen again on the "
+                        "training manifest's val split with it, and every later use averages the four flips")
     add_runtime_options(p)
     a = p.parse_args(argv)
     if a.card_only:

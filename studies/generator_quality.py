@@ -116,8 +116,10 @@ def nearest(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np
 def classifier_extractor(path: str | Path, device: torch.device) -> tuple[Extractor, int, str]:
     """Penultimate features of a project classifier; preprocessing comes from its sidecar."""
     from classifiers.models import load_classifier  # only this extractor needs the classifier registry
+    from classifiers.predict import single_view
 
     model, meta = load_classifier(path)
+    model = single_view(model)
     model.to(device).eval()
     prep = Preprocess.from_meta(meta)
     name = f"{meta['arch']} {Path(path).name} (epoch {meta.get('epoch')}, sha256 {file_sha256(path)[:12]})"
