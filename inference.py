@@ -11,18 +11,19 @@ Gate: before any verdict, an out-of-distribution gate (anomaly_detection/gate.py
 a dermoscopic lesion at all; an image that is too small, near-constant, greyscale or unlike every lesion (one extra
 EfficientNet-Lite0 pass, on torch whatever --backend) gets "cannot assess" with the reason, never benign or
 malignant. --no-gate turns it off (research use only: every image then gets a verdict).
-Decision: the classifier says malignant when P(malignant) >= malignant_threshold (chosen on the validation split);
-the VAE flags the image as anomalous when its reconstruction error (for the shipped VAE over the image's central
-disc, where the lesion is: its sidecar's `score`) >= anomaly_threshold (calibrated on the calibration splits); a
-benign classifier verdict on an anomalous image is "rescued" to malignant. The architecture, preprocessing and
+Decision: the classifier says malignant when P(malignant) >= malignant_threshold (chosen on the validation split;
+P(malignant) is averaged over the image and its flips when the checkpoint's sidecar says `tta: flips`, as the
+shipped default's does); the VAE flags the image as anomalous when its reconstruction error (for the shipped VAE
+over the image's central disc, where the lesion is: its sidecar's `score`) >= anomaly_threshold (calibrated on the
+calibration splits); a benign classifier verdict on an anomalous image is "rescued" to malignant. The architecture, preprocessing and
 thresholds come from each checkpoint's JSON sidecar.
 JSON keys (--output): path, prob_malignant, malignant_threshold, classifier_malignant, vae_score,
 anomaly_threshold, anomalous, rescued, final_malignant (null when the gate says "cannot assess"),
 out_of_distribution (VAE score above every benign calibration image), error, gate_ok (null with --no-gate),
 gate_reason, gate_distance, gate_threshold, gate_probe_score, gate_probe_threshold, status (assessed, cannot
 assess or error), decision (malignant, benign, cannot assess or error), models (checkpoint paths, architecture,
-epoch, training manifest hash, backend, integrity: what verified each checkpoint's sha256). A number that could not
-be computed is null, never NaN.
+epoch, training manifest hash, test-time augmentation (`tta`), backend, integrity: what verified each checkpoint's
+sha256). A number that could not be computed is null, never NaN.
 --csv has one row per file found (the same keys but models), written as the run goes: files skipped without being
 opened (a type such as .gif or .webp, a broken link, an unreadable folder, a pipe) come first with the reason in
 `error`, then every image file in path order (a corrupt one with its error, a gated one with status "cannot

@@ -202,7 +202,7 @@ class HybridPredictor:
         return self._screen
 
     def versions(self) -> dict[str, Any]:
-        keys = ("arch", "epoch", "config", "manifest_sha256", "threshold_rule", "anomaly_threshold_rule")
+        keys = ("arch", "epoch", "config", "manifest_sha256", "threshold_rule", "tta", "anomaly_threshold_rule")
         return {
             "classifier": {
                 "path": self.paths["classifier"],
