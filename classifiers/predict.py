@@ -55,13 +55,12 @@ def model_inputs(images: np.ndarray, preprocess: Preprocess, device: torch.devic
 def predict_proba(model: nn.Module, images: np.ndarray, preprocess: Preprocess, device: torch.device,
                   batch_size: int = 64, tta: bool = False, autocast: bool = False) -> np.ndarray:
     """images: N x H x W x 3 uint8 at the checkpoint's size -> N x classes softmax probabilities (fp32)."""
+    model = FlipAverage(model) if tta and not isinstance(model, FlipAverage) else model  # one TTA mechanism
     model.eval()
     out = []
     for x in model_inputs(images, preprocess, device, batch_size):
-        views = flip_views(x) if tta and not isinstance(model, FlipAverage) else [x]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            probs = torch.stack([model(v.contiguous(memory_format=torch.channels_last)).float().softmax(1)
-                                 for v in views]).mean(0)
+            probs = model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
         out.append(probs.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
 
