@@ -54,7 +54,7 @@ from data.atomic import write_rows
 from data.cache import CachedImages
 from data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from data.config import Runtime, check_types, option, parse_config, to_json, write_config
-from data.manifest import TARGETS, ManifestError, file_sha256, read_manifest, stratified_subset
+from data.manifest import TARGETS, ManifestError, file_sha256, label_index, read_manifest, stratified_subset
 from data.paths import MANIFESTS, RUNS
 from data.runtime import UserError, cli_main, pick_device, seed_everything, setup_cpu
 from data.splits import grouped_folds
@@ -199,6 +199,21 @@ def val_score(df, y: np.ndarray, probs: np.ndarray) -> tuple[float, dict[str, fl
         return float(np.nanmean([auc(y == c, probs[:, c]) for c in range(probs.shape[1])])), {}
     per_source = source_aucs(df, y, probs[:, 1])
     return (float(np.nanmean(list(per_source.values()))) if per_source else auc(y, probs[:, 1])), per_source
+
+
+def revalidate(model: torch.nn.Module, meta: dict[str, Any], manifest: Path, device: torch.device) -> dict[str, Any]:
+    """`meta` with its val-chosen fields recomputed for `model`, a benign/malignant classifier whose predictions
+    changed after training (flip TTA declared, weights averaged): the threshold by the sidecar's own rule, the val
+    AUC (`val_score`), its per-source parts and the decision metrics there."""
+    val = CachedImages(read_manifest(manifest).query("split == 'val'"), meta["input_size"], meta["resize"])
+    probs = predict_proba(model.to(device), val.images, Preprocess.from_meta(meta), device)
+    y = label_index(val.df["label"]).to_numpy()
+    val_auc, per_source = val_score(val.df, y, probs)
+    threshold = choose_threshold(y, probs[:, 1], meta["threshold_rule"], "val", meta.get("threshold_target"))
+    return {**meta, "malignant_threshold": threshold,
+            "metrics": {**meta["metrics"], "val": {**meta["metrics"]["val"], "auc": val_auc, "n": len(y),
+                                                   **{f"auc_{k}": v for k, v in per_source.items()},
+                                                   **decision_metrics(y, probs[:, 1] >= threshold)}}}
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, kind: str,

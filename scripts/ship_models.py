@@ -40,18 +40,15 @@ from anomaly_detection import calibrate
 from anomaly_detection.hybrid import load_vae
 from classifiers import evaluate
 from classifiers.models import load_classifier
-from classifiers.predict import FlipAverage, predict_proba
+from classifiers.predict import FlipAverage
 from classifiers.shipped import default_classifier, shipped_classifiers
-from classifiers.train import val_score
+from classifiers.train import revalidate
 from data.atomic import atomic_write_text
-from data.cache import CachedImages
 from data.checkpoint import CheckpointError, save_checkpoint, write_sidecar
-from data.manifest import file_sha256, label_index, read_manifest
+from data.manifest import file_sha256, read_manifest
 from data.paths import CHECKPOINTS, MANIFESTS, RESULTS, repo_relative
 from data.runtime import add_runtime_options, init_device, runtime_argv
-from data.transforms import Preprocess
 from evaluation import plots
-from evaluation.metrics import choose_threshold, decision_metrics
 from studies import evaluate_hybrid
 
 TRAINING_LOGS = Path("classifier_training")  # under --results-dir: <arch>_metrics.csv and <arch>_curves.png
@@ -82,16 +79,8 @@ def declare_flip_tta(path: Path, manifest: Path, device: torch.device) -> dict:
     model, meta = load_classifier(path)
     if meta.get("tta"):
         raise ValueError(f"{path} already declares tta {meta['tta']!r}")
-    val = CachedImages(read_manifest(manifest).query("split == 'val'"), meta["input_size"], meta["resize"])
-    probs = predict_proba(FlipAverage(model).to(device), val.images, Preprocess.from_meta(meta), device)
-    y = label_index(val.df["label"]).to_numpy()
-    val_auc, per_source = val_score(val.df, y, probs)
-    threshold = choose_threshold(y, probs[:, 1], meta["threshold_rule"], "val", meta.get("threshold_target"))
-    meta = {**meta, "tta": "flips", "malignant_threshold": threshold,
-            "without_tta": {"malignant_threshold": meta["malignant_threshold"], "val_auc": meta["metrics"]["val"]["auc"]},
-            "metrics": {**meta["metrics"], "val": {**meta["metrics"]["val"], "auc": val_auc,
-                                                   **{f"auc_{k}": v for k, v in per_source.items()},
-                                                   **decision_metrics(y, probs[:, 1] >= threshold)}}}
+    without = {"malignant_threshold": meta["malignant_threshold"], "val_auc": meta["metrics"]["val"]["auc"]}
+    meta = {**revalidate(FlipAverage(model), meta, manifest, device), "tta": "flips", "without_tta": without}
     write_sidecar(path, meta)
     return meta
 
