@@ -15,10 +15,11 @@ BatchNorm running statistics are averaged like the weights (they are what the av
 approximately; the val score says whether that matters).
 
 Ingredients must share the architecture, preprocessing, classes and training manifest (else an error naming the
-field). Writes <out>/best.safetensors + .json (the best ingredient's sidecar with the soup's threshold and val
-metrics, chosen on `val` by its rule, and a `soup` field naming every ingredient and its sha256) and <out>/soup.csv
-(each ingredient's val score and the soup's after trying it). Everything is scored on the single view; ship the
-soup with `scripts/ship_models.py --tta` to declare flip TTA on it.
+field). Writes to --out: best.safetensors + .json (the best ingredient's sidecar with the soup's threshold and val
+metrics, chosen on `val` by its rule, and a `soup` field naming every kept ingredient and its sha256), soup.csv (each
+ingredient's val score and the soup's after trying it) and metrics.csv (the kept ingredients' training logs with a
+`run` column, which scripts/ship_models.py copies and plots for a shipped soup). Everything is scored on the single
+view; ship the soup with `scripts/ship_models.py --tta` to declare flip TTA on it.
 """
 from __future__ import annotations
 
@@ -110,6 +111,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(a.out)
     save_checkpoint(out / "best", model, {k: v for k, v in meta.items() if k not in ("versions", "weights_sha256")})
     atomic_write_text(out / "soup.csv", rows.to_csv(index=False))
+    logs = [pd.read_csv(log).assign(run=i["path"]) for i in meta["soup"]["ingredients"]
+            if (log := Path(i["path"]).parent / "metrics.csv").is_file()]
+    if logs:  # the ingredients' training logs, what scripts/ship_models.py copies beside a shipped model
+        atomic_write_text(out / "metrics.csv", pd.concat(logs).to_csv(index=False))
     print(rows.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"soup of {len(meta['soup']['ingredients'])}: val AUC {meta['metrics']['val']['auc']:.4f}, threshold "
           f"{meta['malignant_threshold']:.3f} -> {out}/best.safetensors")

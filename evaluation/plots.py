@@ -42,14 +42,18 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
 
 def training_curves(rows: list[dict], path: str | os.PathLike, x: str = "epoch", title: str = "") -> Path:
     """Loss columns (names containing 'loss') against `x` on the left, AUC columns ('auc') on the right when there
-    are any: what every training entry point writes beside its CSV log, at each epoch and on resume."""
+    are any, one line per `run` when the rows have that column: what every training entry point writes beside its
+    CSV log, at each epoch and on resume."""
     keys = list(rows[0]) if rows else []
     panels = [[k for k in keys if "loss" in k], [k for k in keys if "auc" in k]]
     panels = [cols for cols in panels if cols]
+    runs = list(dict.fromkeys(r.get("run") for r in rows))  # several runs' logs in one table (a model soup's)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, cols, label in zip(axes[0], panels, ("loss", "AUC")):
-        for col in cols:
-            ax.plot([r[x] for r in rows], [r[col] for r in rows], marker="o" if len(rows) < 40 else None, label=col)
+        for col, run in ((c, r) for c in cols for r in runs):
+            part = [r for r in rows if r.get("run") == run]
+            ax.plot([r[x] for r in part], [r[col] for r in part], marker="o" if len(part) < 40 else None,
+                    label=col if run is None else f"{col} ({run})")
         ax.set(xlabel=x, ylabel=label)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

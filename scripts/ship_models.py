@@ -173,9 +173,14 @@ def classifier_section(name: str, meta: dict, results: Path) -> str:
                  f"alpha {teacher['alpha']}, T {teacher['temperature']})." if teacher else "")
     val = meta["metrics"]["val"]
     per_source = ", ".join(f"{k.removeprefix('auc_')} {v:.3f}" for k, v in val.items() if k.startswith("auc_"))
+    chosen = f"epoch {meta.get('epoch', 'n/a')} chosen by val AUC"
+    if soup := meta.get("soup"):
+        runs = "; ".join(f"`{i['path']}` (val AUC {i['val_auc']:.3f})" for i in soup["ingredients"])
+        chosen = (f"weights averaged over {len(soup['ingredients'])} runs fine-tuned from the same start "
+                  f"(classifiers/soup.py, {soup['rule']}: {runs}), the soup's val AUC")
     return f"""### `{name}.safetensors` (+ `.json`): {ARCH_NAMES.get(meta["arch"], meta["arch"])}
 - Initialisation: {meta["init"]}.{distilled}
-- Trained on {training_data(meta)}; manifest `{meta["manifest"]}` (sha256 `{meta["manifest_sha256"][:12]}`); epoch {meta.get("epoch", "n/a")} chosen by val AUC {val["auc"]:.3f}{f" ({per_source})" if per_source else ""}.
+- Trained on {training_data(meta)}; manifest `{meta["manifest"]}` (sha256 `{meta["manifest_sha256"][:12]}`); {chosen} {val["auc"]:.3f}{f" ({per_source})" if per_source else ""}.
 - Input {meta["input_size"]} px ({meta["resize"]} resize){colour}, normalization {norm_text}.
 - Malignant threshold {meta["malignant_threshold"]:.4f} ({meta["threshold_rule"]} on `val`). Weights stored in fp16.
 - Shipped by `{meta.get("shipped_by", "scripts/ship_models.py")}`.

@@ -40,6 +40,7 @@ def ingredients(tiny_checkpoints, tiny_manifest, tmp_path):
                 p.add_(0.05 * torch.randn_like(p))
         paths.append(str(save_checkpoint(tmp_path / f"run{seed}" / "best", model,
                                          {k: v for k, v in meta.items() if k not in ("versions", "weights_sha256")})))
+        (tmp_path / f"run{seed}" / "metrics.csv").write_text(f"epoch,train_loss,val_auc\n1,0.5,0.{seed}\n")
     return paths
 
 
@@ -56,6 +57,8 @@ def test_the_greedy_soup_is_never_below_its_best_ingredient_on_val_and_saves_the
                                     for p in ingredients if any(p.endswith(k) for k in kept)])
     assert all(torch.allclose(v, expected[k]) for k, v in model.state_dict().items())
     assert saved["malignant_threshold"] == meta["malignant_threshold"] and read_sidecar(tmp_path / "soup" / "best")
+    logs = pd.read_csv(tmp_path / "soup" / "metrics.csv")  # the kept runs' training logs, one `run` each
+    assert sorted(logs["run"]) == sorted(kept) and len(logs) == len(kept)
 
 
 @pytest.mark.real_data
