@@ -15,8 +15,8 @@ Decision: the classifier says malignant when P(malignant) >= malignant_threshold
 P(malignant) is averaged over the image and its flips when the checkpoint's sidecar says `tta: flips`, as the
 shipped default's does); the VAE flags the image as anomalous when its reconstruction error (for the shipped VAE
 over the image's central disc, where the lesion is: its sidecar's `score`) >= anomaly_threshold (calibrated on the
-calibration splits); a benign classifier verdict on an anomalous image is "rescued" to malignant. The architecture, preprocessing and
-thresholds come from each checkpoint's JSON sidecar.
+calibration splits); a benign classifier verdict on an anomalous image is "rescued" to malignant. The architecture,
+preprocessing and thresholds come from each checkpoint's JSON sidecar.
 JSON keys (--output): path, prob_malignant, malignant_threshold, classifier_malignant, vae_score,
 anomaly_threshold, anomalous, rescued, final_malignant (null when the gate says "cannot assess"),
 out_of_distribution (VAE score above every benign calibration image), error, gate_ok (null with --no-gate),

@@ -1,4 +1,4 @@
-"""Model soup: one classifier whose weights are the average of several runs fine-tuned from the same pretrained start.
+r"""Model soup: one classifier whose weights are the average of several runs fine-tuned from the same pretrained start.
 
     python classifiers/soup.py --checkpoints runs/lite0_light_raw/best.safetensors \
         runs/lite0_light_s1/best.safetensors runs/lite0_natural/best.safetensors --out runs/lite0_soup
