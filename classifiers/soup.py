@@ -69,7 +69,8 @@ def make_soup(paths: list[str], device: torch.device,
     manifest = training_manifest(loaded[0][1])
     scores = [revalidate(net, meta, manifest, device)["metrics"]["val"]["auc"] for net, (_, meta) in zip(nets, loaded)]
     order = sorted(range(len(paths)), key=lambda i: -scores[i])
-    base = {k: v for k, v in loaded[order[0]][1].items() if k not in ("tta", "without_tta")}  # scored single-view
+    base = {k: v for k, v in loaded[order[0]][1].items()  # scored single-view, not yet shipped
+            if k not in ("tta", "without_tta", "shipped_from", "shipped_by")}
     model = build_from_meta(base)
 
     def score(members: list[int]) -> dict[str, Any]:
