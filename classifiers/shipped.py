@@ -1,8 +1,8 @@
 """The classifiers shipped in checkpoints/ and the rule that picks the hybrid's default among them.
 
-Rule: the default is the shipped benign/malignant classifier with the highest validation AUC recorded in its
-sidecar at training time (`metrics.val.auc`: on mixed.csv, the mean of the HAM10000 `val` and ISIC 2017 train-`val`
-AUCs, so neither source decides alone). No test number takes part. Ties go to the name that sorts first.
+Rule: the default is the shipped benign/malignant classifier with the highest validation AUC in its sidecar
+(`metrics.val.auc`, measured as the checkpoint is used: with flip TTA where the sidecar declares it; on mixed.csv, the
+mean of the HAM10000 `val` and ISIC 2017 train-`val` AUCs, so neither source decides alone). No test number takes part. Ties go to the name that sorts first.
 Users pick another one by name (`--classifier densenet121`) or by path.
 """
 from __future__ import annotations
