@@ -2,8 +2,8 @@
 
 Rule: the default is the shipped benign/malignant classifier with the highest validation AUC in its sidecar
 (`metrics.val.auc`, measured as the checkpoint is used: with flip TTA where the sidecar declares it; on mixed.csv, the
-mean of the HAM10000 `val` and ISIC 2017 train-`val` AUCs, so neither source decides alone). No test number takes part. Ties go to the name that sorts first.
-Users pick another one by name (`--classifier densenet121`) or by path.
+mean of the HAM10000 `val` and ISIC 2017 train-`val` AUCs, so neither source decides alone). No test number takes
+part. Ties go to the name that sorts first. Users pick another one by name (`--classifier densenet121`) or by path.
 """
 from __future__ import annotations
 
