@@ -13,8 +13,8 @@ fall (the score is training's selection score, `classifiers.train.val_score`: th
 AUC), so by construction the soup is at least as good on `val` as its best ingredient; test splits play no part.
 BatchNorm running statistics are averaged like the weights (they are what the averaged network would estimate only
 approximately; the val score says whether that matters). Measured here (results/pretrained/seeds/): three seeds of
-the default's recipe do not soup, every average scoring between its ingredients on `val`; their classification
-heads start from different random draws, which the soups of the paper (one shared head) avoid.
+the default's recipe do not soup: each average scores about the mean of its ingredients on `val`, below the best
+one. Their classification heads start from different random draws, unlike the paper's soups (one shared head).
 
 Ingredients must share the architecture, preprocessing, classes and training manifest (else an error naming the
 field). Writes to --out: best.safetensors + .json (the best ingredient's sidecar with the soup's threshold and val
