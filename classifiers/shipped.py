@@ -13,6 +13,10 @@ from pathlib import Path
 
 from data.paths import CHECKPOINTS
 
+# What scripts/ship_models.py adds to a run's sidecar when it ships it (its origin, and flip TTA with the values
+# without it); a sidecar derived from a shipped one (a soup) drops them until it is shipped itself.
+SHIPPING_FIELDS = ("shipped_from", "shipped_by", "tta", "without_tta")
+
 
 def _shipped(folder: str | os.PathLike) -> dict[str, tuple[Path, dict]]:
     """name -> (weights path, sidecar) for every benign/malignant classifier sidecar in `folder` with its weights."""

@@ -36,6 +36,7 @@ import torch
 from classifiers.evaluate import training_manifest
 from classifiers.models import build_from_meta, load_classifier
 from classifiers.predict import single_view
+from classifiers.shipped import SHIPPING_FIELDS
 from classifiers.train import revalidate
 from data.atomic import atomic_write_text
 from data.checkpoint import CheckpointError, file_digest, save_checkpoint
@@ -72,8 +73,7 @@ def make_soup(paths: list[str], device: torch.device,
     manifest = training_manifest(loaded[0][1])
     scores = [revalidate(net, meta, manifest, device)["metrics"]["val"]["auc"] for net, (_, meta) in zip(nets, loaded)]
     order = sorted(range(len(paths)), key=lambda i: -scores[i])
-    base = {k: v for k, v in loaded[order[0]][1].items()  # scored single-view, not yet shipped
-            if k not in ("tta", "without_tta", "shipped_from", "shipped_by")}
+    base = {k: v for k, v in loaded[order[0]][1].items() if k not in SHIPPING_FIELDS}  # scored single-view
     model = build_from_meta(base)
 
     def score(members: list[int]) -> dict[str, Any]:
