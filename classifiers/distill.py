@@ -6,12 +6,15 @@ so the teacher runs inside the training loop (its logits cannot be precomputed o
     loss = (1 - alpha) * CE(student, y) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 The teacher keeps its own preprocessing from its sidecar (size, normalization); train.py augments the uint8 batch
-once at the larger of the two sizes and resizes it for whichever network needs less. Both must use the same colour
+once at the largest of the sizes and resizes it for whichever network needs less. All must use the same colour
 constancy, because train.py applies it once, before augmentation.
+
+Several teacher checkpoints make an ensemble teacher (ensemble distillation): its logits are the mean of the
+members' logits, i.e. the normalised geometric mean of their probabilities at every temperature, so one student
+can inherit what an ensemble gains at a fraction of its inference cost.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -31,19 +34,25 @@ def soft_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.T
 
 
 class Teacher:
-    """A frozen classifier checkpoint that returns logits for uint8 batches already colour-standardised."""
+    """Frozen classifier checkpoints (one, or an ensemble) that return logits for uint8 batches already
+    colour-standardised: the mean of the members' logits."""
 
-    def __init__(self, path: str | os.PathLike, device: torch.device, color_constancy: dict[str, Any] | None):
-        self.model, self.meta = load_classifier(path)
-        if self.meta.get("color_constancy") != color_constancy:
-            raise ValueError(f"teacher {path} uses colour constancy {self.meta.get('color_constancy')}, the student "
-                             f"{color_constancy}: train the student with the teacher's setting")
-        self.model = self.model.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
-        self.preprocess = Preprocess.from_meta(self.meta)
-        self.size = self.preprocess.size
+    def __init__(self, paths: list[str], device: torch.device, color_constancy: dict[str, Any] | None):
+        self.members: list[tuple[torch.nn.Module, Preprocess]] = []
+        for path in paths:
+            model, meta = load_classifier(path)
+            if meta.get("color_constancy") != color_constancy:
+                raise ValueError(f"teacher {path} uses colour constancy {meta.get('color_constancy')}, the student "
+                                 f"{color_constancy}: train the student with the teacher's setting")
+            model = model.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
+            self.members.append((model, Preprocess.from_meta(meta)))
+        self.size = max(preprocess.size for _, preprocess in self.members)
 
     @torch.no_grad()
     def logits(self, batch: torch.Tensor, autocast: dict[str, Any]) -> torch.Tensor:
-        x = self.preprocess.normalize(resize_uint8(batch, self.size)).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(**autocast):
-            return self.model(x).float()
+        total = 0
+        for model, preprocess in self.members:
+            x = preprocess.normalize(resize_uint8(batch, preprocess.size)).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(**autocast):
+                total = total + model(x).float()
+        return total / len(self.members)

@@ -126,8 +126,8 @@ class TrainConfig:
     init_from: str | None = option(None, "start from this classifier checkpoint's weights (same arch, classes, "
                                    "size and colour constancy; loaded strictly): continue a fine-tune on a new "
                                    "schedule or warm-start a student")
-    teacher: str | None = option(None, "distil from this classifier checkpoint (DeiT soft distillation, see "
-                                 "classifiers/distill.py)")
+    teacher: list[str] | None = option(None, "distil from this classifier checkpoint (DeiT soft distillation, "
+                                       "see classifiers/distill.py); several: from their ensemble (mean logits)")
     distill_alpha: float = option(0.5, "with --teacher: weight of the distillation term (1 - alpha weighs the "
                                   "label loss)")
     distill_temperature: float = option(2.0, "with --teacher: softmax temperature T")
@@ -480,9 +480,9 @@ def save_best(out: Path, ema_model: torch.nn.Module, cfg: TrainConfig, prep_meta
         "manifest": str(manifest_path.name),
         "manifest_sha256": file_sha256(manifest_path),
         "init": ema_model.init_note,
-        **({"distilled_from": {"path": str(cfg.teacher), "sha256": file_sha256(Path(cfg.teacher).with_suffix(
-            ".safetensors")), "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature}}
-           if cfg.teacher else {}),
+        **({"distilled_from": {
+            "teachers": [{"path": t, "sha256": file_sha256(Path(t).with_suffix(".safetensors"))} for t in cfg.teacher],
+            "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature}} if cfg.teacher else {}),
         "train_args": to_json(cfg),
         "metrics": {
             "val": {

@@ -41,7 +41,7 @@ from anomaly_detection.hybrid import load_vae
 from classifiers import evaluate
 from classifiers.models import load_classifier
 from classifiers.predict import FlipAverage
-from classifiers.shipped import default_classifier, shipped_classifiers
+from classifiers.shipped import SHIPPING_FIELDS, default_classifier, shipped_classifiers
 from classifiers.train import revalidate
 from data.atomic import atomic_write_text
 from data.checkpoint import CheckpointError, save_checkpoint, write_sidecar
@@ -64,11 +64,12 @@ NAMES = {
 
 def ship(source: str, target: Path, loader, command: str) -> None:
     model, meta = loader(source)
-    meta = {
-        **{k: v for k, v in meta.items() if k not in ("versions", "weights_dtype", "format_version")},
-        "shipped_from": repo_relative(source),
-        "shipped_by": command,
-    }
+    if meta.get("tta"):
+        raise ValueError(f"{source} declares tta {meta['tta']!r}, so its threshold was chosen with it: ship the run's "
+                         f"checkpoint it came from ({meta.get('shipped_from', 'see its shipped_from')}) and add --tta")
+    dropped = ("versions", "weights_dtype", "format_version", *SHIPPING_FIELDS)
+    meta = {**{k: v for k, v in meta.items() if k not in dropped},
+            "shipped_from": repo_relative(source), "shipped_by": command}
     save_checkpoint(target, model, meta, dtype=torch.float16)
 
 
@@ -169,8 +170,10 @@ def classifier_section(name: str, meta: dict, results: Path) -> str:
     norm_text = "[0, 1]" if norm == "unit" else \
         f"mean {[round(v, 3) for v in norm['mean']]} / std {[round(v, 3) for v in norm['std']]} on [0, 1] pixels"
     teacher = meta.get("distilled_from")
-    distilled = (f"\n  - Distilled from `{teacher['path']}` (sha256 `{teacher['sha256'][:12]}`; DeiT soft distillation, "
-                 f"alpha {teacher['alpha']}, T {teacher['temperature']})." if teacher else "")
+    distilled = ("\n  - Distilled from " + " and ".join(f"`{t['path']}` (sha256 `{t['sha256'][:12]}`)"
+                                                       for t in teacher["teachers"])
+                 + f" (DeiT soft distillation{', mean logits of the ensemble' if len(teacher['teachers']) > 1 else ''}, "
+                   f"alpha {teacher['alpha']}, T {teacher['temperature']})." if teacher else "")
     val = meta["metrics"]["val"]
     per_source = ", ".join(f"{k.removeprefix('auc_')} {v:.3f}" for k, v in val.items() if k.startswith("auc_"))
     chosen = f"epoch {meta.get('epoch', 'n/a')} chosen by val AUC"

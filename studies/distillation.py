@@ -49,7 +49,7 @@ def teacher_color_constancy(teacher: str) -> str:
 
 def distillation_arms(a: argparse.Namespace) -> arms.Arms:
     common = {"manifest": str(a.manifest), "color_constancy": teacher_color_constancy(a.teacher)}
-    return {"scratch": common, "distilled": {**common, "teacher": a.teacher}}
+    return {"scratch": common, "distilled": {**common, "teacher": [a.teacher]}}
 
 
 STUDY = arms.Study("distillation", recipes.SHIPPED_DENSENET, distillation_arms,

@@ -15,7 +15,7 @@ from conftest import load_script
 from test_arms import tiny_configurations
 from test_training import train
 
-from classifiers.distill import soft_distillation_loss
+from classifiers.distill import Teacher, soft_distillation_loss
 from classifiers.models import create_model
 from data.checkpoint import save_checkpoint
 from data.manifest import LABELS
@@ -49,8 +49,8 @@ def test_soft_distillation_gradient_pulls_the_student_to_the_teacher():
     assert student.grad[0, 1] < 0 < student.grad[0, 0]  # gradient descent raises the teacher's favourite class
 
 
-def teacher_checkpoint(path: Path, color_constancy: str) -> Path:
-    torch.manual_seed(0)
+def teacher_checkpoint(path: Path, color_constancy: str, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
     model = create_model("medvit", img_size=48)
     meta = {"kind": "classifier", "arch": "medvit", "arch_kwargs": {}, "class_names": list(LABELS),
             "malignant_threshold": 0.5, **preprocess_meta(48, "squash", "imagenet", color_constancy)}
@@ -63,8 +63,18 @@ def test_distilled_run_records_its_teacher(original, tmp_path):
                    "--teacher", str(teacher), "--distill-alpha", "0.7")
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((tmp_path / "run" / "best.json").read_text())
-    assert meta["distilled_from"]["alpha"] == 0.7 and len(meta["distilled_from"]["sha256"]) == 64
+    assert meta["distilled_from"]["alpha"] == 0.7 and len(meta["distilled_from"]["teachers"][0]["sha256"]) == 64
     assert meta["input_size"] == 32  # the student keeps its own size; the teacher saw 48 px
+
+
+def test_ensemble_teacher_returns_the_mean_of_its_members_logits(tmp_path):
+    paths = [str(teacher_checkpoint(tmp_path / f"t{seed}", "none", seed)) for seed in (0, 1)]
+    batch = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    autocast = dict(device_type="cpu", enabled=False)
+    members = [Teacher([p], torch.device("cpu"), None).logits(batch, autocast) for p in paths]
+    ensemble = Teacher(paths, torch.device("cpu"), None)
+    assert ensemble.size == 48 and not torch.allclose(members[0], members[1])
+    assert torch.allclose(ensemble.logits(batch, autocast), (members[0] + members[1]) / 2, atol=1e-6)
 
 
 def test_teacher_with_other_colour_constancy_is_refused(original, tmp_path):
@@ -103,7 +113,7 @@ def test_distillation_arms_take_the_teachers_colour_constancy(tmp_path):
         a = argparse.Namespace(manifest="m.csv", teacher=str(teacher))
         arms = distillation.distillation_arms(a)
         assert arms["scratch"] == {"manifest": "m.csv", "color_constancy": setting}
-        assert arms["distilled"] == {**arms["scratch"], "teacher": str(teacher)}
+        assert arms["distilled"] == {**arms["scratch"], "teacher": [str(teacher)]}
     with pytest.raises(UserError, match="--teacher: .*not found"):
         distillation.distillation_arms(argparse.Namespace(manifest="m.csv", teacher=str(tmp_path / "gone.json")))
 
@@ -120,7 +130,7 @@ def test_distillation_study_differs_only_in_the_teacher(original, tmp_path):
     assert list(runs["arm"]) == ["scratch", "distilled", "all_malignant_baseline"]
     scratch, distilled = (json.loads((tmp_path / "runs" / f"{arm}_s0" / "config.json").read_text())
                           for arm in ("scratch", "distilled"))
-    assert scratch["teacher"] is None and Path(distilled["teacher"]) == teacher
+    assert scratch["teacher"] is None and distilled["teacher"] == [str(teacher)]
     assert {k: v for k, v in scratch.items() if k not in ("teacher", "out")} == \
         {k: v for k, v in distilled.items() if k not in ("teacher", "out")}
     assert "distilled_from" in json.loads((tmp_path / "runs" / "distilled_s0" / "best.json").read_text())

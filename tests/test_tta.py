@@ -102,3 +102,20 @@ def test_shipping_with_tta_chooses_the_threshold_again_on_val(tiny_checkpoints, 
     assert saved["malignant_threshold"] == pytest.approx(choose_threshold(y, probs, "youden", "val"))
     with pytest.raises(ValueError, match="already declares tta"):
         ship.declare_flip_tta(path, tiny_manifest, torch.device("cpu"))
+
+
+def test_shipping_drops_the_sources_shipping_fields_and_refuses_a_tta_source(tiny_checkpoints, tmp_path):
+    from classifiers.models import load_classifier as loader
+
+    ship = load_script("ship_models")
+    source = tmp_path / "earlier.safetensors"
+    shutil.copy(tiny_checkpoints[0], source)
+    write_sidecar(source, {**read_sidecar(tiny_checkpoints[0]), "shipped_from": "runs/old/best.safetensors",
+                           "shipped_by": "old command"})
+    ship.ship(str(source), tmp_path / "new", loader, "new command")
+    saved = read_sidecar(tmp_path / "new.safetensors")
+    assert saved["shipped_by"] == "new command" and saved["shipped_from"].endswith("earlier.safetensors")
+    tta_source = with_tta(tiny_checkpoints, tmp_path / "tta")
+    with pytest.raises(ValueError, match="declares tta 'flips'.*add --tta"):
+        ship.ship(str(tta_source), tmp_path / "again", loader, "command")
+    assert not (tmp_path / "again.safetensors").exists()
