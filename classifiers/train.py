@@ -17,6 +17,9 @@ r"""Train one classifier on one dataset configuration; select the epoch and the 
     # distil that teacher into DenseNet-121 at 128 px (DeiT soft distillation; classifiers/distill.py):
     python classifiers/train.py --arch densenet121 --teacher runs/lite0_ft/best.safetensors \
         --manifest data/manifests/mixed.csv --config mixed --color-constancy shades_of_gray --balance source_class
+    # several teachers are an ensemble (mean logits): continue a run taught by three seeds of its recipe
+    python classifiers/train.py --arch efficientnet_lite0 --init-from runs/s0/best.safetensors --epochs 2 \
+        --teacher runs/s0/best.safetensors runs/s1/best.safetensors runs/s2/best.safetensors
     # 5-fold cross-validation over fit+val, grouped by lesion (mean and spread of the fold val AUCs):
     python classifiers/train.py --folds 5 --epochs 4
     # the seven HAM10000 diagnoses instead of benign/malignant (studies/seven_class.py runs the experiment):
