@@ -13,9 +13,10 @@ layer with the mean and variance it saw in training. AdaBN recomputes those runn
 own images (no labels needed; every learned weight unchanged), so each layer sees inputs standardised as in
 training. The result is a new checkpoint: the same architecture, preprocessing and threshold, new BatchNorm buffers,
 and a sidecar recording where they came from. The threshold was chosen on the source's `val` before adaptation and
-the scores move with it: choose it again on labelled images of the clinic (recalibrate.py). Whether it helps is
-measured in the README ("A clinic it never saw: adapting BatchNorm"). Networks without BatchNorm (ViT, Swin,
-BioViT) are refused.
+the scores move with it: choose it again on labelled images of the clinic (recalibrate.py). Measured here (README, "A
+clinic it never saw"), it did not help: the HAM10000-only Lite0 adapted to ISIC 2017 ranks ISIC 2017 images worse
+(AUC -0.044, CI -0.071 to -0.017), so compare both checkpoints on labelled images of the clinic before using it
+(classifiers/evaluate.py --folder). Networks without BatchNorm (ViT, Swin, BioViT) are refused.
 """
 from __future__ import annotations
 
