@@ -77,9 +77,7 @@ def adapt_checkpoint(checkpoint: str, folder: str, out: Path, device: torch.devi
         raise UserError(f"{folder}: {len(images)} images decoded ({len(cache.errors)} could not be); at least "
                         f"{MIN_IMAGES} are needed to estimate BatchNorm statistics")
     layers = adapt_batchnorm(network, images, Preprocess.from_meta(meta), device, progress=progress)
-    dropped = ("versions", "weights_dtype", "format_version", "weights_sha256")
-    sidecar = {**{k: v for k, v in meta.items() if k not in dropped},
-               "adapted_bn": {"from": str(checkpoint), "folder": str(folder), "images": len(images),
+    sidecar = {**meta, "adapted_bn": {"from": str(checkpoint), "folder": str(folder), "images": len(images),
                               "skipped": len(cache.errors), "layers": layers,
                               "threshold": "chosen on the source's val before adaptation"}}
     save_checkpoint(out, network.cpu(), sidecar)

@@ -50,9 +50,7 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, batch: torch.Tensor, autocast: dict[str, Any]) -> torch.Tensor:
-        total = 0
-        for model, preprocess in self.members:
-            x = preprocess.normalize(resize_uint8(batch, preprocess.size)).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(**autocast):
-                total = total + model(x).float()
-        return total / len(self.members)
+        with torch.autocast(**autocast):
+            return torch.stack([model(preprocess.normalize(resize_uint8(batch, preprocess.size))
+                                      .contiguous(memory_format=torch.channels_last)).float()
+                                for model, preprocess in self.members]).mean(0)

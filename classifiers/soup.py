@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except (CheckpointError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from exc
     out = Path(a.out)
-    save_checkpoint(out / "best", model, {k: v for k, v in meta.items() if k not in ("versions", "weights_sha256")})
+    save_checkpoint(out / "best", model, meta)
     atomic_write_text(out / "soup.csv", rows.to_csv(index=False))
     logs = [pd.read_csv(log).assign(run=i["path"]) for i in meta["soup"]["ingredients"]
             if (log := Path(i["path"]).parent / "metrics.csv").is_file()]

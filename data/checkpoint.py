@@ -207,7 +207,8 @@ def save_checkpoint(
     path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any], dtype: torch.dtype | None = None
 ) -> Path:
     """Write weights (optionally cast to `dtype`, e.g. fp16 for shipping) and the sidecar, each atomically; the
-    sidecar records the weights file's sha256."""
+    sidecar records the weights file's sha256. `meta` may be a loaded checkpoint's sidecar: the fields that describe
+    the file itself (format, dtype, package versions, sha256) are always this save's, never carried over."""
     weights, sidecar = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -218,13 +219,9 @@ def save_checkpoint(
         for k, v in model.state_dict().items()
     }
     atomic_write(weights, lambda f: save_file(state, str(f), metadata={"format": "pt"}))
-    full_meta = {
-        "format_version": FORMAT_VERSION,
-        **meta,
-        "weights_dtype": str(dtype or "as trained"),
-        "versions": package_versions(),
-        "weights_sha256": file_digest(weights),
-    }
+    own = {"format_version": FORMAT_VERSION, "weights_dtype": str(dtype or "as trained"),
+           "versions": package_versions(), "weights_sha256": file_digest(weights)}
+    full_meta = {"format_version": FORMAT_VERSION, **meta, **own}
     atomic_write_text(sidecar, json.dumps(full_meta, indent=2, default=str) + "\n")
     _relist(weights, sidecar)
     return weights

@@ -67,8 +67,7 @@ def ship(source: str, target: Path, loader, command: str) -> None:
     if meta.get("tta"):
         raise ValueError(f"{source} declares tta {meta['tta']!r}, so its threshold was chosen with it: ship the run's "
                          f"checkpoint it came from ({meta.get('shipped_from', 'see its shipped_from')}) and add --tta")
-    dropped = ("versions", "weights_dtype", "format_version", *SHIPPING_FIELDS)
-    meta = {**{k: v for k, v in meta.items() if k not in dropped},
+    meta = {**{k: v for k, v in meta.items() if k not in SHIPPING_FIELDS},
             "shipped_from": repo_relative(source), "shipped_by": command}
     save_checkpoint(target, model, meta, dtype=torch.float16)
 
@@ -169,11 +168,12 @@ def classifier_section(name: str, meta: dict, results: Path) -> str:
     norm = meta["normalization"]
     norm_text = "[0, 1]" if norm == "unit" else \
         f"mean {[round(v, 3) for v in norm['mean']]} / std {[round(v, 3) for v in norm['std']]} on [0, 1] pixels"
-    teacher = meta.get("distilled_from")
-    distilled = ("\n  - Distilled from " + " and ".join(f"`{t['path']}` (sha256 `{t['sha256'][:12]}`)"
-                                                       for t in teacher["teachers"])
-                 + f" (DeiT soft distillation{', mean logits of the ensemble' if len(teacher['teachers']) > 1 else ''}, "
-                   f"alpha {teacher['alpha']}, T {teacher['temperature']})." if teacher else "")
+    distilled = ""
+    if teacher := meta.get("distilled_from"):
+        sources = " and ".join(f"`{t['path']}` (sha256 `{t['sha256'][:12]}`)" for t in teacher["teachers"])
+        ensemble = ", mean logits of the ensemble" if len(teacher["teachers"]) > 1 else ""
+        distilled = (f"\n  - Distilled from {sources} (DeiT soft distillation{ensemble}, alpha {teacher['alpha']}, "
+                     f"T {teacher['temperature']}).")
     val = meta["metrics"]["val"]
     per_source = ", ".join(f"{k.removeprefix('auc_')} {v:.3f}" for k, v in val.items() if k.startswith("auc_"))
     chosen = f"epoch {meta.get('epoch', 'n/a')} chosen by val AUC"
