@@ -79,6 +79,16 @@ def posterior_means(autoencoder: AutoencoderKL, images: torch.Tensor, view: int 
                       for b in images.split(batch_size)])
 
 
+@torch.no_grad()
+def reconstruct(autoencoder: AutoencoderKL, x: torch.Tensor, autocast: bool = False) -> torch.Tensor:
+    """uint8 images -> their reconstructions in [-1, 1] (posterior means, no sampling)."""
+    autoencoder.eval()
+    device = next(autoencoder.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        x = to_signed(x.to(device))
+        return autoencoder.decode(autoencoder.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+
+
 def latent_std(autoencoder: AutoencoderKL, images: torch.Tensor) -> float:
     """Standard deviation of the posterior means of uint8 `images`: 1 / it scales latents to unit variance."""
     return float(posterior_means(autoencoder, images).std())
@@ -100,10 +110,7 @@ class AutoencoderTrainer:
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> their reconstructions in [-1, 1] (posterior means, no sampling)."""
-        self.model.eval()
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            x = to_signed(x.to(self.device))
-            return self.model.decode(self.model.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        return reconstruct(self.model, x, self.autocast)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
         self.model.train()

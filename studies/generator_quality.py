@@ -22,6 +22,9 @@ generator is not penalised for its resolution, and both then go to the extractor
 - KID (Binkowski et al., 2018): unbiased MMD^2 with the cubic polynomial kernel, mean and std over random subsets.
 - Precision / recall (Kynkaenniemi et al., 2019): the share of synthetic images inside the k-NN balls of real
   features, and of real images inside the balls of synthetic features.
+- Autoencoder round trip (`--round-trip`): the reference images encoded and decoded by a latent diffusion model's
+  autoencoder, scored like a synthetic set. A latent model samples through that decoder, so this row is its ceiling:
+  where the round trip already scores far from the floor, more diffusion steps cannot close the gap.
 - Memorisation: each synthetic image's nearest `fit` image, in feature space and in pixels (32x32). An image is
   flagged as a near-copy when it is closer to a training image than `--near-copy-percentile` % of the held-out real
   images are to their nearest training image. The closest pairs are listed in a CSV and shown in a PNG.
@@ -51,6 +54,7 @@ from data.transforms import Preprocess, preprocess_meta
 from generators import save_grid
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
+RoundTrip = Callable[[np.ndarray], np.ndarray]  # N x H x W x 3 uint8 -> the same images through an autoencoder
 
 
 def _cov_factor(x: np.ndarray) -> np.ndarray:
@@ -172,7 +176,35 @@ def load_pixels(paths: list[str], via_size: int, size: int) -> np.ndarray:
         raise UserError(f"{len(cache.errors)} images could not be decoded, e.g. {first}")
     if via_size == size:
         return np.array(cache.images)  # in memory and writable
-    return np.stack([to_uint8(Image.fromarray(np.asarray(img)), size) for img in cache.images])
+    return resized(cache.images, size)
+
+
+def resized(images: Any, size: int) -> np.ndarray:
+    """HxWx3 uint8 images (bicubic) -> N x size x size x 3."""
+    return np.stack([to_uint8(Image.fromarray(np.asarray(img)), size) for img in images])
+
+
+def autoencoder_round_trip(path: str | Path, device: torch.device) -> RoundTrip:
+    """Images through the autoencoder of an `autoencoder` or `ldm` checkpoint (posterior mean, then the decoder):
+    what an ideal latent diffusion model on that autoencoder could at best produce."""
+    from data.checkpoint import load_checkpoint, read_sidecar
+    from generators import from_signed, latent, sample
+
+    if read_sidecar(path).get("kind") == "ldm":
+        model, meta = sample.load_generator(path)
+        autoencoder = model.autoencoder
+    else:
+        autoencoder, meta = load_checkpoint(path, latent.build_autoencoder, kind="autoencoder")
+    autoencoder.float().to(device)
+    size = meta["image_size"]
+
+    def run(images: np.ndarray) -> np.ndarray:
+        if images.shape[1] != size:
+            raise UserError(f"{path} encodes {size}-px images; the synthetic images are {images.shape[1]} px")
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        return torch.cat([from_signed(latent.reconstruct(autoencoder, b)).cpu()
+                          for b in x.split(64)]).permute(0, 2, 3, 1).numpy()
+    return run
 
 
 def thumbnails(images: np.ndarray, size: int = 32) -> np.ndarray:
@@ -214,8 +246,9 @@ def scores(generated: np.ndarray, real: np.ndarray, k: int = 3, seed: int = 0) -
 
 def evaluate(syn_rows: pd.DataFrame, real_rows: pd.DataFrame, ref_rows: pd.DataFrame, fit_rows: pd.DataFrame,
              extractor: Extractor, size: int, k: int = 3, percentile: float = 1.0, seed: int = 0,
-             batch_size: int = 64) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+             batch_size: int = 64, round_trip: RoundTrip | None = None) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     """Quality rows per (source, label), a real reference row per (label, size), and the memorisation table.
+    With `round_trip`, a ceiling row per (label, size) too: the reference row's images through it.
 
     Scores compare equally many images: the synthetic set is subsampled to the size of the reference set (real
     images of another held-out split, unseen by the generators and by a classifier trained on fit), because FID
@@ -250,8 +283,14 @@ def evaluate(syn_rows: pd.DataFrame, real_rows: pd.DataFrame, ref_rows: pd.DataF
         if (label, via, n) not in done:  # the floor: real images the generator never saw, as many
             done.add((label, via, n))
             pick = rng.choice(len(ref), n, replace=False)
-            rows.append({"source": f"real reference ({ref['split'].iloc[0]})", "label": label, "n_scored": n,
+            split = ref["split"].iloc[0]
+            rows.append({"source": f"real reference ({split})", "label": label, "n_scored": n,
                          "n_real": len(real), "via_size": via, **scores(f_ref[pick], f_real, k, seed)})
+            if round_trip is not None:
+                pixels = round_trip(load_pixels(list(ref["path"].iloc[pick]), via, via))
+                f_trip = extract(extractor, pixels if via == size else resized(pixels, size), batch_size)
+                rows.append({"source": f"autoencoder round trip ({split})", "label": label, "n_scored": n,
+                             "n_real": len(real), "via_size": via, **scores(f_trip, f_real, k, seed)})
     return rows, pd.concat(tables, ignore_index=True)
 
 
@@ -279,6 +318,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--nearest-top", type=int, default=100,
                    help="memorisation CSV: every flagged image plus the N closest in each space")
     p.add_argument("--batch-size", type=int, default=64, help="images per extractor call")
+    p.add_argument("--round-trip", default=None, metavar="CHECKPOINT",
+                   help="an autoencoder or LDM checkpoint: add a row per class of the reference images through its "
+                        "autoencoder, the best a latent diffusion model on it could score")
     add_runtime_options(p, seed=0)
     a = p.parse_args(argv)
     if "fit" in (a.real_split, a.reference_split) or a.real_split == a.reference_split:
@@ -291,7 +333,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       for split in (a.real_split, a.reference_split, "fit"))
     syn = pd.concat([read_manifest(s) for s in a.synthetic], ignore_index=True)
     syn = syn.sample(frac=1.0, random_state=a.seed).groupby(["source", "label"]).head(a.max_per_class)
-    rows, table = evaluate(syn, real, ref, fit, extractor, size, a.k, a.near_copy_percentile, a.seed, a.batch_size)
+    round_trip = autoencoder_round_trip(a.round_trip, device) if a.round_trip else None
+    rows, table = evaluate(syn, real, ref, fit, extractor, size, a.k, a.near_copy_percentile, a.seed, a.batch_size,
+                           round_trip)
     for row in rows:
         row |= {"extractor": name, "real_split": a.real_split, "k": a.k, "near_copy_percentile": a.near_copy_percentile}
     atomic_write_csv(a.out, pd.DataFrame(rows))

@@ -10,6 +10,10 @@ trained with per-class synthetic images for the minority diagnoses, from generat
     # (--bf16: DDIM-50 sampling in bf16 autocast; about 75 min for its 10,752 samples on two threads)
     python generators/train.py --model ddpm --preset cpu --target dx --threads 2
     python studies/seven_class.py --arms ddpm --bf16 --threads 2
+    # the latent diffusion arm: the autoencoder (generators/latent.py), a latent model conditioned on dx (about an
+    # hour on one thread for the cpu preset's 12,000 steps), then its arm
+    python generators/train.py --model ldm --preset cpu --target dx --autoencoder <autoencoder checkpoint> --threads 1
+    python studies/seven_class.py --arms ldm --threads 1
     python studies/seven_class.py --report-only            # the tables and figures of every finished arm
     # one GPU: the same with --device cuda --img-size 224 --epochs 20; several GPUs: one --arms process per GPU
 
@@ -53,7 +57,8 @@ from studies import grid
 
 MAJORITY_RULE = "always_nv (majority class)"
 # where generators/train.py --target dx --preset cpu writes each generator
-DX_GENERATORS = {"dcgan": "dcgan_dx_cpu_s0/model.safetensors", "ddpm": "ddpm_dx_cpu_s0/model.safetensors"}
+DX_GENERATORS = {"dcgan": "dcgan_dx_cpu_s0/model.safetensors", "ddpm": "ddpm_dx_cpu_s0/model.safetensors",
+                 "ldm": "ldm_dx_cpu_s0/model.safetensors"}
 
 
 def manifest_path(work: Path, arm: str) -> Path:
@@ -82,7 +87,8 @@ def arm_manifest(original: Path, arm: str, checkpoint: Path | None, work: Path, 
     # samples already there (a killed run) are reused when the same generator and seed made them, else
     # SampleFolderError (a UserError)
     synthetic = sample.sample_to_folder(model.to(device), meta, counts, work / "synthetic" / arm, seed=seed,
-                                        autocast=bf16 and meta["kind"] == "ddpm", progress=progress, info=info)
+                                        autocast=bf16 and meta["kind"] in sample.DIFFUSION, progress=progress,
+                                        info=info)
     df = configs.add_synthetic(base, synthetic, meta["kind"], ratio, seed, column="dx")
     write_manifest(df, path, {"experiment": "seven_class", "arm": arm, "base_manifest": original.name, **info,
                               "ratio": ratio, "added": counts})
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     p.add_argument("--generator", nargs="+",
                    default=[f"{arm}={RUNS / 'generators' / run}" for arm, run in DX_GENERATORS.items()],
                    metavar="ARM=CHECKPOINT", help="generator arms: name=checkpoint conditioned on dx (default: the "
-                                                  "DCGAN and the DDPM that generators/train.py --target dx writes)")
+                                                  "DCGAN, DDPM and LDM that generators/train.py --target dx writes)")
     p.add_argument("--arms", nargs="+", default=None,
                    help="arms to train now (default: baseline and every --generator arm); others are only reported")
     p.add_argument("--ratio", type=float, default=0.5,
@@ -218,8 +224,8 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame] | N
     p.add_argument("--report-only", action="store_true", help="train nothing; report the arms that are done")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the CIs")
     p.add_argument("--bf16", action="store_true",
-                   help="DDPM arms: sample with bf16 autocast (faster on CPUs and GPUs with bf16; recorded with the "
-                        "samples, which a later run with another setting refuses to mix in)")
+                   help="DDPM and LDM arms: sample with bf16 autocast (faster on CPUs and GPUs with bf16; recorded "
+                        "with the samples, which a later run with another setting refuses to mix in)")
     add_runtime_options(p, seed=0, progress=True)
     a = p.parse_args(argv)
     if any("=" not in g for g in a.generator):

@@ -14,6 +14,7 @@ import data.cache
 from data import configs
 from data.checkpoint import load_checkpoint, save_checkpoint
 from data.manifest import read_manifest, write_manifest
+from data.runtime import UserError
 from data.training import load_state, save_state
 from data.transforms import preprocess_meta
 from generators import ddpm, latent, sample, train
@@ -418,6 +419,32 @@ def test_quality_cli_with_a_classifier_extractor(manifest, tmp_path):
     nearest = pd.read_csv(tmp_path / "quality_nearest.csv")
     assert len(nearest) == 16 and nearest["nearest_fit_feature"].str.contains("fit_").all()  # top 100: all 16
     assert Image.open(tmp_path / "quality_nearest.png").size[1] > 4 * 32  # four rows of 32-px images
+
+
+def test_round_trip_row_is_the_reference_images_through_the_autoencoder(smoke_checkpoints, manifest, tmp_path):
+    df, syn = read_manifest(manifest), read_manifest(fake_synthetic(tmp_path, "ldm", 4))
+    real, ref, fit = (df[df["split"] == split] for split in ("val", "calib", "fit"))
+
+    def extractor(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)
+
+    def rows(round_trip) -> dict:
+        found, _ = quality.evaluate(syn, real, ref, fit, extractor, 32, k=1, round_trip=round_trip)
+        return {(r["source"], r["label"]): r for r in found}
+
+    same, inverted = rows(lambda x: x), rows(lambda x: 255 - x)
+    for label in ("benign", "malignant"):
+        floor = same[("real reference (calib)", label)]
+        assert same[("autoencoder round trip (calib)", label)]["fid"] == pytest.approx(floor["fid"])
+        assert inverted[("autoencoder round trip (calib)", label)]["fid"] > floor["fid"] + 1
+    rng = np.random.default_rng(0)
+    images = np.stack([np.array(blob_image(rng, (64, 64), dark=i % 2 == 1)) for i in range(3)])
+    for kind in ("autoencoder", "ldm"):  # an LDM checkpoint's own autoencoder, or one on its own
+        trip = quality.autoencoder_round_trip(smoke_checkpoints[kind], torch.device("cpu"))
+        out = trip(images)
+        assert out.shape == images.shape and out.dtype == np.uint8 and not np.array_equal(out, images)
+    with pytest.raises(UserError, match="encodes 64-px images"):
+        trip(images[:, :32, :32])
 
 
 def test_imagenet_lite0_extractor_gives_pretrained_features():
