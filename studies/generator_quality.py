@@ -46,6 +46,7 @@ from PIL import Image
 
 from data.atomic import atomic_write_csv
 from data.cache import build_cache
+from data.checkpoint import load_checkpoint, read_sidecar
 from data.images import load_rgb, to_uint8
 from data.manifest import file_sha256, read_manifest
 from data.paths import MANIFESTS, RESULTS, ROOT, RUNS
@@ -168,27 +169,23 @@ def extract(extractor: Extractor, images: np.ndarray, batch_size: int = 64) -> n
     return torch.cat(out).double().numpy()
 
 
-def load_pixels(paths: list[str], via_size: int, size: int) -> np.ndarray:
-    """Images through the preprocessing cache at `via_size`, then resized (bicubic) to `size`: N x size x size x 3."""
+def load_pixels(paths: list[str], via_size: int, size: int, transform: RoundTrip | None = None) -> np.ndarray:
+    """Images through the preprocessing cache at `via_size` (then through `transform`, if given), then resized
+    (bicubic) to `size`: N x size x size x 3."""
     cache = build_cache(paths, via_size, progress=False)
     if cache.errors:
         first = next(iter(cache.errors.values()))
         raise UserError(f"{len(cache.errors)} images could not be decoded, e.g. {first}")
+    images = cache.images if transform is None else transform(np.array(cache.images))
     if via_size == size:
-        return np.array(cache.images)  # in memory and writable
-    return resized(cache.images, size)
-
-
-def resized(images: Any, size: int) -> np.ndarray:
-    """HxWx3 uint8 images (bicubic) -> N x size x size x 3."""
+        return np.array(images)  # in memory and writable
     return np.stack([to_uint8(Image.fromarray(np.asarray(img)), size) for img in images])
 
 
 def autoencoder_round_trip(path: str | Path, device: torch.device) -> RoundTrip:
     """Images through the autoencoder of an `autoencoder` or `ldm` checkpoint (posterior mean, then the decoder):
     what an ideal latent diffusion model on that autoencoder could at best produce."""
-    from data.checkpoint import load_checkpoint, read_sidecar
-    from generators import from_signed, latent, sample
+    from generators import from_signed, latent, sample  # diffusers: only this row needs it
 
     if read_sidecar(path).get("kind") == "ldm":
         model, meta = sample.load_generator(path)
@@ -287,8 +284,8 @@ def evaluate(syn_rows: pd.DataFrame, real_rows: pd.DataFrame, ref_rows: pd.DataF
             rows.append({"source": f"real reference ({split})", "label": label, "n_scored": n,
                          "n_real": len(real), "via_size": via, **scores(f_ref[pick], f_real, k, seed)})
             if round_trip is not None:
-                pixels = round_trip(load_pixels(list(ref["path"].iloc[pick]), via, via))
-                f_trip = extract(extractor, pixels if via == size else resized(pixels, size), batch_size)
+                f_trip = extract(extractor, load_pixels(list(ref["path"].iloc[pick]), via, size, round_trip),
+                                 batch_size)
                 rows.append({"source": f"autoencoder round trip ({split})", "label": label, "n_scored": n,
                              "n_real": len(real), "via_size": via, **scores(f_trip, f_real, k, seed)})
     return rows, pd.concat(tables, ignore_index=True)
