@@ -6,21 +6,23 @@ a diffusion model needs. The latent grid has 48x fewer values than the image, so
 times faster and spends its capacity on lesion structure while the decoder restores texture.
 
 Two stages, both run by generators/train.py and both resumable: `--model autoencoder` (diffusers `AutoencoderKL`,
-about 2.6M parameters; L1 reconstruction + a small KL term; trained on every `fit` image of the manifest, both classes
-and, with data/manifests/mixed.csv, both sources), then `--model ldm --autoencoder <its checkpoint>` (the UNet with
-EMA on the frozen autoencoder's latents, scaled to unit variance). The shipped LDM checkpoint holds both networks in
-one safetensors file (`LatentDiffusion`), loaded strictly; sampling is DDIM or the ancestral chain in latent space,
-then one decoder pass.
+about 2.6M parameters; L1 reconstruction + a perceptual distance + a small KL term; trained on every `fit` image of the
+manifest, both classes and, with data/manifests/mixed.csv, both sources), then `--model ldm --autoencoder <its
+checkpoint>` (the UNet with EMA on the frozen autoencoder's latents, scaled to unit variance). The shipped LDM
+checkpoint holds both networks in one safetensors file (`LatentDiffusion`), loaded strictly; sampling is DDIM or the
+ancestral chain in latent space, then one decoder pass.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DModel
 from torch import nn
 
+from classifiers.models import load_lite_imagenet
 from data.training import warmup_cosine
 from generators import ddpm, to_signed
 
@@ -94,14 +96,52 @@ def latent_std(autoencoder: AutoencoderKL, images: torch.Tensor) -> float:
     return float(posterior_means(autoencoder, images).std())
 
 
+class PerceptualDistance(nn.Module):
+    """LPIPS without its learned channel weights (Zhang et al., 2018): activations of frozen ImageNet
+    EfficientNet-Lite1 stages (strides 4, 8 and 16), each unit-normalised over channels, squared differences averaged
+    over positions and summed over stages; images in [-1, 1], compared at `size` px.
+
+    Why: an L1-only autoencoder averages away texture; its reconstructions score as far from real lesions in ImageNet
+    features as samples do (results/generators/, the round-trip row). Lite1, not Lite0: the quality study scores with
+    Lite0 features, and a loss computed with the scoring network would train towards the metric."""
+
+    VARIANT, BLOCKS = 1, (1, 2, 3)
+
+    def __init__(self, size: int = 128):
+        super().__init__()
+        net = timm.create_model(f"tf_efficientnet_lite{self.VARIANT}")
+        load_lite_imagenet(net, self.VARIANT)
+        self.stem = nn.Sequential(net.conv_stem, net.bn1)
+        self.blocks = net.blocks[: max(self.BLOCKS) + 1]
+        self.size = size
+        self.requires_grad_(False).eval()
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        h = self.stem((x + 1) * (127.5 / 128) - 1 / 128)  # the weights' input scaling: (pixel - 127) / 128
+        out = []
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i in self.BLOCKS:
+                out.append(F.normalize(h.float(), dim=1))
+        return out
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """One distance per image."""
+        return sum((fa - fb).pow(2).sum(1).mean((1, 2)) for fa, fb in zip(self.features(a), self.features(b)))
+
+
 class AutoencoderTrainer:
-    """AutoencoderKL + AdamW with warm-up and cosine decay; loss = L1 + kl_weight * KL per image."""
+    """AutoencoderKL + AdamW with warm-up and cosine decay; loss = L1 + perceptual_weight * PerceptualDistance +
+    kl_weight * KL per image."""
 
     kind = "autoencoder"
 
     def __init__(self, arch: dict[str, Any], lr: float, device: torch.device, total_steps: int,
-                 kl_weight: float = 1e-6, autocast: bool = False):
+                 kl_weight: float = 1e-6, perceptual_weight: float = 0.0, autocast: bool = False):
         self.device, self.autocast, self.kl_weight = device, autocast, kl_weight
+        self.perceptual_weight = perceptual_weight
+        self.perceptual = PerceptualDistance().to(device) if perceptual_weight else None
         self.arch = {**AUTOENCODER, **arch}
         self.model = build_autoencoder({"arch_kwargs": self.arch}).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
@@ -119,16 +159,18 @@ class AutoencoderTrainer:
             posterior = self.model.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(self.device)
             rec = self.model.decode(z).sample
+            perceptual = self.perceptual(rec, x).float().mean() if self.perceptual else torch.zeros(())
         l1 = F.l1_loss(rec.float(), x)
         kl = posterior.kl().float().mean() / x[0].numel()  # per pixel value, like the L1
-        loss = l1 + self.kl_weight * kl
+        loss = l1 + self.perceptual_weight * perceptual + self.kl_weight * kl
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.sched.step()
         self.steps += 1
-        return {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "lr": self.sched.get_last_lr()[0]}
+        return {"loss": loss.item(), "l1": l1.item(), "perceptual": perceptual.item(), "kl": kl.item(),
+                "lr": self.sched.get_last_lr()[0]}
 
     def export(self, images: torch.Tensor | None = None) -> AutoencoderKL:
         """The model, with its scaling factor measured on `images` (uint8) when given."""

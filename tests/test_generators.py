@@ -127,6 +127,23 @@ def test_latent_autoencoder_trains_scales_its_latents_and_encodes_eight_views():
     assert len(transforms) == latent.VIEWS and torch.equal(latent.dihedral(x, 0), x)
 
 
+def test_perceptual_distance_ranks_a_blur_nearer_than_another_image_and_trains_in_bf16():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.stack([np.array(blob_image(rng, (64, 64))) for _ in range(4)])).permute(0, 3, 1, 2)
+    signed = x.float() / 127.5 - 1
+    distance = latent.PerceptualDistance()
+    assert not any(p.requires_grad for p in distance.parameters())
+    with torch.no_grad():
+        same, blurred = distance(signed, signed), distance(torch.nn.functional.avg_pool2d(signed, 3, 1, 1), signed)
+        other = distance(signed.roll(1, 0), signed)
+    assert same.shape == (4,) and torch.allclose(same, torch.zeros(4))
+    assert (blurred > 0).all() and (blurred < other).all()
+    trainer = latent.AutoencoderTrainer({"channels": [8, 16], "norm_groups": 4, "image_size": 64}, 1e-3,
+                                        torch.device("cpu"), total_steps=4, perceptual_weight=0.1, autocast=True)
+    row = trainer.train_step(x, torch.zeros(4), torch.Generator().manual_seed(0))
+    assert row["perceptual"] > 0 and row["loss"] == pytest.approx(row["l1"] + 0.1 * row["perceptual"], rel=1e-3)
+
+
 def test_latent_sampler_is_deterministic_with_a_seed_and_decodes_to_images():
     autoencoder = latent.build_autoencoder({"arch_kwargs": {"channels": [8, 16], "norm_groups": 4, "image_size": 32}})
     trainer = latent.LatentDiffusionTrainer({**TINY_DDPM, "num_classes": 2}, 1e-3, torch.device("cpu"), 10,
