@@ -131,21 +131,42 @@ class PerceptualDistance(nn.Module):
         return sum((fa - fb).pow(2).sum(1).mean((1, 2)) for fa, fb in zip(self.features(a), self.features(b)))
 
 
+class PatchDiscriminator(nn.Sequential):
+    """PatchGAN (Isola et al., 2017), as in Rombach et al.'s autoencoders: strided 4x4 convolutions with batch norm
+    and LeakyReLU; each output logit judges one overlapping patch (at 64 px, a 6x6 grid of patches 34 px wide)."""
+
+    def __init__(self, width: int = 32, layers: int = 3):
+        mods: list[nn.Module] = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        for i in range(layers):
+            mods += [nn.Conv2d(width * 2 ** i, width * 2 ** (i + 1), 4, 2 if i < layers - 1 else 1, 1, bias=False),
+                     nn.BatchNorm2d(width * 2 ** (i + 1)), nn.LeakyReLU(0.2)]
+        super().__init__(*mods, nn.Conv2d(width * 2 ** layers, 1, 4, 1, 1))
+
+
+ADVERSARIAL_START = 0.4  # share of the steps before the discriminator joins: first learn to reconstruct
+
+
 class AutoencoderTrainer:
     """AutoencoderKL + AdamW with warm-up and cosine decay; loss = L1 + perceptual_weight * PerceptualDistance +
-    kl_weight * KL per image."""
+    kl_weight * KL per image, and with `adversarial_weight` a hinge PatchGAN term after ADVERSARIAL_START of the steps,
+    scaled by the ratio of the reconstruction and adversarial gradient norms at the decoder's last layer (Esser et al.,
+    2021, the weighting of Rombach et al.'s autoencoders)."""
 
     kind = "autoencoder"
 
     def __init__(self, arch: dict[str, Any], lr: float, device: torch.device, total_steps: int,
-                 kl_weight: float = 1e-6, perceptual_weight: float = 0.0, autocast: bool = False):
+                 kl_weight: float = 1e-6, perceptual_weight: float = 0.0, adversarial_weight: float = 0.0,
+                 autocast: bool = False):
         self.device, self.autocast, self.kl_weight = device, autocast, kl_weight
-        self.perceptual_weight = perceptual_weight
+        self.perceptual_weight, self.adversarial_weight = perceptual_weight, adversarial_weight
         self.perceptual = PerceptualDistance().to(device) if perceptual_weight else None
         self.arch = {**AUTOENCODER, **arch}
         self.model = build_autoencoder({"arch_kwargs": self.arch}).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
         self.sched = warmup_cosine(self.opt, total_steps, max(1, min(500, total_steps // 10)))
+        self.disc = PatchDiscriminator().to(device) if adversarial_weight else None
+        self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=(0.5, 0.9)) if self.disc else None
+        self.disc_start = int(ADVERSARIAL_START * total_steps)
         self.steps = 0
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,15 +183,42 @@ class AutoencoderTrainer:
             perceptual = self.perceptual(rec, x).float().mean() if self.perceptual else torch.zeros(())
         l1 = F.l1_loss(rec.float(), x)
         kl = posterior.kl().float().mean() / x[0].numel()  # per pixel value, like the L1
-        loss = l1 + self.perceptual_weight * perceptual + self.kl_weight * kl
+        reconstruction = l1 + self.perceptual_weight * perceptual
+        loss = reconstruction + self.kl_weight * kl
+        adversarial = disc_loss = torch.zeros(())
+        gan = self.disc is not None and self.steps >= self.disc_start
+        if gan:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                adversarial = -self.disc(rec).float().mean()
+            loss = loss + self.balance(reconstruction, adversarial) * adversarial
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.sched.step()
+        if gan:
+            disc_loss = self.discriminator_step(x, rec.detach())
         self.steps += 1
         return {"loss": loss.item(), "l1": l1.item(), "perceptual": perceptual.item(), "kl": kl.item(),
+                "adversarial": adversarial.item(), "discriminator": disc_loss.item(),
                 "lr": self.sched.get_last_lr()[0]}
+
+    def balance(self, reconstruction: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
+        """adversarial_weight * |grad reconstruction| / |grad adversarial| at the decoder's output convolution."""
+        last = self.model.decoder.conv_out.weight
+        g_rec, = torch.autograd.grad(reconstruction, last, retain_graph=True)
+        g_adv, = torch.autograd.grad(adversarial, last, retain_graph=True)
+        return self.adversarial_weight * (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """One hinge-loss update of the patch discriminator."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            real_logits, fake_logits = self.disc(real).float(), self.disc(fake).float()
+        loss = 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
+        self.disc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.disc_opt.step()
+        return loss.detach()
 
     def export(self, images: torch.Tensor | None = None) -> AutoencoderKL:
         """The model, with its scaling factor measured on `images` (uint8) when given."""
@@ -180,13 +228,19 @@ class AutoencoderTrainer:
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "steps": self.steps, "arch": self.arch}
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                 "steps": self.steps, "arch": self.arch}
+        if self.disc:
+            state |= {"disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
+        if self.disc:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
         self.steps, self.arch = state["steps"], state["arch"]
         self.model.register_to_config(scaling_factor=self.arch["scaling_factor"])
 

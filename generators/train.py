@@ -107,6 +107,9 @@ class GeneratorConfig:
     kl_weight: float = option(1e-6, "autoencoder: weight of the KL term beside L1")
     perceptual_weight: float = option(0.1, "autoencoder: weight of the perceptual distance (frozen ImageNet "
                                       "EfficientNet-Lite1 features, LPIPS-style) beside L1; 0 trains on L1 alone")
+    adversarial_weight: float = option(0.0, "autoencoder: weight of a hinge PatchGAN term that joins after 40%% of "
+                                       "the steps, balanced against the reconstruction loss by their gradient norms "
+                                       "at the decoder's last layer; 0 leaves the discriminator out")
     img_size: int = option(64, "generated image size; the upscaler's input size")
     scale: int = option(2, "upscaler factor (64 -> 128 px by default)")
     resize: str = option("squash", "resize rule of the cache", choices=("squash", "center_crop"))
@@ -178,7 +181,7 @@ def build_trainer(cfg: GeneratorConfig, device: torch.device, total_steps: int):
         return DDPMTrainer(arch, cfg.lr, device, total_steps, ema_decay=cfg.ema_decay, autocast=cfg.bf16)
     if cfg.model == "autoencoder":
         return AutoencoderTrainer({**cfg.arch, "image_size": cfg.img_size}, cfg.lr, device, total_steps,
-                                  cfg.kl_weight, cfg.perceptual_weight, cfg.bf16)
+                                  cfg.kl_weight, cfg.perceptual_weight, cfg.adversarial_weight, cfg.bf16)
     if cfg.model == "ldm":
         autoencoder, ae_meta = load_checkpoint(cfg.autoencoder, build_autoencoder, kind="autoencoder")
         if ae_meta["image_size"] != cfg.img_size:

@@ -144,6 +144,21 @@ def test_perceptual_distance_ranks_a_blur_nearer_than_another_image_and_trains_i
     assert row["perceptual"] > 0 and row["loss"] == pytest.approx(row["l1"] + 0.1 * row["perceptual"], rel=1e-3)
 
 
+def test_patch_discriminator_joins_after_its_start_and_resumes_with_the_trainer():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.stack([np.array(blob_image(rng, (64, 64))) for _ in range(4)])).permute(0, 3, 1, 2)
+    arch = {"channels": [8, 16], "norm_groups": 4, "image_size": 64}
+    trainer = latent.AutoencoderTrainer(arch, 1e-3, torch.device("cpu"), total_steps=5, adversarial_weight=0.5)
+    assert trainer.disc(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 6, 6)  # one logit per patch
+    before = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
+    rows = [trainer.train_step(x, torch.zeros(4), torch.Generator().manual_seed(i)) for i in range(4)]
+    assert trainer.disc_start == 2 and rows[0]["adversarial"] == rows[0]["discriminator"] == 0
+    assert rows[3]["discriminator"] > 0 and trained_changes(before, trainer.disc)
+    again = latent.AutoencoderTrainer(arch, 1e-3, torch.device("cpu"), total_steps=5, adversarial_weight=0.5)
+    again.load_state_dict(trainer.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.disc.state_dict().values(), trainer.disc.state_dict().values()))
+
+
 def test_latent_sampler_is_deterministic_with_a_seed_and_decodes_to_images():
     autoencoder = latent.build_autoencoder({"arch_kwargs": {"channels": [8, 16], "norm_groups": 4, "image_size": 32}})
     trainer = latent.LatentDiffusionTrainer({**TINY_DDPM, "num_classes": 2}, 1e-3, torch.device("cpu"), 10,
