@@ -1,4 +1,5 @@
-"""Train a generator (class-conditional DCGAN or DDPM) or the upscaler on the real `fit` images of a manifest.
+r"""Train a generator (class-conditional DCGAN, DDPM or latent diffusion with its autoencoder) or the upscaler on the
+real `fit` images of a manifest.
 
     # CPU, all resumable. Measured: DCGAN about 75 images/s on one thread (16 epochs in 33 minutes), upscaler 6
     # epochs in 4 minutes, DDPM 23.7 images/s on two threads alone (its 10 epochs in 45 minutes; 5 images/s when
@@ -7,6 +8,11 @@
     python generators/train.py --model upscaler --preset cpu --ship checkpoints/generators/upscaler
     python generators/train.py --model ddpm --preset cpu --threads 2 --resume --ship checkpoints/generators/ddpm
     python generators/train.py --model dcgan --preset cpu --target dx    # conditioned on the seven diagnoses
+    # latent diffusion: the autoencoder (L1 + perceptual; 22 minutes on two threads), then the UNet in its latent
+    # space (20,000 steps in about 100 minutes on one thread)
+    python generators/train.py --model autoencoder --preset cpu --manifest data/manifests/mixed.csv --threads 2
+    python generators/train.py --model ldm --preset cpu --epochs 100 --threads 1 \
+        --autoencoder runs/generators/autoencoder_cpu_s0/model.safetensors --ship runs/generators/ldm_final
     # one GPU: the paper-scale preset
     python generators/train.py --model ddpm --preset full --device cuda
     # several GPUs: one generator per GPU side by side (each run is single-device)
