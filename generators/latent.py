@@ -24,6 +24,7 @@ from torch import nn
 
 from classifiers.models import load_lite_imagenet
 from data.training import warmup_cosine
+from data.transforms import TF_LITE_MEAN, TF_LITE_STD
 from generators import ddpm, to_signed
 
 AUTOENCODER = {"image_size": 64, "channels": (32, 64, 128), "latent_channels": 4, "layers_per_block": 1,
@@ -118,7 +119,7 @@ class PerceptualDistance(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        h = self.stem((x + 1) * (127.5 / 128) - 1 / 128)  # the weights' input scaling: (pixel - 127) / 128
+        h = self.stem(((x + 1) / 2 - TF_LITE_MEAN[0]) / TF_LITE_STD[0])  # [-1, 1] -> the weights' (pixel - 127) / 128
         out = []
         for i, block in enumerate(self.blocks):
             h = block(h)

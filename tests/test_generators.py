@@ -74,6 +74,12 @@ def uint8_batch(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.arange(n) % 2
 
 
+def blob_batch(n: int, size: int) -> torch.Tensor:
+    """n seeded blob images as a uint8 N x 3 x size x size batch."""
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(np.stack([np.array(blob_image(rng, (size, size))) for _ in range(n)])).permute(0, 3, 1, 2)
+
+
 def trained_changes(before: dict, module: torch.nn.Module) -> bool:
     return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
 
@@ -111,8 +117,7 @@ def test_ddpm_trains_and_samples_with_ddim_and_ddpm():
 
 
 def test_latent_autoencoder_trains_scales_its_latents_and_encodes_eight_views():
-    rng = np.random.default_rng(0)
-    x = torch.from_numpy(np.stack([np.array(blob_image(rng, (32, 32))) for _ in range(4)])).permute(0, 3, 1, 2)
+    x = blob_batch(4, 32)
     trainer = latent.AutoencoderTrainer({"channels": [8, 16], "norm_groups": 4, "image_size": 32}, 1e-3,
                                         torch.device("cpu"), total_steps=10)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -128,8 +133,7 @@ def test_latent_autoencoder_trains_scales_its_latents_and_encodes_eight_views():
 
 
 def test_perceptual_distance_ranks_a_blur_nearer_than_another_image_and_trains_in_bf16():
-    rng = np.random.default_rng(0)
-    x = torch.from_numpy(np.stack([np.array(blob_image(rng, (64, 64))) for _ in range(4)])).permute(0, 3, 1, 2)
+    x = blob_batch(4, 64)
     signed = x.float() / 127.5 - 1
     distance = latent.PerceptualDistance()
     assert not any(p.requires_grad for p in distance.parameters())
@@ -145,8 +149,7 @@ def test_perceptual_distance_ranks_a_blur_nearer_than_another_image_and_trains_i
 
 
 def test_patch_discriminator_joins_after_its_start_and_resumes_with_the_trainer():
-    rng = np.random.default_rng(0)
-    x = torch.from_numpy(np.stack([np.array(blob_image(rng, (64, 64))) for _ in range(4)])).permute(0, 3, 1, 2)
+    x = blob_batch(4, 64)
     arch = {"channels": [8, 16], "norm_groups": 4, "image_size": 64}
     trainer = latent.AutoencoderTrainer(arch, 1e-3, torch.device("cpu"), total_steps=5, adversarial_weight=0.5)
     assert trainer.disc(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 6, 6)  # one logit per patch
