@@ -10,10 +10,9 @@
 - photo_crop: random crops (10-70% of the side) of those photographs, rescaled; greyscale ones tinted with a random
   colour half the time, so they are not trivially greyscale;
 - tiny: 8-48 px images of the kinds above.
-`development_set` is what a gate may be trained on (seed 1, skin crops from `fit` images, and whole photographs and
-crops of OTHER photographs: the few that ship inside scikit-learn and matplotlib, `development_photographs`); the
+`development_set` is what a gate may be trained on (seed 1, no photographs, skin crops from `fit` images); the
 evaluation set is `generated(240, seed 0)` + skin crops of HAM10000 `test` images: no image is in both, and the
-scikit-image photographs are never trained on.
+photographs are never trained on.
 `skin_crops(paths, n, seed)` makes heavy crops of non-lesion skin from dermoscopic images: a corner square a quarter
 of the shorter side, kept only if no pixel group is much darker than the image's border skin (its 10th-percentile
 luminance at least 0.8 of the border band's median, its mean within 15% of it), which drops crops holding lesion
@@ -142,23 +141,6 @@ def photographs() -> dict[str, np.ndarray]:
     return out
 
 
-DEVELOPMENT_PHOTOS = (("sklearn", "china.jpg"), ("sklearn", "flower.jpg"), ("matplotlib", "grace_hopper.jpg"),
-                      ("matplotlib", "Minduka_Present_Blue_Pack.png"))
-
-
-def development_photographs() -> dict[str, np.ndarray]:
-    """Photographs for TRAINING a gate, none of them in `photographs()`: the sample images inside the scikit-learn
-    and matplotlib wheels (both are dependencies already). Outlier exposure wants real photographs among the
-    non-lesions a gate learns from; the scikit-image ones stay for evaluation."""
-    import matplotlib
-    import sklearn.datasets
-
-    folders = {"sklearn": Path(sklearn.datasets.__file__).parent / "images",
-               "matplotlib": Path(matplotlib.get_data_path()) / "sample_data"}
-    return {Path(name).stem: _rgb(np.asarray(Image.open(folders[package] / name).convert("RGB")))
-            for package, name in DEVELOPMENT_PHOTOS}
-
-
 def photo_crop(rng: np.random.Generator, photos: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
     name = str(rng.choice(sorted(photos)))
     a = photos[name]
@@ -207,17 +189,11 @@ def generated(n: int = 240, seed: int = EVALUATION_SEED, kinds: Sequence[str] = 
 
 
 def development_set(fit_paths_by_source: dict[str, Sequence[str]], n: int = 240, skin_per_source: int = 60,
-                    photo_crops: int = 60, seed: int = DEVELOPMENT_SEED) -> list[NonLesion]:
+                    seed: int = DEVELOPMENT_SEED) -> list[NonLesion]:
     """Non-lesion images for TRAINING a gate (its non-lesion probe), kept apart from the evaluation set: generated
-    kinds with another seed and without the scikit-image photographs (so those stay unseen), the development
-    photographs whole and `photo_crops` crops of them, and skin crops from `fit` images of each source (the
-    evaluation crops come from HAM10000 `test` images)."""
+    kinds with another seed and without the scikit-image photographs (so photographs stay unseen), and skin crops
+    from `fit` images of each source (the evaluation crops come from HAM10000 `test` images)."""
     items = generated(n, seed, [k for k in KINDS if k not in ("photo", "photo_crop")])
-    photos = development_photographs()
-    items += [NonLesion(f"dev_photo_{name}", "photo", image) for name, image in sorted(photos.items())]
-    for i in range(photo_crops):
-        name, image = photo_crop(np.random.default_rng([seed, n, i]), photos)
-        items.append(NonLesion(f"dev_{i:04d}_photo_crop_{name}", "photo_crop", image))
     for paths in fit_paths_by_source.values():
         items += skin_crops(paths, skin_per_source, seed)
     return items
