@@ -149,7 +149,9 @@ def inception_extractor(device: torch.device) -> tuple[Extractor, int, str]:
     if not file.is_file():
         raise UserError(f"Inception-v3 weights not found at {file} (nothing is downloaded here); "
                          "use the default classifier extractor")
-    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    # transform_input: the ported TF weights expect [-1, 1]; it maps the ImageNet-normalised input there, as
+    # torchvision does whenever it loads these weights itself
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
     net.fc = torch.nn.Identity()
     net.to(device).eval()
