@@ -222,8 +222,7 @@ def test_psnr_and_ssim():
     mse = ((100 - 180) / 255) ** 2
     assert psnr(p, q).item() == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
     # Structured images: the fast float32 version against the textbook float64 one (full 11x11 window)
-    rng = np.random.default_rng(0)
-    real = torch.from_numpy(np.stack([np.array(blob_image(rng, (48, 48))) for _ in range(3)])).permute(0, 3, 1, 2)
+    real = blob_batch(3, 48)
     noisy = (real.float() + torch.randn(real.shape) * 10).clamp(0, 255).round().to(torch.uint8)
     assert torch.allclose(ssim(real, noisy).double(), textbook_ssim(real, noisy), atol=1e-5)
 
