@@ -2,8 +2,8 @@ r"""Filter synthetic lesions with a classifier, as one more dataset configuratio
 
     # CPU: score 7,808 latent diffusion samples (two seeds' folders) with the shipped default (about 5 minutes on one
     # thread) and keep the 3,904 it finds most malignant: runs/synthetic_data/manifests/ldm_filtered.csv
-    python generators/sample.py --checkpoint runs/generators/ldm_final.safetensors --classes malignant --n 3904 \
-        --seed 1 --out runs/generators/synthetic/ldm_s1 --threads 1
+    python generators/sample.py --checkpoint runs/generators/ldm_perceptual_fixed_final.safetensors \
+        --classes malignant --n 3904 --seed 1 --out runs/generators/synthetic/ldm_s1 --threads 1
     python studies/filter_synthetic.py --samples runs/generators/synthetic/ldm/samples.csv \
         runs/generators/synthetic/ldm_s1/samples.csv --threads 1
 

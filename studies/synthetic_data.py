@@ -4,8 +4,8 @@ short fine-tune of the ImageNet EfficientNet-Lite0 with several seeds, read agai
 (studies/arms.py runs and reports it).
 
     # first the configurations (about 25 minutes on one thread: DCGAN, then 3,904 latent diffusion samples)
-    python scripts/03_build_configs.py --generators dcgan ldm --ldm runs/generators/ldm_final.safetensors \
-        --out-dir runs/synthetic_data/manifests --threads 1
+    python scripts/03_build_configs.py --generators dcgan ldm \
+        --ldm runs/generators/ldm_perceptual_fixed_final.safetensors --out-dir runs/synthetic_data/manifests --threads 1
     # CPU: 3 to 5 minutes a run on one thread; resumable, so seeds can be added later. The reported run (24 runs):
     python studies/synthetic_data.py --arms original dcgan_aug dcgan_up ldm_aug ldm_up ldm_filtered \
         --seeds 0 1 2 3 --threads 1
