@@ -106,6 +106,8 @@ class TrainConfig:
     jitter: float = option(0.2, "brightness/contrast/saturation/channel-gain strength")
     cutout: float = option(0.0, "probability of a cutout rectangle per image")
     occlusion: float = option(0.0, "probability of a dark vignette, and of a ruler/hair line")
+    degrade: float = option(0.0, "probability of each acquisition degradation per image: lost resolution, sensor "
+                            "noise, JPEG compression (data/transforms.py degrade_acquisition)")
     epochs: int = option(12, "maximum epochs (early stopping may end sooner)")
     patience: int = option(4, "stop after this many epochs without a better val AUC")
     batch_size: int = option(32, "images per optimizer step (per process)")
@@ -321,7 +323,7 @@ class Trainer:
         bar = tqdm(loader, desc=label, disable=not rt.progress or not acc.is_main_process)
         for x, y in bar:
             x = augment(self.preprocess.standardize(x), gen, (cfg.crop_scale, 1.0), cfg.jitter, cfg.cutout,
-                        cfg.occlusion)
+                        cfg.occlusion, cfg.degrade)
             teacher_logits = self.teacher.logits(x, self.autocast) if self.teacher else None
             x = self.preprocess.normalize(resize_uint8(x, cfg.img_size)).contiguous(memory_format=torch.channels_last)
             with torch.autocast(**self.autocast):

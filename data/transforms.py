@@ -10,7 +10,9 @@ dermoscopy sources. It runs on the uint8 batch, before augmentation in training 
 
 `augment` works on a whole uint8 batch on the training device: flips and 90-degree rotations (dermoscopy has no
 canonical orientation), a random resized crop, brightness/contrast/saturation/channel-gain jitter, and optionally
-cutout (one mean-filled rectangle) and dermoscopy-like occlusions (a dark round vignette, a dark ruler/hair line).
+cutout (one mean-filled rectangle) and dermoscopy-like occlusions (a dark round vignette, a dark ruler/hair line),
+and acquisition degradations (`degrade`): sensor noise, lost resolution and JPEG compression, the device differences
+that studies/acquisition_shift.py measured to hurt the shipped classifier most.
 """
 from __future__ import annotations
 
@@ -112,9 +114,10 @@ def resize_uint8(batch: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator, crop_scale: tuple[float, float] = (0.6, 1.0),
-            jitter: float = 0.2, cutout: float = 0.0, occlusion: float = 0.0) -> torch.Tensor:
+            jitter: float = 0.2, cutout: float = 0.0, occlusion: float = 0.0, degrade: float = 0.0) -> torch.Tensor:
     """uint8 NxCxHxW -> augmented uint8 batch. All randomness comes from `generator` (CPU), so a seeded epoch
-    is reproducible and a resumed run replays it exactly. `cutout` and `occlusion` are per-image probabilities."""
+    is reproducible and a resumed run replays it exactly. `cutout`, `occlusion` and `degrade` are per-image
+    probabilities."""
     n, device = batch.shape[0], batch.device
 
     def rand(*shape: int) -> torch.Tensor:
@@ -147,7 +150,34 @@ def augment(batch: torch.Tensor, generator: torch.Generator, crop_scale: tuple[f
     x = x.clamp(0, 1)
     if cutout > 0 or occlusion > 0:
         x = occlude(x, rand, cutout, occlusion)
-    return (x * 255).round().to(torch.uint8)
+    x = (x * 255).round().to(torch.uint8)
+    return degrade_acquisition(x, generator, degrade) if degrade > 0 else x
+
+
+def degrade_acquisition(x: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
+    """uint8 NxCxHxW -> the batch with, per image and each with probability `p`: lost resolution (down to 1/4-1 of
+    the side and back up, bilinear), Gaussian sensor noise (sd 0-15 grey levels) and JPEG compression (quality
+    15-90), in that order, as a device would. Every draw comes from `generator` (CPU)."""
+    from torchvision.io import decode_jpeg, encode_jpeg  # here: the only torchvision use in this module
+
+    n, _, h, w = x.shape
+    use = torch.rand(3, n, generator=generator) < p
+    factor, sigma = 1 + 3 * torch.rand(n, generator=generator), 15 * torch.rand(n, generator=generator)
+    quality = (15 + 75 * torch.rand(n, generator=generator)).round().int()
+    out = []
+    for i in range(n):
+        img = x[i].float()
+        if use[0, i]:
+            small = (max(1, round(h / factor[i].item())), max(1, round(w / factor[i].item())))
+            img = F.interpolate(img[None], size=small, mode="bilinear", antialias=True, align_corners=False)
+            img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False)[0]
+        if use[1, i]:
+            img = img + sigma[i] * torch.randn(img.shape, generator=generator).to(img.device)
+        img = img.clamp(0, 255).round().to(torch.uint8)
+        if use[2, i]:
+            img = decode_jpeg(encode_jpeg(img.cpu(), quality=int(quality[i]))).to(img.device)
+        out.append(img)
+    return torch.stack(out)
 
 
 def occlude(x: torch.Tensor, rand, cutout: float, occlusion: float) -> torch.Tensor:

@@ -1,6 +1,7 @@
 r"""How does the shipped hybrid behave when the camera changes? The same lesions, re-imaged in software as another
-device or clinic might deliver them: heavy JPEG compression, a quarter of the resolution, defocus blur, sensor noise,
-a warm or cool white balance, under- and overexposure, and a 90-degree rotation (which dermoscopy does not define).
+device or clinic might deliver them: JPEG compression (quality 50 and 15), half and a quarter of the resolution,
+defocus blur, sensor noise, a warm or cool white balance, under- and overexposure, and a 90-degree rotation (which
+dermoscopy does not define).
 
 Every condition is applied to the decoded full-resolution image, before the models' own preprocessing, and is
 deterministic (noise is seeded by the image's position). For each evaluation set and condition: the classifier's AUC
@@ -15,13 +16,15 @@ calib), and the decisions are counted over all images, whatever the gate says (i
     python studies/acquisition_shift.py --conditions clean warm cool --limit 200   # a quick look
     # one GPU: the same with --device cuda; several: one --conditions subset per GPU, then --report-only
 
-Writes runs/acquisition_shift/<condition>.csv (per image: set, label, P(malignant), VAE score, gate verdict) and
+Writes runs/acquisition_shift/<sets, models>/<condition>.csv (per image: set, label, P(malignant), VAE score, gate
+verdict; the folder is named by the sets and the models' weights, so another classifier never reuses them) and
 results/acquisition_shift/: summary.csv and acquisition_shift.png (change in AUC, and the hybrid's and classifier's
 sensitivity and specificity, per condition).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +41,7 @@ from tqdm import tqdm
 from anomaly_detection.hybrid import HybridPredictor, rescue
 from classifiers.shipped import resolve_classifier
 from data.atomic import atomic_write_csv
+from data.checkpoint import file_digest
 from data.images import load_rgb
 from data.manifest import read_manifest, stratified_subset
 from data.paths import DEFAULT_GATE, DEFAULT_VAE, MANIFESTS, RESULTS, RUNS
@@ -55,14 +59,18 @@ def _gains(r: float, g: float, b: float) -> Condition:
     return apply
 
 
-def _jpeg(img: Image.Image, _: int) -> Image.Image:
-    buffer = io.BytesIO()
-    img.save(buffer, "JPEG", quality=15)
-    return Image.open(buffer).convert("RGB")
+def _jpeg(quality: int) -> Condition:
+    def apply(img: Image.Image, _: int) -> Image.Image:
+        buffer = io.BytesIO()
+        img.save(buffer, "JPEG", quality=quality)
+        return Image.open(buffer).convert("RGB")
+    return apply
 
 
-def _downscale(img: Image.Image, _: int) -> Image.Image:
-    return img.resize((max(1, img.width // 4), max(1, img.height // 4)), Image.Resampling.BILINEAR)
+def _downscale(factor: int) -> Condition:
+    def apply(img: Image.Image, _: int) -> Image.Image:
+        return img.resize((max(1, img.width // factor), max(1, img.height // factor)), Image.Resampling.BILINEAR)
+    return apply
 
 
 def _blur(img: Image.Image, _: int) -> Image.Image:
@@ -77,8 +85,10 @@ def _noise(img: Image.Image, index: int) -> Image.Image:
 
 CONDITIONS: dict[str, Condition] = {
     "clean": lambda img, _: img,
-    "jpeg_q15": _jpeg,
-    "quarter_resolution": _downscale,
+    "jpeg_q50": _jpeg(50),
+    "jpeg_q15": _jpeg(15),
+    "half_resolution": _downscale(2),
+    "quarter_resolution": _downscale(4),
     "blur": _blur,
     "noise": _noise,
     "warm": _gains(1.2, 1.0, 0.8),
@@ -87,14 +97,19 @@ CONDITIONS: dict[str, Condition] = {
     "bright": _gains(1.4, 1.4, 1.4),
     "rotate_90": lambda img, _: img.transpose(Image.Transpose.ROTATE_90),
 }
-# evaluation set -> (dataset, split, official split or None), as mixed.csv names them
-SETS = {"HAM10000 test": ("ham10000", "test", None), "ISIC 2017 val": ("isic2017", "external", "val")}
+# evaluation set -> (dataset, split, official split or None), as mixed.csv names them; HAM10000 calib, which no
+# classifier trains or selects on, is where a decision between classifiers is made (the test sets only report it)
+SETS = {"HAM10000 test": ("ham10000", "test", None), "ISIC 2017 val": ("isic2017", "external", "val"),
+        "HAM10000 calib": ("ham10000", "calib", None)}
+DEFAULT_SETS = ("HAM10000 test", "ISIC 2017 val")
 
 
-def evaluation_images(manifest: pd.DataFrame, limit: int | None = None) -> pd.DataFrame:
-    """The evaluation sets' rows with a `set` column (at most `limit` per set, both classes kept, seeded)."""
+def evaluation_images(manifest: pd.DataFrame, limit: int | None = None,
+                      sets: tuple[str, ...] = DEFAULT_SETS) -> pd.DataFrame:
+    """The rows of `sets` with a `set` column (at most `limit` per set, both classes kept, seeded)."""
     parts = []
-    for name, (dataset, split, official) in SETS.items():
+    for name in sets:
+        dataset, split, official = SETS[name]
         part = manifest[(manifest["dataset"] == dataset) & (manifest["split"] == split)]
         if official is not None:
             part = part[part["official_split"] == official]
@@ -103,6 +118,15 @@ def evaluation_images(manifest: pd.DataFrame, limit: int | None = None) -> pd.Da
                             "--mixed)")
         parts.append((part if limit is None else stratified_subset(part, limit, seed=0)).assign(set=name))
     return pd.concat(parts, ignore_index=True)
+
+
+def scores_folder(predictor: HybridPredictor, sets: tuple[str, ...], limit: int | None) -> str:
+    """Where one set of models' scores on `sets` are kept: named by the sets, the limit and the models' weights
+    (sha256), so another classifier (or a retrained one) never reuses them."""
+    digest = hashlib.sha256("".join(file_digest(Path(path).with_suffix(".safetensors"))
+                                    for path in predictor.paths.values()).encode()).hexdigest()[:10]
+    subset = "all" if sets == DEFAULT_SETS else "+".join(sorted(sets)).replace(" ", "_")
+    return f"{subset}{f'_limit_{limit}' if limit else ''}_{digest}"
 
 
 def score_condition(predictor: HybridPredictor, images: pd.DataFrame, condition: str, batch_size: int = 32,
@@ -183,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gate", default=str(DEFAULT_GATE), help="out-of-distribution gate checkpoint")
     p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS),
                    help="image conditions to score ('clean' is the reference for the AUC change and always scored)")
+    p.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), choices=list(SETS),
+                   help="evaluation sets (HAM10000 calib: where a choice between classifiers is made)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images per evaluation set (seeded, "
                                                            "stratified by class; for a quick look)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
@@ -197,8 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     predictor = HybridPredictor(resolve_classifier(a.classifier), a.vae, init_device(a.device, a.threads), gate=a.gate)
-    images = evaluation_images(read_manifest(a.manifest), a.limit)
-    work, out = Path(a.work) / (f"limit_{a.limit}" if a.limit else "all"), Path(a.out)
+    images = evaluation_images(read_manifest(a.manifest), a.limit, tuple(a.sets))
+    work, out = Path(a.work) / scores_folder(predictor, tuple(a.sets), a.limit), Path(a.out)
     conditions = ["clean"] + [c for c in a.conditions if c != "clean"]
     scored = []
     for condition in conditions:

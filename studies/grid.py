@@ -103,9 +103,14 @@ def run_status(run: Path, cfg: TrainConfig) -> str:
             raise GridError(f"{run}: holds a run that the grid did not start (no grid.json); move it away or use "
                             f"another --runs-dir")
         return "new"
+    from classifiers.train import TrainConfig
+
     wanted = identity(cfg)
-    if record.get("train_config") != wanted:
-        differ = _differences(record.get("train_config") or {}, wanted)
+    # a setting added to TrainConfig after the run was recorded counts as its default (what the run trained with)
+    recorded = {**{k: v for k, v in identity(TrainConfig()).items() if k not in (record.get("train_config") or {})},
+                **(record.get("train_config") or {})}
+    if recorded != wanted:
+        differ = _differences(recorded, wanted)
         raise GridError(f"{run}: was trained with another configuration ({differ}); "
                         f"remove the folder to retrain it with the current one, or use another --runs-dir")
     if not is_done(run):

@@ -34,6 +34,10 @@ def test_conditions_do_what_their_names_say(photo: Image.Image) -> None:
     assert mean["warm"][0] > mean["clean"][0] > mean["cool"][0] and mean["warm"][2] < mean["cool"][2]
     assert mean["dark"].sum() < mean["clean"].sum() < mean["bright"].sum()
     assert shift.CONDITIONS["quarter_resolution"](photo, 0).size == (30, 22)
+    assert shift.CONDITIONS["half_resolution"](photo, 0).size == (60, 45)
+    error = {k: np.abs(np.asarray(shift.CONDITIONS[k](photo, 0), dtype=float) - np.asarray(photo)).mean()
+             for k in ("jpeg_q50", "jpeg_q15")}
+    assert 0 < error["jpeg_q50"] < error["jpeg_q15"]
     assert shift.CONDITIONS["rotate_90"](photo, 0).size == (90, 120)
     noisy = [np.asarray(shift.CONDITIONS["noise"](photo, i)) for i in (0, 1)]
     assert not np.array_equal(*noisy)  # seeded by the image's position, not one pattern for all
@@ -79,9 +83,13 @@ def test_small_run_end_to_end_and_resume(original: pd.DataFrame, tiny_checkpoint
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert len(summary) == 2 * 2 * 3 and summary["auc"].dropna().between(0, 1).all()
     assert summary["gate_refused"].between(0, 1).all()
-    scored = pd.read_csv(tmp_path / "work" / "all" / "blur.csv")
+    folder = next((tmp_path / "work").iterdir())
+    assert folder.name.startswith("all_")  # the default sets, named by the models' weights
+    scored = pd.read_csv(folder / "blur.csv")
     assert len(scored) == len(read_manifest(manifest)) and scored["prob"].between(0, 1).all()
-    stamp = (tmp_path / "work" / "all" / "blur.csv").stat().st_mtime_ns
+    stamp = (folder / "blur.csv").stat().st_mtime_ns
     shift.main(argv + ["--report-only"])  # reads the scores back, runs no model
-    assert (tmp_path / "work" / "all" / "blur.csv").stat().st_mtime_ns == stamp
+    assert (folder / "blur.csv").stat().st_mtime_ns == stamp
     assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: the manifest has no HAM10000 calib images"):
+        shift.main(argv + ["--sets", "HAM10000 calib"])

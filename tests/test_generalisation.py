@@ -18,7 +18,7 @@ from data.manifest import read_manifest
 from data.paths import CHECKPOINTS, MANIFESTS, RESULTS
 from data.prepare import build_mixed_manifest
 from data.splits import assert_grouped
-from data.transforms import Preprocess, augment, preprocess_meta, shades_of_gray
+from data.transforms import Preprocess, augment, degrade_acquisition, preprocess_meta, shades_of_gray
 
 MIXED_MANIFEST = MANIFESTS / "mixed.csv"
 
@@ -74,6 +74,23 @@ def test_cutout_and_occlusions_are_seeded_and_off_by_default():
     occluded = run(cutout=1.0, occlusion=1.0)
     assert occluded.dtype == torch.uint8 and occluded.shape == batch.shape
     assert torch.equal(occluded, run(cutout=1.0, occlusion=1.0)) and not torch.equal(occluded, run())
+
+
+def test_acquisition_degradations_are_seeded_off_by_default_and_degrade():
+    smooth = torch.linspace(40, 200, 64).repeat(3, 64, 1).to(torch.uint8)  # a gradient: any noise or blocking shows
+    batch = smooth[None].repeat(6, 1, 1, 1)
+
+    def run(p: float, seed: int = 0) -> torch.Tensor:
+        return degrade_acquisition(batch, torch.Generator().manual_seed(seed), p)
+
+    assert torch.equal(run(0.0), batch)
+    degraded = run(1.0)
+    assert degraded.dtype == torch.uint8 and degraded.shape == batch.shape and torch.equal(degraded, run(1.0))
+    assert not torch.equal(degraded, run(1.0, seed=1))
+    error = (degraded.float() - batch.float()).abs().mean(dim=(1, 2, 3))
+    assert (error > 0.5).all()  # at this seed every image is visibly changed (p = 1: all three are applied)
+    assert torch.equal(augment(batch, torch.Generator().manual_seed(0)),
+                       augment(batch, torch.Generator().manual_seed(0), degrade=0.0))
 
 
 def test_source_class_balancing_gives_every_stratum_its_share():

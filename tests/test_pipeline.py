@@ -332,3 +332,16 @@ def check_outputs(work: Path) -> None:
     assert {"classifier", "hybrid_rescue", "classifier_equal_specificity"} <= set(hybrid["Model"])
     vae = json.loads((work / "runs" / "vae" / "best.json").read_text())
     assert vae["anomaly_threshold"] is not None and vae["anomaly_threshold_split"] == "calib"
+
+
+def test_a_setting_added_after_a_run_was_recorded_counts_as_its_default(tmp_path):
+    run = tmp_path / "densenet121_original_s0"
+    cfg = TrainConfig(arch="densenet121", epochs=1, out=str(run))
+    run.mkdir()
+    grid.mark(run, cfg)
+    record = json.loads((run / "grid.json").read_text())
+    del record["train_config"]["degrade"]  # as grid.json was written before --degrade existed
+    (run / "grid.json").write_text(json.dumps(record))
+    assert grid.run_status(run, cfg) == "resume"
+    with pytest.raises(grid.GridError, match="another configuration \\(degrade: 0.0 vs 0.5\\)"):
+        grid.run_status(run, replace(cfg, degrade=0.5))
