@@ -3,8 +3,9 @@ device or clinic might deliver them: JPEG compression (quality 50 and 15), half 
 defocus blur, sensor noise, a warm or cool white balance, under- and overexposure, and a 90-degree rotation (which
 dermoscopy does not define).
 
-Every condition is applied to the decoded full-resolution image, before the models' own preprocessing, and is
-deterministic (noise is seeded by the image's position). For each evaluation set and condition: the classifier's AUC
+Every condition is applied to the decoded image as stored (../shared/data holds HAM10000 at 200x150 and ISIC 2017 at
+256x256), before the models' own preprocessing, and is deterministic (noise is seeded by the image's position in the
+evaluation list). For each evaluation set and condition: the classifier's AUC
 with its bootstrap 95% CI and the paired change against the unaltered images; sensitivity and specificity (exact 95%
 CIs) of the classifier and of the hybrid at the shipped thresholds; the share of benign lesions the VAE finds
 anomalous (what makes the rescue fire); the share of lesions the out-of-distribution gate refuses; and the
@@ -14,6 +15,7 @@ calib), and the decisions are counted over all images, whatever the gate says (i
     # CPU (about 4 minutes a condition for HAM10000 test + ISIC 2017 val on one thread; resumable per condition)
     python studies/acquisition_shift.py --threads 1
     python studies/acquisition_shift.py --conditions clean warm cool --limit 200   # a quick look
+    python studies/acquisition_shift.py --sets "HAM10000 calib" --classifier <candidate>  # where a choice is made
     # one GPU: the same with --device cuda; several: one --conditions subset per GPU, then --report-only
 
 Writes runs/acquisition_shift/<sets, models>/<condition>.csv (per image: set, label, P(malignant), VAE score, gate
@@ -121,10 +123,11 @@ def evaluation_images(manifest: pd.DataFrame, limit: int | None = None,
 
 
 def scores_folder(predictor: HybridPredictor, sets: tuple[str, ...], limit: int | None) -> str:
-    """Where one set of models' scores on `sets` are kept: named by the sets, the limit and the models' weights
-    (sha256), so another classifier (or a retrained one) never reuses them."""
-    digest = hashlib.sha256("".join(file_digest(Path(path).with_suffix(".safetensors"))
-                                    for path in predictor.paths.values()).encode()).hexdigest()[:10]
+    """Where one set of models' scores on `sets` are kept: named by the sets, the limit and the models' files
+    (sha256 of weights and sidecars: TTA and preprocessing live in the sidecar), so another classifier, a retrained
+    one or the same weights with another sidecar never reuse them."""
+    files = [Path(p).with_suffix(suffix) for p in predictor.paths.values() for suffix in (".safetensors", ".json")]
+    digest = hashlib.sha256("".join(file_digest(f) for f in files).encode()).hexdigest()[:10]
     subset = "all" if sets == DEFAULT_SETS else "+".join(sorted(sets)).replace(" ", "_")
     return f"{subset}{f'_limit_{limit}' if limit else ''}_{digest}"
 
@@ -133,7 +136,7 @@ def score_condition(predictor: HybridPredictor, images: pd.DataFrame, condition:
                     progress: bool = True) -> pd.DataFrame:
     """One row per image: its P(malignant), VAE score and the gate's verdict under `condition`."""
     apply = CONDITIONS[condition]
-    probs, scores, gate_ok = [], [], []
+    probs, scores, gate_ok, gate_reason = [], [], [], []
     paths = list(images["path"])
     for start in tqdm(range(0, len(paths), batch_size), desc=condition, unit="batch", disable=not progress):
         altered = [apply(load_rgb(p), start + i) for i, p in enumerate(paths[start:start + batch_size])]
@@ -143,8 +146,10 @@ def score_condition(predictor: HybridPredictor, images: pd.DataFrame, condition:
         probs += list(p)
         scores += list(s)
         gate_ok += [None if g is None else g.ok for g in gates]
+        gate_reason += [None if g is None else g.reason for g in gates]
     return pd.DataFrame({"set": images["set"].to_numpy(), "path": paths, "label": images["label"].to_numpy(),
-                         "condition": condition, "prob": probs, "vae_score": scores, "gate_ok": gate_ok})
+                         "condition": condition, "prob": probs, "vae_score": scores, "gate_ok": gate_ok,
+                         "gate_reason": gate_reason})
 
 
 def summary_rows(scored: pd.DataFrame, malignant_threshold: float, anomaly_threshold: float) -> list[dict]:
@@ -200,7 +205,8 @@ def report(scored: pd.DataFrame, predictor_thresholds: tuple[float, float], out:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", default=str(MANIFESTS / "mixed.csv"),
-                   help="manifest holding HAM10000 test and ISIC 2017 val (external, official split val)")
+                   help="manifest holding the --sets (mixed.csv: HAM10000 test and calib, ISIC 2017 val as "
+                        "external with official split val)")
     p.add_argument("--classifier", default=None,
                    help="a shipped classifier's name or a checkpoint path (default: the shipped default)")
     p.add_argument("--vae", default=str(DEFAULT_VAE), help="VAE checkpoint with its calibrated anomaly threshold")
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     images = evaluation_images(read_manifest(a.manifest), a.limit, tuple(a.sets))
     work, out = Path(a.work) / scores_folder(predictor, tuple(a.sets), a.limit), Path(a.out)
     conditions = ["clean"] + [c for c in a.conditions if c != "clean"]
-    scored = []
+    scored, missing = [], []
     for condition in conditions:
         file = work / f"{condition}.csv"
         if file.is_file():
@@ -235,12 +241,15 @@ def main(argv: list[str] | None = None) -> None:
                 scored.append(done)
                 continue
         if a.report_only:
+            missing.append(condition)
             continue
         frame = score_condition(predictor, images, condition, a.batch_size, not a.no_progress)
         atomic_write_csv(file, frame)
         scored.append(frame)
     if not scored:
         raise UserError(f"nothing scored in {work} yet (run without --report-only)")
+    if missing:
+        print(f"not scored yet, left out of the report: {', '.join(missing)}")
     summary = report(pd.concat(scored, ignore_index=True),
                      (predictor.malignant_threshold, predictor.anomaly_threshold), out)
     columns = ["set", "condition", "model", "auc", "auc_change", "sensitivity", "specificity",

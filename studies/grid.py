@@ -107,10 +107,11 @@ def run_status(run: Path, cfg: TrainConfig) -> str:
 
     wanted = identity(cfg)
     # a setting added to TrainConfig after the run was recorded counts as its default (what the run trained with)
-    recorded = {**{k: v for k, v in identity(TrainConfig()).items() if k not in (record.get("train_config") or {})},
-                **(record.get("train_config") or {})}
+    recorded = record.get("train_config")
+    if recorded is not None:
+        recorded = {**{k: v for k, v in identity(TrainConfig()).items() if k not in recorded}, **recorded}
     if recorded != wanted:
-        differ = _differences(recorded, wanted)
+        differ = _differences(recorded or {}, wanted)
         raise GridError(f"{run}: was trained with another configuration ({differ}); "
                         f"remove the folder to retrain it with the current one, or use another --runs-dir")
     if not is_done(run):

@@ -89,8 +89,8 @@ def test_acquisition_degradations_are_seeded_off_by_default_and_degrade():
     assert not torch.equal(degraded, run(1.0, seed=1))
     error = (degraded.float() - batch.float()).abs().mean(dim=(1, 2, 3))
     assert (error > 0.5).all()  # at this seed every image is visibly changed (p = 1: all three are applied)
-    assert torch.equal(augment(batch, torch.Generator().manual_seed(0)),
-                       augment(batch, torch.Generator().manual_seed(0), degrade=0.0))
+    plain, degraded = (augment(batch, torch.Generator().manual_seed(0), degrade=p) for p in (0.0, 1.0))
+    assert not torch.equal(plain, degraded)  # the training flag reaches the batch
 
 
 def test_source_class_balancing_gives_every_stratum_its_share():
