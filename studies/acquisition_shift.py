@@ -50,6 +50,7 @@ from data.paths import DEFAULT_GATE, DEFAULT_VAE, MANIFESTS, RESULTS, RUNS
 from data.runtime import UserError, add_runtime_options, cli_main, init_device
 from evaluation.metrics import decision_row, paired_auc_difference
 from evaluation.plots import save_figure
+from studies import compare
 
 Condition = Callable[[Image.Image, int], Image.Image]
 
@@ -99,10 +100,10 @@ CONDITIONS: dict[str, Condition] = {
     "bright": _gains(1.4, 1.4, 1.4),
     "rotate_90": lambda img, _: img.transpose(Image.Transpose.ROTATE_90),
 }
-# evaluation set -> (dataset, split, official split or None), as mixed.csv names them; HAM10000 calib, which no
-# classifier trains or selects on, is where a decision between classifiers is made (the test sets only report it)
-SETS = {"HAM10000 test": ("ham10000", "test", None), "ISIC 2017 val": ("isic2017", "external", "val"),
-        "HAM10000 calib": ("ham10000", "calib", None)}
+# evaluation set -> (dataset, split, official split or None): studies/compare.py's definitions under shorter names;
+# HAM10000 calib, which no classifier trains or selects on, is where a decision between classifiers is made
+SETS = {"HAM10000 test": compare.SETS["HAM10000 test"], "ISIC 2017 val": compare.SETS["ISIC 2017 val (held out)"],
+        "HAM10000 calib": compare.SETS["HAM10000 calib (selection)"]}
 DEFAULT_SETS = ("HAM10000 test", "ISIC 2017 val")
 
 
