@@ -11,11 +11,13 @@ both models (anomaly_detection/feature_detector.py, anomaly_detection/gate.py):
   percentile of benign `calib` + `val` scores;
 - gate: the same on ALL `fit` lesions (both classes, both sources) with stages fixed in advance (gate.GATE_LEVELS),
   and a non-lesion probe trained on those lesions against data/non_lesion.py's development set (its own seed, no
-  photographs, skin crops of `fit` images); gate_threshold and probe_threshold = max over sources of each source's
-  99.7th percentile of `calib` + `val` lesion scores, then loosened for sources the gate has never seen: a gate
-  fitted and calibrated on one source alone, applied to the other source's `calib` + `val` lesions, would flag many
-  of them (a new device moves every lesion's features). The distance threshold is multiplied by, and the probe
-  threshold raised by, the smallest margin at which that leave-one-source-out gate flags at most
+  scikit-image photographs, skin crops of `fit` images), the lesion side joined by degraded copies of `fit` lesions
+  (`--degraded-lesions` per source: lost resolution, sensor noise, JPEG, as the classifier's --degrade draws them, so
+  that a lesion photographed by a worse camera is not learned as "not a lesion"); gate_threshold and probe_threshold =
+  max over sources of each source's 99.7th percentile of `calib` + `val` lesion scores, then loosened for sources the
+  gate has never seen: a gate fitted and calibrated on one source alone, applied to the other source's `calib` + `val`
+  lesions, would flag many of them (a new device moves every lesion's features). The distance threshold is multiplied
+  by, and the probe threshold raised by, the smallest margin at which that leave-one-source-out gate flags at most
   `--unseen-tolerance` (1%) of the unseen source's lesions, the largest over both directions (sidecar:
   `unseen_source`).
 Rows of `test` and `external` are never used (their features may be computed into the shared cache, unread here).
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from anomaly_detection.feature_detector import (
@@ -51,12 +54,16 @@ from anomaly_detection.feature_detector import (
 )
 from anomaly_detection.gate import GATE_LEVELS, GATE_QUANTILE, UNSEEN_TOLERANCE, Gate, check_constants, check_paths
 from classifiers.models import PretrainedWeightsError
-from data.images import ImageError, to_uint8
+from data.images import ImageError, load_uint8, to_uint8
 from data.manifest import file_sha256, read_manifest
-from data.non_lesion import development_set
+from data.non_lesion import DEVELOPMENT_SEED, development_set
 from data.paths import CHECKPOINTS, MANIFESTS
 from data.runtime import add_runtime_options, cli_main, init_device
+from data.transforms import degrade_acquisition
 from evaluation.metrics import auc, auc_ci
+
+DEGRADE_P = 0.5  # as the classifier's --degrade 0.5: each degradation on half the images
+DEGRADED_PER_SOURCE = 400
 
 
 def choose_levels(df: pd.DataFrame, features: Features, balance: bool) -> tuple[tuple[str, ...], dict[str, float]]:
@@ -93,25 +100,44 @@ def fit_detector(df: pd.DataFrame, features: Features, spec: dict, quantile: flo
     return detector
 
 
+def degraded_lesions(paths_by_source: dict[str, list[str]], per_source: int, size: int, rule: str,
+                     seed: int = DEVELOPMENT_SEED) -> np.ndarray:
+    """uint8 N x size x size x 3: `per_source` seeded `fit` lesions of each source, each of lost resolution, sensor
+    noise and JPEG applied with probability DEGRADE_P (data/transforms.py degrade_acquisition, the classifier's
+    --degrade)."""
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    chosen = [p for paths in paths_by_source.values() for p in rng.permutation(paths)[:per_source]]
+    if not chosen:
+        return np.zeros((0, size, size, 3), dtype=np.uint8)
+    x = torch.from_numpy(np.stack([load_uint8(p, size, rule) for p in chosen])).permute(0, 3, 1, 2)
+    return degrade_acquisition(x, generator, DEGRADE_P).permute(0, 2, 3, 1).numpy()
+
+
 def fit_lesion_gate(df: pd.DataFrame, features: Features, spec: dict, balance: bool, extractor: FeatureExtractor,
-                 datasets: list[str] | None = None, **info) -> Gate:
+                    degraded_per_source: int, datasets: list[str] | None = None, **info) -> Gate:
     """A gate (Gaussian + non-lesion probe, no thresholds yet) fitted on the `fit` lesions of `datasets` (default
-    every source), the probe against the development non-lesion set built from those sources' `fit` images."""
+    every source), the probe against the development non-lesion set built from those sources' `fit` images, with
+    `degraded_per_source` degraded `fit` lesions of each source on the lesion side."""
     train = fit_rows(df, benign_only=False, datasets=datasets)
     weights = source_weights(train["dataset"]) if balance else None
     train_features = select(features, train.index.to_numpy())
     gate = Gate.fit(train_features, spec, weights, fit_counts=train["dataset"].value_counts().to_dict(),
                     source_balanced=balance, **info)
-    items = development_set({str(d): list(part["path"]) for d, part in train.groupby("dataset", sort=True)})
+    paths_by_source = {str(d): list(part["path"]) for d, part in train.groupby("dataset", sort=True)}
+    items = development_set(paths_by_source)
     size, rule = spec["input_size"], spec["resize"]
-    gate.fit_probe(train_features, extractor(np.stack([to_uint8(Image.fromarray(i.image), size, rule) for i in items])))
+    degraded = extractor(degraded_lesions(paths_by_source, degraded_per_source, size, rule))
+    lesions = {level: np.r_[train_features[level], degraded[level]] for level in train_features}
+    gate.fit_probe(lesions, extractor(np.stack([to_uint8(Image.fromarray(i.image), size, rule) for i in items])))
     gate.meta["probe"]["non_lesions"] = "data/non_lesion.py development_set: " + ", ".join(
         f"{k} {v}" for k, v in pd.Series([i.kind for i in items]).value_counts().sort_index().items())
+    gate.meta["probe"]["degraded_lesions"] = {"per_source": degraded_per_source, "p": DEGRADE_P,
+                                              "how": "data/transforms.py degrade_acquisition on fit lesions"}
     return gate
 
 
 def unseen_source_margins(df: pd.DataFrame, features: Features, spec: dict, quantile: float, balance: bool,
-                          extractor: FeatureExtractor, tolerance: float) -> dict[str, Any]:
+                          extractor: FeatureExtractor, tolerance: float, degraded_per_source: int) -> dict[str, Any]:
     """Leave-one-source-out on calib+val: a gate fitted and calibrated (`quantile`) on one source alone, applied to
     another source's calib+val lesions. The distance margin (a factor on the threshold) and the probe offset (added
     to its threshold) at which such a gate flags at most `tolerance` of the unseen source's lesions, the largest
@@ -120,7 +146,7 @@ def unseen_source_margins(df: pd.DataFrame, features: Features, spec: dict, quan
     calib_features = select(features, calib.index.to_numpy())
     pairs, margin, offset = {}, 1.0, 0.0
     for seen in sorted(calib["dataset"].unique()):
-        gate = fit_lesion_gate(df, features, spec, balance, extractor, [seen])
+        gate = fit_lesion_gate(df, features, spec, balance, extractor, degraded_per_source, [seen])
         distance, probe = gate.score(calib_features), gate.probe_score(calib_features)
         own = (calib["dataset"] == seen).to_numpy()
         d_seen, p_seen = upper_quantile(distance[own], quantile), upper_quantile(probe[own], quantile)
@@ -136,13 +162,15 @@ def unseen_source_margins(df: pd.DataFrame, features: Features, spec: dict, quan
 
 
 def fit_gate(df: pd.DataFrame, features: Features, spec: dict, quantile: float, balance: bool,
-             provenance: dict, extractor: FeatureExtractor, unseen_tolerance: float) -> tuple[Gate, list]:
+             provenance: dict, extractor: FeatureExtractor, unseen_tolerance: float,
+             degraded_per_source: int) -> tuple[Gate, list]:
     """All `fit` lesions -> Gaussian; those lesions against the development non-lesion set -> probe; all calib/val
     lesions -> both thresholds, loosened by the unseen-source margins (module docstring), and the margins the cheap
     checks leave on them. Returns the gate and its verdicts on the calib/val lesions."""
-    gate = fit_lesion_gate(df, features, spec, balance, extractor,
-                        trained_on="all lesion images (both classes) of the fit split, every source", **provenance)
-    unseen = unseen_source_margins(df, features, spec, quantile, balance, extractor, unseen_tolerance)
+    gate = fit_lesion_gate(df, features, spec, balance, extractor, degraded_per_source,
+                           trained_on="all lesion images (both classes) of the fit split, every source", **provenance)
+    unseen = unseen_source_margins(df, features, spec, quantile, balance, extractor, unseen_tolerance,
+                                   degraded_per_source)
     calib = calibration_rows(df, benign_only=False)
     calib_features = select(features, calib.index.to_numpy())
     threshold, per_source = benign_percentile_threshold(gate.score(calib_features), calib["dataset"], quantile)
@@ -175,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--unseen-tolerance", type=float, default=UNSEEN_TOLERANCE,
                    help="gate: loosen both thresholds until a gate fitted on one source alone flags at most this share "
                         "of another source's calib+val lesions (leave-one-source-out; 0 keeps the calibrated ones)")
+    p.add_argument("--degraded-lesions", type=int, default=DEGRADED_PER_SOURCE,
+                   help="gate probe: this many degraded fit lesions per source join its lesion side (0: none)")
     p.add_argument("--no-balance", action="store_true", help="weight fit images equally instead of sources equally")
     p.add_argument("--detector", default=str(CHECKPOINTS / "feature_detector.safetensors"),
                    help="where to write the detector")
@@ -193,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     detector = fit_detector(df, features, feature_spec(levels), a.benign_quantile, balance,
                             {**provenance, "levels_val_auc": candidates})
     gate, verdicts = fit_gate(df, features, feature_spec(GATE_LEVELS), a.gate_quantile, balance, provenance,
-                              extractor, a.unseen_tolerance)
+                              extractor, a.unseen_tolerance, a.degraded_lesions)
     detector.save(a.detector)
     gate.save(a.gate)
     calib = calibration_rows(df, benign_only=False)

@@ -10,9 +10,10 @@
 - photo_crop: random crops (10-70% of the side) of those photographs, rescaled; greyscale ones tinted with a random
   colour half the time, so they are not trivially greyscale;
 - tiny: 8-48 px images of the kinds above.
-`development_set` is what a gate may be trained on (seed 1, no photographs, skin crops from `fit` images); the
+`development_set` is what a gate may be trained on (seed 1, no scikit-image photographs, skin crops from `fit` images,
+and crops of the few photographs that ship with scikit-learn and matplotlib: `development_photographs`); the
 evaluation set is `generated(240, seed 0)` + skin crops of HAM10000 `test` images: no image is in both, and the
-photographs are never trained on.
+scikit-image photographs are never trained on.
 `skin_crops(paths, n, seed)` makes heavy crops of non-lesion skin from dermoscopic images: a corner square a quarter
 of the shorter side, kept only if no pixel group is much darker than the image's border skin (its 10th-percentile
 luminance at least 0.8 of the border band's median, its mean within 15% of it), which drops crops holding lesion
@@ -141,6 +142,22 @@ def photographs() -> dict[str, np.ndarray]:
     return out
 
 
+def development_photographs() -> dict[str, np.ndarray]:
+    """Colour photographs bundled with scikit-learn (`load_sample_images`) and matplotlib (its sample_data folder),
+    none of them in scikit-image: non-lesion photographs a gate may train on while the scikit-image ones stay
+    unseen for evaluation."""
+    import matplotlib
+    from sklearn.datasets import load_sample_images
+
+    sample = load_sample_images()
+    out = {Path(f).stem: _rgb(a) for f, a in zip(sample.filenames, sample.images)}
+    folder = Path(matplotlib.get_data_path()) / "sample_data"
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
+        if (folder / name).is_file():
+            out[Path(name).stem] = np.asarray(load_rgb(folder / name), dtype=np.uint8)
+    return out
+
+
 def photo_crop(rng: np.random.Generator, photos: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
     name = str(rng.choice(sorted(photos)))
     a = photos[name]
@@ -189,11 +206,16 @@ def generated(n: int = 240, seed: int = EVALUATION_SEED, kinds: Sequence[str] = 
 
 
 def development_set(fit_paths_by_source: dict[str, Sequence[str]], n: int = 240, skin_per_source: int = 60,
-                    seed: int = DEVELOPMENT_SEED) -> list[NonLesion]:
+                    photo_crops: int = 60, seed: int = DEVELOPMENT_SEED) -> list[NonLesion]:
     """Non-lesion images for TRAINING a gate (its non-lesion probe), kept apart from the evaluation set: generated
-    kinds with another seed and without the scikit-image photographs (so photographs stay unseen), and skin crops
-    from `fit` images of each source (the evaluation crops come from HAM10000 `test` images)."""
+    kinds with another seed and without the scikit-image photographs (so those stay unseen), crops of the
+    development photographs, and skin crops from `fit` images of each source (the evaluation crops come from
+    HAM10000 `test` images)."""
     items = generated(n, seed, [k for k in KINDS if k not in ("photo", "photo_crop")])
+    photos = development_photographs()
+    for i in range(photo_crops if photos else 0):
+        name, image = photo_crop(np.random.default_rng([seed, n + i]), photos)
+        items.append(NonLesion(f"dev_{i:04d}_photo_crop_{name}", "photo_crop", image))
     for paths in fit_paths_by_source.values():
         items += skin_crops(paths, skin_per_source, seed)
     return items

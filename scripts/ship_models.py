@@ -16,6 +16,8 @@ Steps, all on the fp16 files users will get (not on the fp32 run outputs):
 5. rewrite checkpoints/MODEL_CARD.md from the CSVs of every shipped classifier, so every number in it comes from a
    ship command, and checkpoints/SHA256SUMS (what loading and scripts/download_weights.py verify); `--card-only`
    does this step alone.
+`--stage-only --out runs/<candidate>` does step 1 alone: the classifier as it would ship, evaluated on nothing, so
+that a candidate can be decided on validation and calibration data before any test image is scored.
 The hybrid's default classifier is the shipped one with the best validation AUC (classifiers/shipped.py).
 If any step fails (or the run is interrupted), every file and results folder it touched is put back as it was, so
 the shipped model, its card and its results never come from two different runs.
@@ -320,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--card-only", action="store_true",
                    help="only rewrite MODEL_CARD.md and SHA256SUMS from the results already written (e.g. after a "
                         "VAE recalibration or a re-run of studies/evaluate_hybrid.py)")
+    p.add_argument("--stage-only", action="store_true",
+                   help="step 1 only: write the classifier to --out as it would ship (fp16; with --tta its threshold "
+                        "chosen again on val) and evaluate nothing; prints its val AUC and threshold")
     p.add_argument("--vae", default=None,
                    help="trained VAE checkpoint to ship and recalibrate (default: keep the shipped convvae)")
     p.add_argument("--out", default=str(CHECKPOINTS), help="folder for the shipped files")
@@ -349,6 +354,18 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, CheckpointError) as exc:
         p.error(str(exc))
     out, results = Path(a.out), Path(a.results_dir)
+    if a.stage_only:
+        staged = out / f"{source_meta['arch']}.safetensors"
+        out.mkdir(parents=True, exist_ok=True)
+        ship(a.classifier, staged, load_classifier, "python scripts/ship_models.py " + shlex.join(
+            sys.argv[1:] if argv is None else argv))
+        meta = load_classifier(staged)[1]
+        if a.tta:
+            meta = declare_flip_tta(staged, evaluate.training_manifest(source_meta), init_device(a.device, a.threads))
+        val_auc = meta.get("metrics", {}).get("val", {}).get("auc")
+        print(f"staged {staged}: val AUC {'not recorded' if val_auc is None else f'{val_auc:.4f}'}, malignant "
+              f"threshold {meta['malignant_threshold']:.4f}{' (flip TTA)' if a.tta else ''}")
+        return
     if not a.vae and not (out / "convvae.safetensors").is_file():
         p.error(f"{out} has no shipped convvae.safetensors: give --vae")
     name = source_meta["arch"]

@@ -246,9 +246,10 @@ def gate_loso_rows(table: pd.DataFrame, df: pd.DataFrame, features: Features, ga
     it flags. `df` is the full manifest whose index addresses `features`; `table` comes from score_table."""
     unseen = gate.meta.get("unseen_source") or {"distance_margin": 1.0, "probe_offset": 0.0}
     spec = {k: gate.meta[k] for k in (*FEATURE_KEYS, "levels")}
+    degraded = gate.meta.get("probe", {}).get("degraded_lesions", {}).get("per_source", 0)
     rows = []
     for seen in sorted(table["dataset"].unique()):
-        single = fit_lesion_gate(df, features, spec, True, extractor, [seen])
+        single = fit_lesion_gate(df, features, spec, True, extractor, degraded, [seen])
         calib = table[table["split"].isin(CALIBRATION_SPLITS) & (table["dataset"] == seen)]
         calib_features = select(features, calib["row"].to_numpy())
         distance_q = upper_quantile(single.score(calib_features), GATE_QUANTILE)

@@ -19,11 +19,19 @@ from anomaly_detection.feature_detector import (
     source_weights,
     upper_quantile,
 )
-from anomaly_detection.fit_feature_detector import fit_lesion_gate, unseen_source_margins
+from anomaly_detection.fit_feature_detector import degraded_lesions, fit_lesion_gate, unseen_source_margins
 from anomaly_detection.gate import GATE_QUANTILE, MIN_SIDE, Gate, LesionScreen, cheap_reasons
 from data.images import load_rgb, to_uint8
 from data.manifest import read_manifest
-from data.non_lesion import KINDS, development_set, generated, photographs, skin_crops
+from data.non_lesion import (
+    KINDS,
+    PHOTOS,
+    development_photographs,
+    development_set,
+    generated,
+    photographs,
+    skin_crops,
+)
 
 SHIPPED_GATE = ROOT / "checkpoints" / "gate.safetensors"
 SHIPPED_DETECTOR = ROOT / "checkpoints" / "feature_detector.safetensors"
@@ -128,11 +136,24 @@ def test_the_development_set_shares_no_image_with_the_evaluation_set(real_data):
     fit = df[df["split"] == "fit"]
     development = development_set({d: list(p["path"][:30]) for d, p in fit.groupby("dataset")}, n=60,
                                   skin_per_source=5)
-    assert not {i.kind for i in development} & {"photo", "photo_crop"}  # photographs stay unseen
-    assert {i.kind for i in development} >= {"flat", "noise", "text", "skin_crop"}
+    assert "photo" not in {i.kind for i in development}
+    crops = {i.name.split("photo_crop_", 1)[1] for i in development if i.kind == "photo_crop"}
+    assert crops and crops <= set(development_photographs()) and not crops & set(PHOTOS)  # scikit-image's stay unseen
+    assert {i.kind for i in development} >= {"flat", "noise", "text", "skin_crop", "photo_crop"}
     evaluation = generated(240) + skin_crops(list(df.loc[df["split"] == "test", "path"][:60]), 20)
     digest = {hashlib.sha256(i.image.tobytes()).hexdigest() for i in evaluation}
     assert not digest & {hashlib.sha256(i.image.tobytes()).hexdigest() for i in development}
+
+
+@pytest.mark.real_data
+def test_degraded_lesions_are_seeded_fit_lesions_at_the_backbone_size(real_data):
+    df = read_manifest(ROOT / "data" / "manifests" / "mixed.csv")
+    fit = df[df["split"] == "fit"]
+    paths = {d: list(p["path"][:20]) for d, p in fit.groupby("dataset")}
+    images, again = degraded_lesions(paths, 6, 64, "squash"), degraded_lesions(paths, 6, 64, "squash")
+    assert images.shape == (12, 64, 64, 3) and images.dtype == np.uint8 and np.array_equal(images, again)
+    assert not np.array_equal(images, degraded_lesions(paths, 6, 64, "squash", seed=5))
+    assert degraded_lesions(paths, 0, 64, "squash").shape == (0, 64, 64, 3)
 
 
 @pytest.mark.real_data
@@ -186,11 +207,12 @@ def test_unseen_source_margin_lets_a_single_source_gate_pass_the_other_source(re
         return {"block2": rng.normal(4.0, 1.0, size=(len(pixels), 40))}
 
     spec = feature_spec(("block2",))
-    found = unseen_source_margins(df, features, spec, GATE_QUANTILE, True, far_away, tolerance=0.01)
+    found = unseen_source_margins(df, features, spec, GATE_QUANTILE, True, far_away, tolerance=0.01,
+                                  degraded_per_source=0)
     pair = found["pairs"]["ham10000 -> isic2017"]
     assert pair["flagged_at_calibrated_thresholds"] > 0.05 and found["distance_margin"] == max(
         p["distance_margin"] for p in found["pairs"].values()) > 1
-    single = fit_lesion_gate(df, features, spec, True, far_away, ["ham10000"])
+    single = fit_lesion_gate(df, features, spec, True, far_away, 0, ["ham10000"])
     calib = df["split"] == "calib"
     own, other = (calib & (df["dataset"] == "ham10000")).to_numpy(), (calib & (df["dataset"] == "isic2017")).to_numpy()
     distance = single.score(features)

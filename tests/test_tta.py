@@ -119,3 +119,19 @@ def test_shipping_drops_the_sources_shipping_fields_and_refuses_a_tta_source(tin
     with pytest.raises(ValueError, match="declares tta 'flips'.*add --tta"):
         ship.ship(str(tta_source), tmp_path / "again", loader, "command")
     assert not (tmp_path / "again.safetensors").exists()
+
+
+def test_stage_only_writes_the_classifier_as_shipped_and_evaluates_nothing(tiny_checkpoints, tmp_path, capsys):
+    from safetensors import safe_open
+
+    ship = load_script("ship_models")
+    out, results = tmp_path / "staged", tmp_path / "results"
+    ship.main(["--classifier", str(tiny_checkpoints[0]), "--stage-only", "--out", str(out),
+               "--results-dir", str(results)])
+    arch = read_sidecar(tiny_checkpoints[0])["arch"]
+    staged = out / f"{arch}.safetensors"
+    assert sorted(p.name for p in out.iterdir()) == [f"{arch}.json", f"{arch}.safetensors"] and not results.exists()
+    with safe_open(staged, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
+    assert read_sidecar(staged)["shipped_from"].endswith(tiny_checkpoints[0].name)
+    assert f"staged {staged}: val AUC" in capsys.readouterr().out
