@@ -182,9 +182,9 @@ def fit_gate(df: pd.DataFrame, features: Features, spec: dict, quantile: float, 
     gate.set_probe_threshold(probe_threshold + unseen["probe_offset"], probe_threshold_rule=(
         f"max over sources of each source's {quantile} quantile of lesion probe scores, plus the unseen-source "
         "offset"), probe_threshold_per_source=probe_per_source)
-    verdicts, spread, chroma = check_paths(gate, calib_features, list(calib["path"]), spec["input_size"],
+    verdicts, spread, chroma, noise = check_paths(gate, calib_features, list(calib["path"]), spec["input_size"],
                                            spec["resize"])
-    gate.meta["checks"] = check_constants(spread, chroma)
+    gate.meta["checks"] = check_constants(spread, chroma, noise)
     return gate, verdicts
 
 

@@ -6,6 +6,9 @@ An image the gate does not pass gets "cannot assess" with a reason, never benign
    backbone's size, before colour constancy (a flat colour, a blank frame);
 3. greyscale: mean colour spread max(R, G, B) - min(R, G, B) under `MIN_CHROMA` (3 grey levels): dermoscopy is in
    colour, and every model here was trained on colour;
+3b. too noisy: the original image's sensor-noise estimate (`noise_sd`) over `MAX_NOISE_SD` grey levels. Under heavy
+   noise the classifier's probabilities collapse towards benign (studies/acquisition_shift.py: sensitivity 0.90 ->
+   0.24 with noise of sd 12), a silent failure that only this check turns into "cannot assess";
 4. unlike any lesion: the Mahalanobis distance of the ImageNet EfficientNet-Lite0 features (anomaly_detection/
    feature_detector.py: the same preprocessing and backbone pass as the feature detector) to a Gaussian of ALL
    lesion images (both classes, both sources, `fit` split) at or above `gate_threshold`;
@@ -14,27 +17,28 @@ An image the gate does not pass gets "cannot assess" with a reason, never benign
    seed, no photographs, and skin crops of `fit` images; an "outlier exposure" check), scores at or above
    `probe_threshold`. Check 4 models what lesions look like and cannot see that a plain patch of skin is not one
    (a one-class model put such crops between the lesions and the threshold); check 5 learns that from examples.
-Checks 1-3 are fixed constants (`check_constants` records the margin they leave on the calibration lesions). The
+Checks 1-3b are fixed constants (`check_constants` records the margin they leave on the calibration lesions). The
 thresholds of checks 4 and 5 are calibrated on lesions only: the largest, over sources, of each source's 99.7th
 percentile of the `calib` + `val` lesion scores (`test` and `external` are never read), rounded so that each flags at
 most 0.3% of every source's calibration lesions (feature_detector.upper_quantile), then loosened by the margin that a
 leave-one-source-out gate needs to refuse at most 1% of an unseen source's lesions (fit_feature_detector.py). A gate
 without a fitted probe (no `probe_threshold`) skips check 5.
 
-API for a predictor: `LesionScreen.load(gate_path, detector_path)` then `screen.run(pixels, sizes)` with pixels from
-`screen.pixels(pil_image)`; one backbone pass gives the gate's verdicts and the feature detector's anomaly scores.
-`Gate.check_batch(images, sizes)` runs the gate alone.
+API for a predictor: `LesionScreen.load(gate_path, detector_path)` then `screen.run(pixels, originals)` with pixels
+from `screen.pixels(pil_image)` and originals from `original(pil_image)`; one backbone pass gives the gate's verdicts
+and the feature detector's anomaly scores. `Gate.check_batch(images, sizes)` runs the gate alone.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
+from scipy.stats import norm
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
@@ -52,6 +56,11 @@ from data.images import load_rgb, to_uint8
 MIN_SIDE = 64
 MIN_SPREAD = 4.0
 MIN_CHROMA = 3.0
+# Grey levels. Fixed from calib+val lesions: every one of 1,898 measures under it but a dense-hair image (9.1); their
+# 99.7th percentile is 2.0, and the same images with noise of sd 12 per channel measure 7.2-10.
+MAX_NOISE_SD = 6.0
+NOISE_SIDE = 256  # larger images are measured area-averaged to this short side, near the models' scale
+NOISE_QUANTILE = 0.2  # of |finest diagonal Haar coefficients|: hair and edges cover fewer pixels than that
 GATE_QUANTILE = 0.997
 UNSEEN_TOLERANCE = 0.01  # at most this share of a source's lesions refused by a gate that never saw that source
 PROBE_C = 0.1  # the probe's inverse L2 strength: fixed, not tuned on any evaluation image
@@ -76,6 +85,35 @@ class GateResult:
         return asdict(self)
 
 
+class Original(NamedTuple):
+    """What the gate needs of an image before it is resized: its size and its noise (NaN: not measured)."""
+
+    width: int
+    height: int
+    noise_sd: float = float("nan")
+
+
+def noise_sd(image: Image.Image) -> float:
+    """Sensor noise in grey levels, from the luminance's finest diagonal Haar wavelet coefficients, which are pure
+    noise wherever the image is smooth: their NOISE_QUANTILE quantile, scaled to a Gaussian's sd (a robust
+    estimate in the style of Donoho & Johnstone's median one, with a lower quantile so that dense hair does not read
+    as noise). Measured at the original resolution, or area-averaged to a short side of NOISE_SIDE px when larger:
+    noise averages out as an image is shrunk, so a large image is judged near the scale the models see it at."""
+    if min(image.size) > NOISE_SIDE:
+        k = NOISE_SIDE / min(image.size)
+        image = image.resize((round(image.width * k), round(image.height * k)), Image.Resampling.BOX)
+    grey = np.asarray(image.convert("RGB"), dtype=np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    g = grey[: grey.shape[0] // 2 * 2, : grey.shape[1] // 2 * 2]
+    if not g.size:
+        return float("nan")
+    diagonal = (g[0::2, 0::2] - g[0::2, 1::2] - g[1::2, 0::2] + g[1::2, 1::2]) / 2
+    return float(np.quantile(np.abs(diagonal), NOISE_QUANTILE) / norm.ppf(0.5 + NOISE_QUANTILE / 2))
+
+
+def original(image: Image.Image) -> Original:
+    return Original(image.width, image.height, noise_sd(image))
+
+
 def pixel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 N x H x W x 3 -> (largest per-channel standard deviation, mean of max - min over channels) per image."""
     x = np.asarray(images, dtype=np.float32)
@@ -84,26 +122,31 @@ def pixel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return spread, chroma
 
 
-def cheap_reasons(images: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[str]:
-    """Checks 1-3 for uint8 N x H x W x 3 images whose originals were `sizes` (width, height); "" where all pass."""
+def cheap_reasons(images: np.ndarray, originals: Sequence[Original | tuple[int, int]]) -> list[str]:
+    """Checks 1-3b for uint8 N x H x W x 3 images and their `originals` (an Original, or a (width, height) whose
+    noise was not measured); "" where all pass."""
     spread, chroma = pixel_statistics(images)
     reasons = []
-    for (w, h), s, c in zip(sizes, spread, chroma):
+    for (w, h, noise), s, c in zip((Original(*o) for o in originals), spread, chroma):
         if min(w, h) < MIN_SIDE:
             reasons.append(f"image too small to assess ({w}x{h} px; a side needs at least {MIN_SIDE} px)")
         elif s < MIN_SPREAD:
             reasons.append(f"near-constant image (pixel spread {s:.1f} of 255)")
         elif c < MIN_CHROMA:
             reasons.append("greyscale image (dermoscopic images are in colour)")
+        elif noise > MAX_NOISE_SD:
+            reasons.append(f"image too noisy to assess (estimated noise {noise:.1f} grey levels; at most "
+                           f"{MAX_NOISE_SD:.0f})")
         else:
             reasons.append("")
     return reasons
 
 
-def check_constants(spread: np.ndarray, chroma: np.ndarray) -> dict[str, float]:
-    """The fixed checks and the smallest spread/chroma seen on (lesion) images: the margin they leave."""
-    return {"min_side": MIN_SIDE, "min_spread": MIN_SPREAD, "min_chroma": MIN_CHROMA,
-            "lesion_min_spread": float(np.min(spread)), "lesion_min_chroma": float(np.min(chroma))}
+def check_constants(spread: np.ndarray, chroma: np.ndarray, noise: np.ndarray) -> dict[str, float]:
+    """The fixed checks and the smallest spread/chroma and largest noise seen on (lesion) images: their margins."""
+    return {"min_side": MIN_SIDE, "min_spread": MIN_SPREAD, "min_chroma": MIN_CHROMA, "max_noise_sd": MAX_NOISE_SD,
+            "lesion_min_spread": float(np.min(spread)), "lesion_min_chroma": float(np.min(chroma)),
+            "lesion_max_noise_sd": float(np.nanmax(noise))}
 
 
 class GateModel(nn.Module):
@@ -164,18 +207,19 @@ class Gate(FittedGaussian):
         return self.model.probe_score(features)
 
     def check_features(self, features: Features, pixels: np.ndarray,
-                       sizes: Sequence[tuple[int, int]] | None = None) -> list[GateResult]:
+                       originals: Sequence[Original | tuple[int, int]] | None = None) -> list[GateResult]:
         """Verdicts from already-extracted features and the pixels they came from (uint8 N x H x W x 3 at the
-        backbone's size); `sizes` are the original (width, height), default the pixels' own size."""
-        sizes = sizes if sizes is not None else [(pixels.shape[2], pixels.shape[1])] * len(pixels)
-        if len(sizes) != len(pixels):
-            raise ValueError(f"{len(sizes)} sizes for {len(pixels)} images")
+        backbone's size); `originals` describe the images before resizing (`original(image)`; a (width, height)
+        skips the noise check), default the pixels' own size."""
+        originals = originals if originals is not None else [(pixels.shape[2], pixels.shape[1])] * len(pixels)
+        if len(originals) != len(pixels):
+            raise ValueError(f"{len(originals)} originals for {len(pixels)} images")
         distances, threshold = self.score(features), self.threshold
         use_probe = self.meta.get("probe_threshold") is not None
         probe_threshold = float(self.meta["probe_threshold"]) if use_probe else float("nan")
         probes = self.probe_score(features) if use_probe else np.full(len(pixels), np.nan)
         results = []
-        for reason, d, q in zip(cheap_reasons(pixels, sizes), distances, probes):
+        for reason, d, q in zip(cheap_reasons(pixels, originals), distances, probes):
             if not reason and d >= threshold:
                 reason = f"does not look like a dermoscopic lesion (feature distance {d:.0f} >= {threshold:.0f})"
             elif not reason and use_probe and q >= probe_threshold:
@@ -183,31 +227,34 @@ class Gate(FittedGaussian):
             results.append(GateResult(not reason, reason, float(d), threshold, float(q), probe_threshold))
         return results
 
-    def check_batch(self, images: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None,
+    def check_batch(self, images: np.ndarray, originals: Sequence[Original | tuple[int, int]] | None = None,
                     extractor: FeatureExtractor | None = None) -> list[GateResult]:
-        """uint8 N x H x W x 3 (any one size; resized to the backbone's) -> one GateResult per image."""
+        """uint8 N x H x W x 3 (any one size; resized to the backbone's) -> one GateResult per image; without
+        `originals`, the images are their own originals."""
         extractor = extractor or extractor_for([self.meta])
         pixels = extractor.fit_size(np.asarray(images, dtype=np.uint8))
-        if sizes is None:
-            sizes = [(images.shape[2], images.shape[1])] * len(images)
-        return self.check_features(extractor(pixels), pixels, sizes)
+        if originals is None:
+            originals = [original(Image.fromarray(image)) for image in np.asarray(images, dtype=np.uint8)]
+        return self.check_features(extractor(pixels), pixels, originals)
 
 
 def check_paths(gate: Gate, features: Features, paths: Sequence[str], size: int, rule: str,
-                chunk: int = 256) -> tuple[list[GateResult], np.ndarray, np.ndarray]:
+                chunk: int = 256) -> tuple[list[GateResult], np.ndarray, np.ndarray, np.ndarray]:
     """Verdicts for image files whose features are already extracted (row-aligned with `paths`), decoding the files
-    in chunks for the cheap checks (pixels at `size` by `rule`, original sizes); also each image's pixel spread and
-    chroma (pixel_statistics)."""
-    verdicts, spreads, chromas = [], [], []
+    in chunks for the cheap checks (pixels at `size` by `rule`, originals); also each image's pixel spread and
+    chroma (pixel_statistics) and noise (noise_sd)."""
+    verdicts, spreads, chromas, noises = [], [], [], []
     for start in range(0, len(paths), chunk):
         decoded = [load_rgb(path) for path in paths[start:start + chunk]]
         pixels = np.stack([to_uint8(img, size, rule) for img in decoded])
         rows = np.arange(start, start + len(decoded))
-        verdicts += gate.check_features({k: v[rows] for k, v in features.items()}, pixels, [i.size for i in decoded])
+        originals = [original(img) for img in decoded]
+        verdicts += gate.check_features({k: v[rows] for k, v in features.items()}, pixels, originals)
         spread, chroma = pixel_statistics(pixels)
         spreads.append(spread)
         chromas.append(chroma)
-    return verdicts, np.concatenate(spreads), np.concatenate(chromas)
+        noises.append([o.noise_sd for o in originals])
+    return verdicts, np.concatenate(spreads), np.concatenate(chromas), np.concatenate(noises)
 
 
 @dataclass
@@ -238,14 +285,14 @@ class LesionScreen:
         return self.extractor.preprocess.size
 
     def pixels(self, image: Image.Image) -> np.ndarray:
-        """A decoded PIL image -> H x W x 3 uint8 at the backbone's size (pass image.size as its size to `run`)."""
+        """A decoded PIL image -> H x W x 3 uint8 at the backbone's size (pass original(image) with it to `run`)."""
         return self.extractor.pixels(image)
 
-    def run(self, pixels: np.ndarray, sizes: Sequence[tuple[int, int]] | None = None) -> ScreenResult:
-        """uint8 N x H x W x 3 (ideally from `pixels`) + original (width, height) per image -> ScreenResult."""
+    def run(self, pixels: np.ndarray, originals: Sequence[Original | tuple[int, int]] | None = None) -> ScreenResult:
+        """uint8 N x H x W x 3 (ideally from `pixels`) + each image's `original` -> ScreenResult."""
         pixels = self.extractor.fit_size(np.asarray(pixels, dtype=np.uint8))
         features = self.extractor(pixels)
-        verdicts = self.gate.check_features(features, pixels, sizes)
+        verdicts = self.gate.check_features(features, pixels, originals)
         if self.detector is None:
             nan = np.full(len(pixels), np.nan)
             return ScreenResult(verdicts, nan, np.zeros(len(pixels), dtype=bool), float("nan"))

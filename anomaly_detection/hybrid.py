@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomaly_detection.gate import GateResult, LesionScreen
+from anomaly_detection.gate import GateResult, LesionScreen, Original, original
 from anomaly_detection.serving import (
     BACKENDS,
     OnnxBackend,
@@ -230,18 +230,18 @@ class HybridPredictor:
         ).numpy()
         return self.backend.run(np.ascontiguousarray(cls_x), np.ascontiguousarray(vae_x))
 
-    def check_gate(self, pixels: Sequence[np.ndarray | None],
-                   sizes: Sequence[tuple[int, int]]) -> list[GateResult | None]:
-        """The gate's verdicts for images given as `gate_pixels(image)` with their original (width, height);
-        all None without a gate."""
+    def check_gate(self, inputs: Sequence[tuple[np.ndarray, Original] | None]) -> list[GateResult | None]:
+        """The gate's verdicts for images given as `gate_input(image)`; all None without a gate."""
         screen = self.load_gate()
-        if screen is None or not len(pixels):
-            return [None] * len(pixels)
-        return screen.run(np.stack(pixels), sizes).gate
+        if screen is None or not len(inputs):
+            return [None] * len(inputs)
+        pixels, originals = zip(*inputs)
+        return screen.run(np.stack(pixels), originals).gate
 
-    def gate_pixels(self, image: Image.Image) -> np.ndarray | None:
+    def gate_input(self, image: Image.Image) -> tuple[np.ndarray, Original] | None:
+        """What the gate needs of an image: its pixels at the backbone's size and its Original (None: no gate)."""
         screen = self.load_gate()
-        return None if screen is None else screen.pixels(image)
+        return None if screen is None else (screen.pixels(image), original(image))
 
     def decide(self, names: list[str], probs: np.ndarray, scores: np.ndarray,
                gates: Sequence[GateResult | None] | None = None) -> list[Prediction]:
@@ -276,7 +276,7 @@ class HybridPredictor:
         H x W x 3 uint8, the gate's verdict or None without a gate)."""
         cls_px, vae_px = self.pixels(image)
         probs, scores, recon = self.run_arrays(cls_px[None], vae_px[None])
-        gate = self.check_gate([self.gate_pixels(image)], [image.size])[0]
+        gate = self.check_gate([self.gate_input(image)])[0]
         return float(probs[0]), float(scores[0]), (recon[0].transpose(1, 2, 0) * 255).round().astype(np.uint8), gate
 
     def predict_image(self, image: Image.Image, name: str = "<image>") -> tuple[Prediction, np.ndarray]:
@@ -291,14 +291,13 @@ class HybridPredictor:
         before the next batch runs). Unreadable files give a Prediction with `error` set; the run goes on. Decoding
         runs in a thread pool ahead of the models (PIL releases the GIL while decoding)."""
         paths = [str(p) for p in paths]
-        screen = self.load_gate()  # here, once, not by several decoding threads at once
+        self.load_gate()  # here, once, not by several decoding threads at once
 
         def prepare(path: str) -> tuple[str, tuple | None, str]:
-            """(path, (classifier px, VAE px, gate px, original size) or None, error)."""
+            """(path, (classifier px, VAE px, gate input) or None, error)."""
             try:
                 image = load_rgb(path)
-                gate_px = None if screen is None else screen.pixels(image)
-                return path, (*self.pixels(image), gate_px, image.size), ""
+                return path, (*self.pixels(image), self.gate_input(image)), ""
             except ImageError as exc:
                 return path, None, str(exc)
 
@@ -312,9 +311,9 @@ class HybridPredictor:
                 good = [(path, px) for path, px, err in items if not err]
                 decided = {}
                 if good:
-                    names, (cls_px, vae_px, gate_px, sizes) = [g[0] for g in good], zip(*[g[1] for g in good])
+                    names, (cls_px, vae_px, gate_in) = [g[0] for g in good], zip(*[g[1] for g in good])
                     probs, scores, _ = self.run_arrays(np.stack(cls_px), np.stack(vae_px))
-                    gates = self.check_gate(gate_px, sizes)
+                    gates = self.check_gate(gate_in)
                     decided = dict(zip(names, self.decide(names, probs, scores, gates)))
                 yield [decided.get(path) or Prediction(path, error=err) for path, _, err in items]
 

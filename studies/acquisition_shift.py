@@ -143,7 +143,7 @@ def score_condition(predictor: HybridPredictor, images: pd.DataFrame, condition:
         altered = [apply(load_rgb(p), start + i) for i, p in enumerate(paths[start:start + batch_size])]
         cls_px, vae_px = zip(*[predictor.pixels(img) for img in altered])
         p, s, _ = predictor.run_arrays(np.stack(cls_px), np.stack(vae_px))
-        gates = predictor.check_gate([predictor.gate_pixels(img) for img in altered], [img.size for img in altered])
+        gates = predictor.check_gate([predictor.gate_input(img) for img in altered])
         probs += list(p)
         scores += list(s)
         gate_ok += [None if g is None else g.ok for g in gates]

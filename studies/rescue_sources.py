@@ -57,7 +57,7 @@ from anomaly_detection.feature_detector import (
     upper_quantile,
 )
 from anomaly_detection.fit_feature_detector import fit_lesion_gate
-from anomaly_detection.gate import GATE_QUANTILE, Gate, GateResult, check_paths
+from anomaly_detection.gate import GATE_QUANTILE, Gate, GateResult, Original, check_paths, original
 from anomaly_detection.hybrid import load_vae, rescue
 from anomaly_detection.train_vae import score_images
 from classifiers.models import load_classifier
@@ -107,7 +107,7 @@ def score_table(df: pd.DataFrame, features: Features, classifier: str, vae: str,
     vae_score, vae_meta = vae_scores(vae, rows, device)
     part = select(features, rows.index.to_numpy())
     prep = Preprocess.from_meta(gate.meta)
-    verdicts, _, _ = check_paths(gate, part, list(rows["path"]), prep.size, prep.rule)
+    verdicts, *_ = check_paths(gate, part, list(rows["path"]), prep.size, prep.rule)
     table = rows[["path", "dataset", "split", "label"]].assign(
         row=rows.index.to_numpy(), y=(rows["label"] == "malignant").astype(int).to_numpy(), prob_malignant=prob,
         vae_score=vae_score, feature_score=detector.score(part), **verdict_columns(verdicts))
@@ -272,18 +272,19 @@ def verdict_columns(verdicts: Sequence[GateResult]) -> dict[str, list]:
             "gate_ok": [v.ok for v in verdicts], "gate_reason": [v.reason for v in verdicts]}
 
 
-def non_lesion_pixels(items: Sequence[NonLesion], extractor: FeatureExtractor) -> tuple[np.ndarray, list]:
-    """Non-lesion images -> (uint8 pixels at the backbone's size, original (width, height) per image)."""
+def non_lesion_pixels(items: Sequence[NonLesion], extractor: FeatureExtractor) -> tuple[np.ndarray, list[Original]]:
+    """Non-lesion images -> (uint8 pixels at the backbone's size, each image's Original)."""
     size, rule = extractor.preprocess.size, extractor.preprocess.rule
-    pixels = np.stack([to_uint8(Image.fromarray(item.image), size, rule) for item in items])
-    return pixels, [(item.image.shape[1], item.image.shape[0]) for item in items]
+    images = [Image.fromarray(item.image) for item in items]
+    return np.stack([to_uint8(image, size, rule) for image in images]), [original(image) for image in images]
 
 
 def gate_table(items: Sequence[NonLesion], gate: Gate, extractor: FeatureExtractor) -> pd.DataFrame:
-    pixels, sizes = non_lesion_pixels(items, extractor)
-    verdicts = gate.check_features(extractor(pixels), pixels, sizes)
+    pixels, originals = non_lesion_pixels(items, extractor)
+    verdicts = gate.check_features(extractor(pixels), pixels, originals)
     return pd.DataFrame({"name": [i.name for i in items], "kind": [i.kind for i in items],
-                         "width": [s[0] for s in sizes], "height": [s[1] for s in sizes], **verdict_columns(verdicts)})
+                         "width": [o.width for o in originals], "height": [o.height for o in originals],
+                         **verdict_columns(verdicts)})
 
 
 def _flag_row(name: str, kind: str, part: pd.DataFrame, gate: Gate) -> dict[str, Any]:

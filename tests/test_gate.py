@@ -20,7 +20,17 @@ from anomaly_detection.feature_detector import (
     upper_quantile,
 )
 from anomaly_detection.fit_feature_detector import degraded_lesions, fit_lesion_gate, unseen_source_margins
-from anomaly_detection.gate import GATE_QUANTILE, MIN_SIDE, Gate, LesionScreen, cheap_reasons
+from anomaly_detection.gate import (
+    GATE_QUANTILE,
+    MAX_NOISE_SD,
+    MIN_SIDE,
+    Gate,
+    LesionScreen,
+    Original,
+    cheap_reasons,
+    noise_sd,
+    original,
+)
 from data.images import load_rgb, to_uint8
 from data.manifest import read_manifest
 from data.non_lesion import (
@@ -53,6 +63,34 @@ def test_cheap_checks_name_the_reason():
     assert reasons[3].startswith("near-constant image")
 
 
+def test_noise_estimate_reads_added_noise_and_ignores_smooth_structure():
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:300, 0:400]
+    smooth = np.stack([120 + 60 * np.sin(xs / 30), 90 + 40 * np.cos(ys / 25), 80 + 0 * xs], axis=-1)
+    assert noise_sd(Image.fromarray(smooth.round().astype(np.uint8))) < 1
+    for sd in (4, 12):
+        noisy = np.clip(smooth + rng.normal(0, sd, smooth.shape), 0, 255).round().astype(np.uint8)
+        luminance_sd = sd * np.sqrt(0.299 ** 2 + 0.587 ** 2 + 0.114 ** 2)  # independent noise per channel
+        assert noise_sd(Image.fromarray(noisy)) == pytest.approx(luminance_sd, rel=0.15)
+    # A large image is judged area-averaged to NOISE_SIDE: the same noise per pixel reads as less.
+    big = np.clip(128 + rng.normal(0, 12, (1024, 1024, 3)), 0, 255).round().astype(np.uint8)
+    assert noise_sd(Image.fromarray(big)) < noise_sd(Image.fromarray(big[:256, :256])) / 2
+    assert original(Image.fromarray(big)) == (1024, 1024, noise_sd(Image.fromarray(big)))
+
+
+def test_the_noise_check_refuses_a_noisy_real_lesion_and_skips_unmeasured_originals(real_data):
+    df = read_manifest(ROOT / "data" / "manifests" / "mixed.csv")
+    image = load_rgb(df.loc[df["split"] == "calib", "path"].iloc[0])
+    clean = np.asarray(image, dtype=float)
+    noisy = Image.fromarray(np.clip(clean + np.random.default_rng(0).normal(0, 12, clean.shape), 0, 255)
+                            .round().astype(np.uint8))
+    pixels = np.stack([to_uint8(image, 224), to_uint8(noisy, 224), to_uint8(noisy, 224)])
+    reasons = cheap_reasons(pixels, [original(image), original(noisy), noisy.size])
+    assert original(image).noise_sd < MAX_NOISE_SD < original(noisy).noise_sd
+    assert reasons[0] == "" and reasons[1].startswith("image too noisy to assess") and reasons[2] == ""
+    assert Original(*noisy.size).noise_sd != Original(*noisy.size).noise_sd  # NaN: not measured
+
+
 def test_non_lesion_set_is_deterministic_and_covers_every_kind():
     first, again, other = generated(240, seed=0), generated(48, seed=0), generated(24, seed=1)
     assert len(first) == 240 >= 200
@@ -83,7 +121,7 @@ def test_gate_verdicts_from_features(spec):
     assert not verdicts[1].ok and verdicts[1].reason.startswith("image too small")
     assert not verdicts[2].ok and verdicts[2].reason.startswith("does not look like a dermoscopic lesion")
     assert verdicts[2].distance > verdicts[2].threshold == gate.threshold
-    with pytest.raises(ValueError, match="2 sizes for 3 images"):
+    with pytest.raises(ValueError, match="2 originals for 3 images"):
         gate.check_features(probe, pixels, [(300, 200)] * 2)
     # The probe learns a direction the Gaussian barely sees: a small shift of a few block2 features.
     shifted = {level: value[:100].copy() for level, value in lesions.items()}
