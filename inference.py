@@ -8,9 +8,9 @@ not a medical device: its output is not a diagnosis.
     python inference.py --image lesion.jpg --device cuda          # GPU (torch backend)
 
 Gate: before any verdict, an out-of-distribution gate (anomaly_detection/gate.py, --gate) asks whether the image is
-a dermoscopic lesion at all; an image that is too small, near-constant, greyscale or unlike every lesion (one extra
-EfficientNet-Lite0 pass, on torch whatever --backend) gets "cannot assess" with the reason, never benign or
-malignant. --no-gate turns it off (research use only: every image then gets a verdict).
+a dermoscopic lesion at all; an image that is too small, near-constant, greyscale, too noisy or unlike every lesion
+(one extra EfficientNet-Lite0 pass, on torch whatever --backend) gets "cannot assess" with the reason, never benign
+or malignant. --no-gate turns it off (research use only: every image then gets a verdict).
 Decision: the classifier says malignant when P(malignant) >= malignant_threshold (chosen on the validation split;
 P(malignant) is averaged over the image and its flips when the checkpoint's sidecar says `tta: flips`, as the
 shipped default's does); the VAE flags the image as anomalous when its reconstruction error (for the shipped VAE

@@ -7,11 +7,11 @@ caller overrides them. Each model gets its own preprocessing from its own sideca
 normalised pixels, the VAE [0,1] pixels, from one decode of the file.
 
 Out-of-distribution gate (anomaly_detection/gate.py), asked before any verdict when the predictor is given one: an
-image that is not a dermoscopic lesion (too small, near-constant, greyscale, unlike every lesion in the ImageNet
-EfficientNet-Lite0 features, or like the non-lesion examples) gets `decision = "cannot assess"` with the gate's
-reason and numbers, and no benign/malignant verdict (`final_malignant` null; the classifier and VAE fields are still
-computed, for research). The gate is one extra Lite0 pass per image, loaded on first use, batched with the other
-models, and always runs on torch whatever the serving backend.
+image that is not a dermoscopic lesion, or not one that can be assessed (too small, near-constant, greyscale, too
+noisy, unlike every lesion in the ImageNet EfficientNet-Lite0 features, or like the non-lesion examples) gets
+`decision = "cannot assess"` with the gate's reason and numbers, and no benign/malignant verdict (`final_malignant`
+null; the classifier and VAE fields are still computed, for research). The gate is one extra Lite0 pass per image,
+loaded on first use, batched with the other models, and always runs on torch whatever the serving backend.
 
 A model output that is not a finite number (NaN or infinity) is never passed on as a decision: the image's
 `Prediction` carries `error` and null numbers instead. The backends that run the two models (torch, ONNX Runtime,

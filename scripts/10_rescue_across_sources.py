@@ -74,10 +74,12 @@ def readme(command: str, metrics: pd.DataFrame, loso: pd.DataFrame, gate: pd.Dat
         "threshold is left out.\n\n"
         + pipe_table(loso[loso_cols]),
         "## Gate\n\nNon-lesion images: data/non_lesion.py, `generated(240, seed 0)` + skin crops of HAM10000 `test` "
-        "images; the gate's probe was trained on a disjoint development set (seed 1, no photographs, skin crops of "
-        "`fit` images). The probe (check 5 in anomaly_detection/gate.py) was added after a first run of this "
-        "evaluation showed the gate without it passing most skin crops; `flag_rate_without_probe` is that earlier "
-        "gate (cheap checks + feature distance) on the same images, so both are reported.\n\n"
+        "images; the gate's probe was trained on a disjoint development set (seed 1, none of the scikit-image "
+        "photographs but crops of the scikit-learn and matplotlib ones, skin crops of `fit` images; its lesion side "
+        "also holds degraded `fit` lesions). The probe (check 5 in anomaly_detection/gate.py) was added after a "
+        "first run of this evaluation showed the gate without it passing most skin crops; "
+        "`flag_rate_without_probe` is that earlier gate (cheap checks + feature distance) on the same images, so "
+        "both are reported.\n\n"
         + pipe_table(gate[gate_cols]),
         "## The gate on a source it has never seen\n\nA gate fitted on one source's `fit` lesions alone, with its "
         "thresholds calibrated on that source's calib+val lesions (`calibrated`), and then loosened by the shipped "

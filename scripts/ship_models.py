@@ -214,7 +214,7 @@ def gate_section(folder: Path, results: Path) -> str:
              f"({', '.join(g['levels'])}) from a Gaussian fitted on {g['trained_on']}, plus a non-lesion probe ({g['probe']['model']}); "
              f"\"cannot assess\" when the distance >= {g['gate_threshold']:.1f} or the probe score >= "
              f"{g['probe_threshold']:.2f} ({g['gate_threshold_rule']}, on `{g['gate_threshold_split']}`), or a cheap "
-             "check fails (too small, near-constant, greyscale). Made by anomaly_detection/fit_feature_detector.py."]
+             "check fails (too small, near-constant, greyscale, too noisy). Made by anomaly_detection/fit_feature_detector.py."]
     table = results / "rescue_sources" / "targets.csv"
     if table.is_file():
         rows = pd.read_csv(table)
