@@ -507,10 +507,10 @@ KINDS = [
          kept=report_on_screen),
     Kind("folder_of_non_lesions", 0, "", non_lesion_folder, kept=csv_of_non_lesions, gate=True),
     # images that decode but are not lesions (unusual formats included): the gate says "cannot assess", exit 5
-    Kind("cmyk_jpeg", 5, "cmyk.jpg: does not look like a dermoscopic lesion (feature distance",
+    Kind("cmyk_jpeg", 5, "cmyk.jpg: image too noisy to assess (estimated noise",
          lambda e: ["--image", str(e.image("cmyk.jpg", (128, 128), mode="CMYK"))], kept=cannot_assess_on_screen,
          upload=True, gate=True),
-    Kind("palette_png", 5, "p.png: does not look like a dermoscopic lesion (feature distance",
+    Kind("palette_png", 5, "p.png: image too noisy to assess (estimated noise",
          lambda e: ["--image", str(e.image("p.png", (128, 128), mode="P"))], kept=cannot_assess_on_screen,
          upload=True, gate=True),
     Kind("grey_16_bit_png", 5, "g16.png: greyscale image (dermoscopic images are in colour)",
