@@ -41,8 +41,9 @@ Exit codes:
        match SHA256SUMS or the sidecar, NaN/infinite weights, or NaN/infinite model outputs
   4    an output cannot be written (a folder given as the file, an unwritable folder, an unknown --gradcam
        extension; checked before the models run, and a failure while writing); what was written stays
-  5    --image: cannot assess: the gate found the image is not a dermoscopic lesion (the reason is the one line
-       on stderr; the report and --output JSON are still written, with the gate's fields; no --gradcam)
+  5    --image: cannot assess: the gate found the image is not a dermoscopic lesion, or not one the models can
+       judge (too noisy, too small; the reason is the one line on stderr; the report and --output JSON are still
+       written, with the gate's fields; no --gradcam)
   130  interrupted (Ctrl-C); --csv keeps the rows of the images that finished
 """
 
@@ -347,7 +348,7 @@ def framed_report(result: dict) -> str:
         lines = [f"Image:            {result['path']}",
                  "FINAL DECISION:   CANNOT ASSESS (no benign/malignant verdict)",
                  f"Reason:           {result['gate_reason']}",
-                 "The out-of-distribution gate found this is not a dermoscopic lesion image the models can judge.",
+                 "The out-of-distribution gate found this is not a lesion image the models can judge (see the reason).",
                  DISCLAIMER]
         return framed(lines)
     yes = {True: "yes", False: "no"}

@@ -56,7 +56,7 @@ from anomaly_detection.gate import GATE_LEVELS, GATE_QUANTILE, UNSEEN_TOLERANCE,
 from classifiers.models import PretrainedWeightsError
 from data.images import ImageError, load_uint8, to_uint8
 from data.manifest import file_sha256, read_manifest
-from data.non_lesion import DEVELOPMENT_SEED, development_set
+from data.non_lesion import DEVELOPMENT_SEED, development_photographs, development_set
 from data.paths import CHECKPOINTS, MANIFESTS
 from data.runtime import add_runtime_options, cli_main, init_device
 from data.transforms import degrade_acquisition
@@ -131,6 +131,7 @@ def fit_lesion_gate(df: pd.DataFrame, features: Features, spec: dict, balance: b
     gate.fit_probe(lesions, extractor(np.stack([to_uint8(Image.fromarray(i.image), size, rule) for i in items])))
     gate.meta["probe"]["non_lesions"] = "data/non_lesion.py development_set: " + ", ".join(
         f"{k} {v}" for k, v in pd.Series([i.kind for i in items]).value_counts().sort_index().items())
+    gate.meta["probe"]["photographs"] = sorted(development_photographs())
     gate.meta["probe"]["degraded_lesions"] = {"per_source": degraded_per_source, "p": DEGRADE_P,
                                               "how": "data/transforms.py degrade_acquisition on fit lesions"}
     return gate

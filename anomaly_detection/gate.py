@@ -14,7 +14,9 @@ An image the gate does not pass gets "cannot assess" with a reason, never benign
    lesion images (both classes, both sources, `fit` split) at or above `gate_threshold`;
 5. like a non-lesion image: a linear probe on the same (standardised) features, trained to tell `fit` lesions from
    a development set of non-lesion images (data/non_lesion.py `development_set`: generated images with their own
-   seed, no photographs, and skin crops of `fit` images; an "outlier exposure" check), scores at or above
+   seed, crops of the photographs bundled with scikit-learn and matplotlib (none of scikit-image's, which the
+   evaluation uses), and skin crops of `fit` images; an "outlier exposure" check) and from degraded copies of `fit`
+   lesions (lost resolution, noise, JPEG: a worse camera's lesion is still a lesion), scores at or above
    `probe_threshold`. Check 4 models what lesions look like and cannot see that a plain patch of skin is not one
    (a one-class model put such crops between the lesions and the threshold); check 5 learns that from examples.
 Checks 1-3b are fixed constants (`check_constants` records the margin they leave on the calibration lesions). The
@@ -24,9 +26,9 @@ most 0.3% of every source's calibration lesions (feature_detector.upper_quantile
 leave-one-source-out gate needs to refuse at most 1% of an unseen source's lesions (fit_feature_detector.py). A gate
 without a fitted probe (no `probe_threshold`) skips check 5.
 
-API for a predictor: `LesionScreen.load(gate_path, detector_path)` then `screen.run(pixels, originals)` with pixels
-from `screen.pixels(pil_image)` and originals from `original(pil_image)`; one backbone pass gives the gate's verdicts
-and the feature detector's anomaly scores. `Gate.check_batch(images, sizes)` runs the gate alone.
+API for a predictor: `LesionScreen.load(gate_path, detector_path)` then `screen.run(pixels, originals)` with both
+from `screen.inputs(pil_image)`; one backbone pass gives the gate's verdicts
+and the feature detector's anomaly scores. `Gate.check_batch(images, originals)` runs the gate alone.
 """
 from __future__ import annotations
 
@@ -59,7 +61,10 @@ MIN_CHROMA = 3.0
 # Grey levels. Fixed from calib+val lesions: every one of 1,898 measures under it but a dense-hair image (9.1); their
 # 99.7th percentile is 2.0, and the same images with noise of sd 12 per channel measure 7.2-10.
 MAX_NOISE_SD = 6.0
-NOISE_SIDE = 256  # larger images are measured area-averaged to this short side, near the models' scale
+# Larger images are measured area-averaged to this short side, near the models' scale. Shrinking packs texture into
+# the finest scale: ISIC 2017 calib+val lesions read a 99.7th percentile of 2.0 at 256 px and 4.5 at 150 px, so a
+# full-size image, shrunk less than the 200x150 HAM10000 copies the constant was fixed on, reads lower, not higher.
+NOISE_SIDE = 256
 NOISE_QUANTILE = 0.2  # of |finest diagonal Haar coefficients|: hair and edges cover fewer pixels than that
 GATE_QUANTILE = 0.997
 UNSEEN_TOLERANCE = 0.01  # at most this share of a source's lesions refused by a gate that never saw that source
@@ -285,8 +290,12 @@ class LesionScreen:
         return self.extractor.preprocess.size
 
     def pixels(self, image: Image.Image) -> np.ndarray:
-        """A decoded PIL image -> H x W x 3 uint8 at the backbone's size (pass original(image) with it to `run`)."""
+        """A decoded PIL image -> H x W x 3 uint8 at the backbone's size."""
         return self.extractor.pixels(image)
+
+    def inputs(self, image: Image.Image) -> tuple[np.ndarray, Original]:
+        """What `run` needs of one decoded image: its pixels at the backbone's size and its Original."""
+        return self.pixels(image), original(image)
 
     def run(self, pixels: np.ndarray, originals: Sequence[Original | tuple[int, int]] | None = None) -> ScreenResult:
         """uint8 N x H x W x 3 (ideally from `pixels`) + each image's `original` -> ScreenResult."""

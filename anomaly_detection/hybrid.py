@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomaly_detection.gate import GateResult, LesionScreen, Original, original
+from anomaly_detection.gate import GateResult, LesionScreen, Original
 from anomaly_detection.serving import (
     BACKENDS,
     OnnxBackend,
@@ -241,7 +241,7 @@ class HybridPredictor:
     def gate_input(self, image: Image.Image) -> tuple[np.ndarray, Original] | None:
         """What the gate needs of an image: its pixels at the backbone's size and its Original (None: no gate)."""
         screen = self.load_gate()
-        return None if screen is None else (screen.pixels(image), original(image))
+        return None if screen is None else screen.inputs(image)
 
     def decide(self, names: list[str], probs: np.ndarray, scores: np.ndarray,
                gates: Sequence[GateResult | None] | None = None) -> list[Prediction]:
@@ -291,13 +291,13 @@ class HybridPredictor:
         before the next batch runs). Unreadable files give a Prediction with `error` set; the run goes on. Decoding
         runs in a thread pool ahead of the models (PIL releases the GIL while decoding)."""
         paths = [str(p) for p in paths]
-        self.load_gate()  # here, once, not by several decoding threads at once
+        screen = self.load_gate()  # here, once, not by several decoding threads at once
 
         def prepare(path: str) -> tuple[str, tuple | None, str]:
             """(path, (classifier px, VAE px, gate input) or None, error)."""
             try:
                 image = load_rgb(path)
-                return path, (*self.pixels(image), self.gate_input(image)), ""
+                return path, (*self.pixels(image), None if screen is None else screen.inputs(image)), ""
             except ImageError as exc:
                 return path, None, str(exc)
 

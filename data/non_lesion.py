@@ -23,6 +23,7 @@ pigment or hair (results/rescue_sources shows them all in a contact sheet).
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -142,10 +143,11 @@ def photographs() -> dict[str, np.ndarray]:
     return out
 
 
+@functools.cache
 def development_photographs() -> dict[str, np.ndarray]:
     """Colour photographs bundled with scikit-learn (`load_sample_images`) and matplotlib (its sample_data folder),
     none of them in scikit-image: non-lesion photographs a gate may train on while the scikit-image ones stay
-    unseen for evaluation."""
+    unseen for evaluation. Cached: do not modify the arrays."""
     import matplotlib
     from sklearn.datasets import load_sample_images
 

@@ -78,8 +78,8 @@ def readme(command: str, metrics: pd.DataFrame, loso: pd.DataFrame, gate: pd.Dat
         "photographs but crops of the scikit-learn and matplotlib ones, skin crops of `fit` images; its lesion side "
         "also holds degraded `fit` lesions). The probe (check 5 in anomaly_detection/gate.py) was added after a "
         "first run of this evaluation showed the gate without it passing most skin crops; "
-        "`flag_rate_without_probe` is that earlier gate (cheap checks + feature distance) on the same images, so "
-        "both are reported.\n\n"
+        "`flag_rate_without_probe` is that earlier gate (today's cheap checks + feature distance) on the same "
+        "images, so both are reported.\n\n"
         + pipe_table(gate[gate_cols]),
         "## The gate on a source it has never seen\n\nA gate fitted on one source's `fit` lesions alone, with its "
         "thresholds calibrated on that source's calib+val lesions (`calibrated`), and then loosened by the shipped "

@@ -315,6 +315,30 @@ def write_card(out: Path, results: Path) -> None:
     atomic_write_text(out / "SHA256SUMS", "".join(f"{file_sha256(f)}  {f.name}\n" for f in shipped))
 
 
+def stage_candidate(p: argparse.ArgumentParser, a: argparse.Namespace, source_meta: dict, out: Path,
+                    argv: list[str] | None) -> None:
+    """`--stage-only`: step 1 (and 1b with --tta) into a folder that is not the shipped one; nothing evaluated."""
+    if out.resolve() == CHECKPOINTS.resolve():
+        p.error("--stage-only writes a candidate, not the shipped model: give --out outside checkpoints/")
+    if a.vae:
+        p.error("--stage-only stages a classifier only: drop --vae")
+    staged = out / f"{source_meta['arch']}.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with restored_on_failure([staged, staged.with_suffix(".json")]):
+            ship(a.classifier, staged, load_classifier, "python scripts/ship_models.py " + shlex.join(
+                sys.argv[1:] if argv is None else argv))
+            meta = load_classifier(staged)[1]
+            if a.tta:
+                meta = declare_flip_tta(staged, evaluate.training_manifest(source_meta),
+                                        init_device(a.device, a.threads))
+    except (FileNotFoundError, CheckpointError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    val_auc = meta.get("metrics", {}).get("val", {}).get("auc")
+    print(f"staged {staged}: val AUC {'not recorded' if val_auc is None else f'{val_auc:.4f}'}, malignant "
+          f"threshold {meta['malignant_threshold']:.4f}{' (flip TTA)' if a.tta else ''}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier",
@@ -340,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
                         "training manifest's val split with it, and every later use averages the four flips")
     add_runtime_options(p)
     a = p.parse_args(argv)
+    if a.card_only and a.stage_only:
+        p.error("--card-only and --stage-only contradict each other")
     if a.card_only:
         try:
             write_card(Path(a.out), Path(a.results_dir))
@@ -355,16 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(exc))
     out, results = Path(a.out), Path(a.results_dir)
     if a.stage_only:
-        staged = out / f"{source_meta['arch']}.safetensors"
-        out.mkdir(parents=True, exist_ok=True)
-        ship(a.classifier, staged, load_classifier, "python scripts/ship_models.py " + shlex.join(
-            sys.argv[1:] if argv is None else argv))
-        meta = load_classifier(staged)[1]
-        if a.tta:
-            meta = declare_flip_tta(staged, evaluate.training_manifest(source_meta), init_device(a.device, a.threads))
-        val_auc = meta.get("metrics", {}).get("val", {}).get("auc")
-        print(f"staged {staged}: val AUC {'not recorded' if val_auc is None else f'{val_auc:.4f}'}, malignant "
-              f"threshold {meta['malignant_threshold']:.4f}{' (flip TTA)' if a.tta else ''}")
+        stage_candidate(p, a, source_meta, out, argv)
         return
     if not a.vae and not (out / "convvae.safetensors").is_file():
         p.error(f"{out} has no shipped convvae.safetensors: give --vae")

@@ -69,8 +69,9 @@ LIMITS = """
   other hospitals are outside what they saw: accuracy there is lower and can be much lower (see the external
   evaluations in the Results tab).
 - **"Cannot assess" is a screen too.** The out-of-distribution gate refuses images that do not look like dermoscopic
-  lesions (blank, greyscale, tiny, patterns, photographs...); it was checked on generated and cropped images
-  (results/rescue_sources), so an unusual real picture can still pass it, and a rare real lesion can be refused.
+  lesions (blank, greyscale, tiny, patterns, photographs...) or are too noisy to judge; it was checked on generated
+  and cropped images (results/rescue_sources), so an unusual real picture can still pass it, and a rare real lesion
+  can be refused.
 - **Thresholds are operating points.** The classifier threshold was chosen on the validation split and the anomaly
   threshold calibrated on benign images of the calibration splits of every source. Moving them trades missed
   melanomas against false alarms; the Results tab shows that trade-off.
@@ -378,8 +379,8 @@ def show_result(predictor: HybridPredictor, thresholds: tuple[float, float], nam
         st.error(f"Could not analyse this file. {p.error}.")
         return
     if p.status == "cannot assess":  # no verdict, so no gauges and no Grad-CAM to read one into
-        st.error(f"Cannot assess: {p.gate_reason}. {name} does not look like a dermoscopic lesion image the models "
-                 f"can judge, so no benign/malignant verdict is given. {DISCLAIMER}")
+        st.error(f"Cannot assess: {p.gate_reason}. {name} is not a dermoscopic lesion image the models can "
+                 f"judge, so no benign/malignant verdict is given. {DISCLAIMER}")
         st.image(out["vae_px"], caption=f"{name}, as the models see it", width=256)
         st.caption(f"Out-of-distribution gate: feature distance {p.gate_distance:.0f} (limit {p.gate_threshold:.0f})"
                    + (f", non-lesion probe score {p.gate_probe_score:.1f} (limit {p.gate_probe_threshold:.1f})"

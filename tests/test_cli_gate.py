@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from test_inference import run
 
 from anomaly_detection.gate import GateResult
 from anomaly_detection.hybrid import HybridPredictor
+from data.images import load_rgb
 from data.non_lesion import generated, write_folder
 from data.paths import CHECKPOINTS
 
@@ -65,19 +67,24 @@ def test_folder_mode_status_column(capsys, models, non_lesion_files, real_images
     for path in [*non_lesion_files[:4], *real_images]:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "corrupt.jpg").write_bytes(real_images[0].read_bytes()[:200])
+    lesion = np.asarray(load_rgb(real_images[0]), dtype=float)  # a real lesion as a noisy sensor would deliver it
+    noisy = np.clip(lesion + np.random.default_rng(0).normal(0, 12, lesion.shape), 0, 255).round().astype(np.uint8)
+    Image.fromarray(noisy).save(folder / "noisy_lesion.png")
     csv = tmp_path / "out.csv"
     code, out, err = run(capsys, "--folder", str(folder), "--csv", str(csv), "--batch-size", "3", *models)
     assert code == 0, err
     table = pd.read_csv(csv, keep_default_na=False).assign(name=lambda t: t["path"].map(lambda p: Path(p).name))
     status = dict(zip(table["name"], table["status"]))
-    assert status == {**{p.name: "cannot assess" for p in non_lesion_files[:4]},
+    assert status == {**{p.name: "cannot assess" for p in non_lesion_files[:4]}, "noisy_lesion.png": "cannot assess",
                       **{p.name: "assessed" for p in real_images}, "corrupt.jpg": "error"}
     gated = table[table["status"] == "cannot assess"]
     assert (gated["decision"] == "cannot assess").all() and (gated["gate_reason"] != "").all()
     assert (gated["final_malignant"] == "").all()
     lesions = table[table["status"] == "assessed"]
     assert lesions["decision"].isin(["benign", "malignant"]).all() and (lesions["gate_reason"] == "").all()
-    assert "9 files: " in out and "4 cannot assess, 1 not scored" in out and out.count("  cannot assess: ") == 4
+    assert "10 files: " in out and "5 cannot assess, 1 not scored" in out and out.count("  cannot assess: ") == 5
+    reasons = dict(zip(table["name"], table["gate_reason"]))
+    assert reasons["noisy_lesion.png"].startswith("image too noisy to assess (estimated noise")
 
 
 @pytest.mark.real_data

@@ -26,7 +26,6 @@ from anomaly_detection.gate import (
     MIN_SIDE,
     Gate,
     LesionScreen,
-    Original,
     cheap_reasons,
     noise_sd,
     original,
@@ -88,7 +87,6 @@ def test_the_noise_check_refuses_a_noisy_real_lesion_and_skips_unmeasured_origin
     reasons = cheap_reasons(pixels, [original(image), original(noisy), noisy.size])
     assert original(image).noise_sd < MAX_NOISE_SD < original(noisy).noise_sd
     assert reasons[0] == "" and reasons[1].startswith("image too noisy to assess") and reasons[2] == ""
-    assert Original(*noisy.size).noise_sd != Original(*noisy.size).noise_sd  # NaN: not measured
 
 
 def test_non_lesion_set_is_deterministic_and_covers_every_kind():
@@ -219,7 +217,8 @@ def test_shipped_gate_flags_generated_non_lesions_and_passes_real_lesions(real_d
     df = read_manifest(ROOT / "data" / "manifests" / "mixed.csv")
     lesions = df[df["split"].isin(["test", "external"])].groupby("dataset").sample(20, random_state=0)
     decoded = [load_rgb(p) for p in lesions["path"]]
-    lesion_result = screen.run(np.stack([screen.pixels(img) for img in decoded]), [img.size for img in decoded])
+    lesion_pixels_, originals = zip(*[screen.inputs(img) for img in decoded])
+    lesion_result = screen.run(np.stack(lesion_pixels_), originals)
     assert sum(not v.ok for v in lesion_result.gate) <= 1
     assert lesion_result.anomaly_score.shape == (40,) and np.isfinite(lesion_result.anomaly_score).all()
     # One pass serves both: the gate alone gives the same verdicts as the screen.
@@ -250,7 +249,8 @@ def test_unseen_source_margin_lets_a_single_source_gate_pass_the_other_source(re
     pair = found["pairs"]["ham10000 -> isic2017"]
     assert pair["flagged_at_calibrated_thresholds"] > 0.05 and found["distance_margin"] == max(
         p["distance_margin"] for p in found["pairs"].values()) > 1
-    single = fit_lesion_gate(df, features, spec, True, far_away, 0, ["ham10000"])
+    single = fit_lesion_gate(df, features, spec, True, far_away, 5, ["ham10000"])
+    assert single.meta["probe"]["n_lesions"] == 300 + 5 and single.meta["probe"]["degraded_lesions"]["per_source"] == 5
     calib = df["split"] == "calib"
     own, other = (calib & (df["dataset"] == "ham10000")).to_numpy(), (calib & (df["dataset"] == "isic2017")).to_numpy()
     distance = single.score(features)

@@ -135,3 +135,14 @@ def test_stage_only_writes_the_classifier_as_shipped_and_evaluates_nothing(tiny_
         assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
     assert read_sidecar(staged)["shipped_from"].endswith(tiny_checkpoints[0].name)
     assert f"staged {staged}: val AUC" in capsys.readouterr().out
+
+
+def test_stage_only_refuses_the_shipped_folder_and_a_vae(tiny_checkpoints, tmp_path, capsys):
+    ship = load_script("ship_models")
+    for extra, message in ((["--out", "checkpoints"], "give --out outside checkpoints/"),
+                           (["--out", str(tmp_path), "--vae", str(tiny_checkpoints[1])], "drop --vae"),
+                           (["--out", str(tmp_path), "--card-only"], "contradict each other")):
+        with pytest.raises(SystemExit):
+            ship.main(["--classifier", str(tiny_checkpoints[0]), "--stage-only", *extra])
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
