@@ -27,8 +27,8 @@ leave-one-source-out gate needs to refuse at most 1% of an unseen source's lesio
 without a fitted probe (no `probe_threshold`) skips check 5.
 
 API for a predictor: `LesionScreen.load(gate_path, detector_path)` then `screen.run(pixels, originals)` with both
-from `screen.inputs(pil_image)`; one backbone pass gives the gate's verdicts
-and the feature detector's anomaly scores. `Gate.check_batch(images, originals)` runs the gate alone.
+from `screen.inputs(pil_image)`; one backbone pass gives the gate's verdicts and the feature detector's anomaly
+scores. `Gate.check_batch(images, originals)` runs the gate alone.
 """
 from __future__ import annotations
 
